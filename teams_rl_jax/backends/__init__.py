@@ -1,0 +1,1 @@
+"""teams_rl_jax.backends."""

@@ -1,0 +1,6 @@
+"""Shared test fixtures. Sharding tests run their own subprocess with 8 simulated devices."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
