@@ -1,0 +1,288 @@
+"""Flax Linen decoder for the Llama family (Llama 1/2/3, Mistral, Qwen2).
+
+RMSNorm, rotary embeddings (default / linear / llama3 scaling), grouped-query attention through
+``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU), SwiGLU MLP, tied or untied head.
+
+Design choices (and why):
+* Layers are one ``nn.scan`` (params stacked on a leading ``layers`` axis): compile time is
+  independent of depth, which matters for 32-layer checkpoints and for the test suite.
+* Every parameter carries logical axis names (``nn.with_logical_partitioning``); ``sharding.py`` maps
+  them to mesh axes. Activations get ``nn.with_logical_constraint``, a no-op without rules.
+* The attention mask is built from *segment ids* (0 = padding, k > 0 = segment k): one mechanism
+  serves left-padded generation batches and packed SFT rows.
+* The KV cache is a plain pytree written at ``cache_index`` with ``dynamic_update_slice``; the cache
+  also stores each slot's segment id so padding and empty slots are masked the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from teams_rl_jax.models.config import ModelConfig
+
+Array = jax.Array
+
+
+def rope_inv_freq(config: ModelConfig) -> jnp.ndarray:
+    """Inverse frequencies ``[head_dim // 2]`` (float32) with the config's RoPE scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    rope = config.rope_dict()
+    kind = rope.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / rope["factor"]
+    elif kind == "llama3":
+        factor = rope["factor"]
+        low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+        old_len = rope["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(config: ModelConfig, positions: Array) -> tuple[Array, Array]:
+    """cos/sin tables ``[B, T, head_dim]`` (float32) for integer ``positions [B, T]``."""
+    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(config)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # HF's non-interleaved (rotate_half) layout
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate ``x [B, T, N, Dh]`` by the tables ``[B, T, Dh]`` (computed in float32)."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention_mask(q_segments: Array, k_segments: Array, q_slots: Array, k_slots: Array,
+                   window: int | None = None) -> Array:
+    """Boolean mask ``[B, 1, T, S]``: same non-zero segment, causal in slot order, optional window."""
+    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] > 0)
+    causal = k_slots[None, :] <= q_slots[:, None]
+    mask = same & causal[None]
+    if window:
+        mask = mask & ((q_slots[:, None] - k_slots[None, :]) < window)[None]
+    return mask[:, None]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, statistics in float32 (as HF's LlamaRMSNorm)."""
+
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (scale.astype(self.dtype) * x32.astype(self.dtype)).astype(self.dtype)
+
+
+def _dense(features: int, axes: tuple[str, str], use_bias: bool, cfg: ModelConfig, dtype, param_dtype, name: str):
+    init = nn.initializers.normal(cfg.initializer_range)
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE and an optional KV cache."""
+
+    config: ModelConfig
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv_cache, cache_index):
+        cfg = self.config
+        B, T, _ = x.shape
+        H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        q = _dense(H * Dh, ("embed", "heads"), qkv_bias, cfg, self.dtype, self.param_dtype, "q_proj")(x)
+        k = _dense(K * Dh, ("embed", "kv_heads"), qkv_bias, cfg, self.dtype, self.param_dtype, "k_proj")(x)
+        v = _dense(K * Dh, ("embed", "kv_heads"), qkv_bias, cfg, self.dtype, self.param_dtype, "v_proj")(x)
+        q = apply_rope(q.reshape(B, T, H, Dh), cos, sin)
+        k = apply_rope(k.reshape(B, T, K, Dh), cos, sin)
+        v = v.reshape(B, T, K, Dh)
+        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+        new_cache = None
+        if kv_cache is not None:
+            k_all = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), (0, cache_index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), (0, cache_index, 0, 0))
+            new_cache = {"k": k_all, "v": v_all}
+            k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(Dh))
+        out = out.reshape(B, T, H * Dh)
+        out = _dense(cfg.hidden_size, ("heads", "embed"), cfg.attention_bias, cfg, self.dtype, self.param_dtype,
+                     "o_proj")(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    config: ModelConfig
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        gate = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, cfg, self.dtype, self.param_dtype,
+                      "gate_proj")(x)
+        up = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, cfg, self.dtype, self.param_dtype,
+                    "up_proj")(x)
+        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        return _dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, cfg, self.dtype, self.param_dtype,
+                      "down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm decoder block; the scan body (carry = hidden state)."""
+
+    config: ModelConfig
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, h, cos, sin, masks, is_sliding, kv_cache, cache_index):
+        cfg = self.config
+        full_mask, window_mask = masks
+        mask = full_mask if window_mask is None else jnp.where(is_sliding, window_mask, full_mask)
+        x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(h)
+        attn, new_cache = Attention(cfg, self.dtype, self.param_dtype, name="self_attn")(
+            x, cos, sin, mask, kv_cache, cache_index
+        )
+        h = h + attn
+        x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="post_attention_layernorm")(h)
+        h = h + MLP(cfg, self.dtype, self.param_dtype, name="mlp")(x)
+        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_embed"))
+        return h, new_cache
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM. ``__call__`` returns ``(logits f32 [B,T,V], hidden [B,T,D], new_cache)``.
+
+    Args (call): ``input_ids [B,T]``, ``segment_ids [B,T]`` (0 = pad), ``positions [B,T]``,
+    optional ``cache`` (from :func:`init_cache`) and ``cache_index`` (slot of the first new token).
+    """
+
+    config: ModelConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, input_ids, segment_ids, positions, cache=None, cache_index=None):
+        cfg = self.config
+        B, T = input_ids.shape
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
+                                                        ("vocab", "embed")),
+            name="embed_tokens",
+        )
+        h = embed(input_ids)
+        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_embed"))
+        cos, sin = rope_tables(cfg, positions)
+
+        if cache is None:
+            slots = jnp.arange(T)
+            q_slots, k_slots, k_segments = slots, slots, segment_ids
+            kv, new_segments, index = None, None, 0
+        else:
+            index = cache_index
+            new_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index))
+            q_slots = index + jnp.arange(T)
+            k_slots = jnp.arange(new_segments.shape[1])
+            k_segments = new_segments
+            kv = {"k": cache["k"], "v": cache["v"]}
+        full_mask = attention_mask(segment_ids, k_segments, q_slots, k_slots)
+        window_mask = None
+        if cfg.sliding_window:
+            window_mask = attention_mask(segment_ids, k_segments, q_slots, k_slots, cfg.sliding_window)
+        is_sliding = jnp.asarray(cfg.layer_is_sliding())
+
+        layer = DecoderLayer
+        policy = REMAT_POLICIES[self.remat]
+        if self.remat != "none":
+            layer = nn.remat(DecoderLayer, prevent_cse=False, policy=policy)
+        stack = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
+            length=cfg.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, self.dtype, self.param_dtype, name="layers")
+        h, layer_caches = stack(h, cos, sin, (full_mask, window_mask), is_sliding, kv, index)
+
+        h = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(h)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(h)
+        else:
+            logits = _dense(cfg.vocab_size, ("embed", "vocab"), False, cfg, self.dtype, self.param_dtype,
+                            "lm_head")(h)
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32),
+                                            ("activation_batch", "activation_length", "activation_vocab"))
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": layer_caches["k"], "v": layer_caches["v"], "segment_ids": new_segments}
+        return logits, h, new_cache
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """Empty KV cache: ``k``/``v`` ``[L, B, S, KVH, Dh]`` and slot segment ids ``[B, S]`` (0 = empty)."""
+    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+    }
+
+
+def default_positions(segment_ids: Array) -> Array:
+    """Positions restarting at 0 in each segment; padding slots are skipped (left padding ok)."""
+    seg = segment_ids
+    valid = (seg > 0).astype(jnp.int32)
+    T = seg.shape[1]
+    idx = jnp.arange(T)[None, :]
+    # A segment starts where its id differs from the previous non-padding token's id.
+    starts = jnp.concatenate([jnp.ones_like(seg[:, :1], dtype=bool), seg[:, 1:] != seg[:, :-1]], axis=1) & (seg > 0)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    # Count valid tokens from the segment start (left padding inside a row is not counted).
+    cum = jnp.cumsum(valid, axis=1)
+    before = jnp.take_along_axis(cum - valid, start_idx, axis=1)
+    return jnp.where(seg > 0, cum - 1 - before, 0).astype(jnp.int32)
