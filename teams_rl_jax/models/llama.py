@@ -115,7 +115,7 @@ class Attention(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv_cache, cache_index):
+    def __call__(self, x, cos, sin, mask, kv_cache, layer, cache_index):
         cfg = self.config
         B, T, _ = x.shape
         H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -127,17 +127,20 @@ class Attention(nn.Module):
         k = apply_rope(k.reshape(B, T, K, Dh), cos, sin)
         v = v.reshape(B, T, K, Dh)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
-        new_cache = None
         if kv_cache is not None:
-            k_all = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), (0, cache_index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), (0, cache_index, 0, 0))
-            new_cache = {"k": k_all, "v": v_all}
-            k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
+            # The cache is the scan *carry* ([L, B, S, KVH, Dh]) updated at (layer, slot): XLA then
+            # writes in place instead of restacking every layer's cache on each decode step.
+            def write(buf, new):
+                return jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), (layer, 0, cache_index, 0, 0))
+
+            kv_cache = {"k": write(kv_cache["k"], k), "v": write(kv_cache["v"], v)}
+            k = kv_cache["k"][layer].astype(self.dtype)
+            v = kv_cache["v"][layer].astype(self.dtype)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(Dh))
         out = out.reshape(B, T, H * Dh)
         out = _dense(cfg.hidden_size, ("heads", "embed"), cfg.attention_bias, cfg, self.dtype, self.param_dtype,
                      "o_proj")(out)
-        return out, new_cache
+        return out, kv_cache
 
 
 class MLP(nn.Module):
@@ -160,26 +163,27 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm decoder block; the scan body (carry = hidden state)."""
+    """One pre-norm decoder block; the scan body (carry = hidden state and the whole KV cache)."""
 
     config: ModelConfig
     dtype: Any
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, h, cos, sin, masks, is_sliding, kv_cache, cache_index):
+    def __call__(self, carry, cos, sin, masks, is_sliding, layer, cache_index):
+        h, kv_cache = carry
         cfg = self.config
         full_mask, window_mask = masks
         mask = full_mask if window_mask is None else jnp.where(is_sliding, window_mask, full_mask)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(h)
-        attn, new_cache = Attention(cfg, self.dtype, self.param_dtype, name="self_attn")(
-            x, cos, sin, mask, kv_cache, cache_index
+        attn, kv_cache = Attention(cfg, self.dtype, self.param_dtype, name="self_attn")(
+            x, cos, sin, mask, kv_cache, layer, cache_index
         )
         h = h + attn
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="post_attention_layernorm")(h)
         h = h + MLP(cfg, self.dtype, self.param_dtype, name="mlp")(x)
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_embed"))
-        return h, new_cache
+        return (h, kv_cache), None
 
 
 REMAT_POLICIES = {
@@ -244,10 +248,12 @@ class CausalLM(nn.Module):
             variable_axes={"params": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
+            out_axes=0,
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.dtype, self.param_dtype, name="layers")
-        h, layer_caches = stack(h, cos, sin, (full_mask, window_mask), is_sliding, kv, index)
+        layer_ids = jnp.arange(cfg.num_hidden_layers)
+        (h, kv), _ = stack((h, kv), cos, sin, (full_mask, window_mask), is_sliding, layer_ids, index)
 
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(h)
         if cfg.tie_word_embeddings:
@@ -259,7 +265,7 @@ class CausalLM(nn.Module):
                                             ("activation_batch", "activation_length", "activation_vocab"))
         new_cache = None
         if cache is not None:
-            new_cache = {"k": layer_caches["k"], "v": layer_caches["v"], "segment_ids": new_segments}
+            new_cache = {"k": kv["k"], "v": kv["v"], "segment_ids": new_segments}
         return logits, h, new_cache
 
 
