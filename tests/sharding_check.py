@@ -1,0 +1,66 @@
+"""Run in a subprocess with 8 simulated CPU devices (see test_sharding.py).
+
+Loads a checkpoint straight into a (data=2, fsdp=2, tensor=2) mesh and checks the sharded forward
+and generate against the unsharded model. Prints 'OK <max diff>' on success.
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from teams_rl_jax import generate, sharding  # noqa: E402
+from teams_rl_jax.models import init, load_pretrained, save_pretrained  # noqa: E402
+
+
+def main(tmp: str) -> None:
+    assert jax.device_count() == 8, jax.devices()
+    cfg = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+    ref = init(cfg, jax.random.key(int(np.random.randint(1 << 30))))
+    save_pretrained(ref, tmp)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    lm = load_pretrained(tmp, mesh=mesh)
+
+    # Parameters carry the declared shardings.
+    want = sharding.param_shardings(lm, mesh)
+    flat_p = jax.tree_util.tree_leaves_with_path(lm.params)
+    flat_w = jax.tree_util.tree_leaves(want)
+    for (path, p), w in zip(flat_p, flat_w):
+        assert p.sharding.is_equivalent_to(w, p.ndim), (path, p.sharding, w)
+    q = lm.params["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor"), q.sharding.spec
+    assert len({s.device for s in q.addressable_shards}) == 8
+    assert q.addressable_shards[0].data.shape == (2, 32, 32)  # [L, 64/fsdp, 64/tensor]
+
+    rng = np.random.default_rng()
+    ids = rng.integers(3, 128, size=(4, 12))
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0
+    mask[3, :9] = 0
+    expect = np.asarray(jax.jit(ref.apply)(ref.params, ids, mask))
+    batch = sharding.batch_sharding(mesh)
+    with sharding.activation_rules(mesh):
+        fwd = jax.jit(lm.apply, in_shardings=(sharding.param_shardings(lm, mesh), batch, batch),
+                      out_shardings=sharding.batch_sharding(mesh, 3))
+        got = fwd(lm.params, jax.device_put(ids, batch), jax.device_put(mask, batch))
+    assert got.sharding.spec[0] == ("data", "fsdp")
+    valid = mask.astype(bool)
+    assert expect[valid].std() > 0.3, "logits too small for the comparison to mean anything"
+    err = float(np.max(np.abs(np.asarray(got)[valid] - expect[valid])))
+    assert err <= 1e-5, err
+
+    with sharding.activation_rules(mesh):
+        out = generate(lm, lm.params, jax.device_put(ids, batch), jax.device_put(mask, batch), max_new_tokens=6,
+                       rng=jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(
+        generate(ref, ref.params, ids, mask, max_new_tokens=6, rng=jax.random.key(0))))
+    print("OK", err)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
