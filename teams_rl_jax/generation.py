@@ -39,10 +39,17 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
 
 def sample_token(key: jax.Array, logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
     """Next token ids ``[B]`` from ``logits [B, V]``: greedy if ``temperature == 0`` else filtered sampling."""
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
-    sampled = jax.random.categorical(key, scaled, axis=-1)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    def sample(logits):
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        # The vocab sort behind the filters is the costliest op of a small decode step: skip it if unused.
+        scaled = jax.lax.cond((top_k > 0) | (top_p < 1.0), lambda x: filter_logits(x, top_k, top_p), lambda x: x,
+                              scaled)
+        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+    def greedy(logits):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sample, greedy, logits)
 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens"))
@@ -53,7 +60,7 @@ def _generate(params, input_ids, attention_mask, rng, temperature, top_k, top_p,
     lengths = segments.sum(axis=1)
     positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
     cache = init_cache(module.config, B, T + max_new_tokens, module.dtype)
-    logits, _, cache = module.apply({"params": params}, input_ids, segments, positions, cache, 0)
+    logits, _, cache = module.apply({"params": params}, input_ids, segments, positions, cache, 0, True, True)
 
     def is_eos(tok):
         return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)

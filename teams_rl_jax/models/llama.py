@@ -115,7 +115,7 @@ class Attention(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv_cache, layer, cache_index):
+    def __call__(self, x, cos, sin, mask, kv_cache, layer, cache_index, prefill=False):
         cfg = self.config
         B, T, _ = x.shape
         H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -134,8 +134,9 @@ class Attention(nn.Module):
                 return jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), (layer, 0, cache_index, 0, 0))
 
             kv_cache = {"k": write(kv_cache["k"], k), "v": write(kv_cache["v"], v)}
-            k = kv_cache["k"][layer].astype(self.dtype)
-            v = kv_cache["v"][layer].astype(self.dtype)
+            if not prefill:  # prefill into an empty cache attends to its own keys only
+                k = kv_cache["k"][layer].astype(self.dtype)
+                v = kv_cache["v"][layer].astype(self.dtype)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(Dh))
         out = out.reshape(B, T, H * Dh)
         out = _dense(cfg.hidden_size, ("heads", "embed"), cfg.attention_bias, cfg, self.dtype, self.param_dtype,
@@ -168,6 +169,7 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: Any
     param_dtype: Any
+    prefill: bool = False
 
     @nn.compact
     def __call__(self, carry, cos, sin, masks, is_sliding, layer, cache_index):
@@ -177,7 +179,7 @@ class DecoderLayer(nn.Module):
         mask = full_mask if window_mask is None else jnp.where(is_sliding, window_mask, full_mask)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(h)
         attn, kv_cache = Attention(cfg, self.dtype, self.param_dtype, name="self_attn")(
-            x, cos, sin, mask, kv_cache, layer, cache_index
+            x, cos, sin, mask, kv_cache, layer, cache_index, self.prefill
         )
         h = h + attn
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="post_attention_layernorm")(h)
@@ -197,7 +199,9 @@ class CausalLM(nn.Module):
     """Decoder-only LM. ``__call__`` returns ``(logits f32 [B,T,V], hidden [B,T,D], new_cache)``.
 
     Args (call): ``input_ids [B,T]``, ``segment_ids [B,T]`` (0 = pad), ``positions [B,T]``,
-    optional ``cache`` (from :func:`init_cache`) and ``cache_index`` (slot of the first new token).
+    optional ``cache`` (from :func:`init_cache`) and ``cache_index`` (slot of the first new token);
+    ``last_only`` computes logits (and returns hidden) for the last position only; ``prefill`` declares
+    that the cache is empty before ``cache_index == 0``, so attention skips the (empty) cache slots.
     """
 
     config: ModelConfig
@@ -206,7 +210,8 @@ class CausalLM(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, input_ids, segment_ids, positions, cache=None, cache_index=None):
+    def __call__(self, input_ids, segment_ids, positions, cache=None, cache_index=None, last_only: bool = False,
+                 prefill: bool = False):
         cfg = self.config
         B, T = input_ids.shape
         embed = nn.Embed(
@@ -222,7 +227,13 @@ class CausalLM(nn.Module):
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_embed"))
         cos, sin = rope_tables(cfg, positions)
 
-        if cache is None:
+        if prefill and cache is not None:
+            index = 0
+            new_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, 0))
+            slots = jnp.arange(T)
+            q_slots, k_slots, k_segments = slots, slots, segment_ids
+            kv = {"k": cache["k"], "v": cache["v"]}
+        elif cache is None:
             slots = jnp.arange(T)
             q_slots, k_slots, k_segments = slots, slots, segment_ids
             kv, new_segments, index = None, None, 0
@@ -251,11 +262,13 @@ class CausalLM(nn.Module):
             out_axes=0,
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.dtype, self.param_dtype, name="layers")
+        )(cfg, self.dtype, self.param_dtype, prefill, name="layers")
         layer_ids = jnp.arange(cfg.num_hidden_layers)
         (h, kv), _ = stack((h, kv), cos, sin, (full_mask, window_mask), is_sliding, layer_ids, index)
 
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(h)
+        if last_only:  # prefill for generation needs only the last position's logits
+            h = h[:, -1:]
         if cfg.tie_word_embeddings:
             logits = embed.attend(h)
         else:
