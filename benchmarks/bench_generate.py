@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 
-def _median_time(fn, repeats: int) -> float:
+def _best_time(fn, repeats: int) -> float:
     fn()  # warm-up (compile)
     times = []
     for _ in range(repeats):
@@ -63,8 +63,8 @@ def main() -> None:
         return lambda: np.asarray(generate(lm, lm.params, ids, mask, max_new_tokens=n, rng=jax.random.key(0)))
 
     rows = []
-    t1 = _median_time(ours(1), args.repeats)
-    tn = _median_time(ours(N), args.repeats)
+    t1 = _best_time(ours(1), args.repeats)
+    tn = _best_time(ours(N), args.repeats)
     rows.append(("teams_rl_jax (jax)", B * P / t1, B * (N - 1) / (tn - t1)))
 
     if not args.no_torch:
@@ -84,8 +84,8 @@ def main() -> None:
                                  do_sample=False, pad_token_id=0)
             return run
 
-        r1 = _median_time(theirs(1), args.repeats)
-        rn = _median_time(theirs(N), args.repeats)
+        r1 = _best_time(theirs(1), args.repeats)
+        rn = _best_time(theirs(N), args.repeats)
         rows.append(("transformers (torch)", B * P / r1, B * (N - 1) / (rn - r1)))
 
     dev = jax.devices()[0]
