@@ -1,1 +1,49 @@
-"""teams_rl_jax.rl."""
+"""RL for the policy stage: GAE, TRPO, PPO, baselines and the PureJaxRL-shaped ``make_train``.
+
+``make_train(config, env, env_params, seeds=None) -> train(key) -> (runner_state, metrics)``;
+``run_policy_stage`` (in :mod:`teams_rl_jax.rl.stage`, imported lazily: it pulls in Orbax and
+matplotlib) trains and writes the stage's artifacts.
+"""
+
+from teams_rl_jax.rl.baselines import paper_overrides, paper_schedule, schedule_ops, schedule_table
+from teams_rl_jax.rl.config import OPERATIONS, PolicyConfig, PPOConfig, QueryBudgetConfig, TRPOConfig
+from teams_rl_jax.rl.gae import discounted_returns, gae
+from teams_rl_jax.rl.ppo import clipped_surrogate, ppo_update
+from teams_rl_jax.rl.train import RunnerState, Transition, make_network, make_train, policy_action
+from teams_rl_jax.rl.trpo import conjugate_gradient, fisher_vector_product, trpo_update
+
+
+def __getattr__(name):
+    if name in ("run_policy_stage", "load_policy", "save_policy"):
+        from teams_rl_jax.rl import stage
+
+        return getattr(stage, name)
+    raise AttributeError(f"module 'teams_rl_jax.rl' has no attribute {name!r}")
+
+
+__all__ = [
+    "OPERATIONS",
+    "PPOConfig",
+    "PolicyConfig",
+    "QueryBudgetConfig",
+    "RunnerState",
+    "TRPOConfig",
+    "Transition",
+    "clipped_surrogate",
+    "conjugate_gradient",
+    "discounted_returns",
+    "fisher_vector_product",
+    "gae",
+    "load_policy",
+    "make_network",
+    "make_train",
+    "paper_overrides",
+    "paper_schedule",
+    "policy_action",
+    "ppo_update",
+    "run_policy_stage",
+    "save_policy",
+    "schedule_ops",
+    "schedule_table",
+    "trpo_update",
+]
