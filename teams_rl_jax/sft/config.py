@@ -1,0 +1,114 @@
+"""SFT stage configuration (``SFTConfig``): model, data, optimizer, mesh, checkpoints, run length."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from teams_rl_jax.errors import ConfigError
+
+# A tiny random Llama for the offline default and CPU tests (HF config.json keys).
+TINY_MODEL = dict(model_type="llama", vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.02,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """Which LM to fine-tune: a local HF dir (``path``) or a random init from ``config`` (HF keys)."""
+
+    path: str | None = None
+    config: dict[str, Any] | None = None
+    tokenizer: str | None = None  # default: the model dir; for a random init, built from the data
+    dtype: Literal["float32", "bfloat16"] = "float32"  # storage of params and optimizer state
+    compute_dtype: Literal["float32", "bfloat16"] | None = None  # bfloat16 here = mixed precision
+    remat: Literal["none", "full", "dots"] = "none"
+
+    def validate(self) -> None:
+        """Exactly one of path/config."""
+        if (self.path is None) == (self.config is None):
+            raise ConfigError("model: set exactly one of 'path' (local HF dir) or 'config' (random init)")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Dataset file, format, prompt template and sequence layout."""
+
+    path: str = "auto"  # "auto": run_dir/data/generated.jsonl if present, else the bundled demo set
+    format: Literal["auto", "alpaca", "jsonl", "sharegpt"] = "auto"
+    template: Literal["alpaca", "vicuna"] = "alpaca"
+    max_seq_len: int = 512
+    pack: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Positive lengths."""
+        if self.max_seq_len < 8:
+            raise ConfigError(f"max_seq_len must be >= 8, got {self.max_seq_len}")
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """AdamW with linear warm-up then cosine (or constant/linear) decay, global-norm clipping."""
+
+    lr: float = 2e-5
+    warmup_steps: int = 2
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    end_lr_ratio: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # never applied to norms and biases
+    clip_norm: float | None = 1.0
+
+    def validate(self) -> None:
+        """Ranges."""
+        if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.end_lr_ratio <= 1:
+            raise ConfigError("optim: need lr > 0, warmup_steps >= 0, 0 <= end_lr_ratio <= 1")
+
+
+@dataclass(frozen=True)
+class MeshSection:
+    """Device mesh sizes; one may be -1 (all remaining devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    """Orbax checkpoints under run_dir/sft/ckpt: every ``every`` steps, keep ``keep``, async writes."""
+
+    every: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """The SFT stage. ``global_batch`` rows (of ``max_seq_len`` tokens) per optimizer step, split into
+    ``grad_accum`` micro-batches; ``epochs`` over the data unless ``max_steps`` is set."""
+
+    model: ModelSection = field(default_factory=lambda: ModelSection(config=dict(TINY_MODEL)))
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    global_batch: int = 8
+    grad_accum: int = 1
+    epochs: float = 3.0
+    max_steps: int | None = None
+    seed: int = 0
+    log_every: int = 1
+    peak_tflops: float | None = None  # per device, for the MFU estimate (e.g. 989 for H100 bf16 dense)
+    export: bool = True
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        """Batch/accumulation consistency."""
+        if self.global_batch < 1 or self.grad_accum < 1 or self.global_batch % self.grad_accum:
+            raise ConfigError(f"global_batch ({self.global_batch}) must be a positive multiple of grad_accum "
+                              f"({self.grad_accum})")
+        if self.epochs <= 0 and self.max_steps is None:
+            raise ConfigError("set epochs > 0 or max_steps")

@@ -1,0 +1,220 @@
+"""The SFT loop: data, sharded jitted steps, Orbax checkpoints with exact resume, metrics, HF export.
+
+Layout under ``run_dir/sft/``: ``ckpt/`` (Orbax: train state + data position), ``metrics.jsonl``,
+``tb/`` (TensorBoard), ``tokenizer/`` (when built from the data), ``hf/`` (final safetensors export).
+
+Resume: if ``ckpt/`` holds a checkpoint, the state and the data iterator's position are restored and
+``metrics.jsonl`` is cut back to that step, so a killed run continues with exactly the batches (and,
+on CPU, bit-identical losses) of an uninterrupted one, and no metric line is duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+
+from teams_rl_jax import sharding as shd
+from teams_rl_jax.data import BatchIterator, read_dataset, tokenize_dataset
+from teams_rl_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
+from teams_rl_jax.data.tokenize import prompt_text
+from teams_rl_jax.errors import ConfigError, TrainingError
+from teams_rl_jax.models import init, load_pretrained, save_pretrained
+from teams_rl_jax.sft.config import SFTConfig
+from teams_rl_jax.sft.step import TrainState, init_state, make_optimizer, make_train_step, opt_state_shardings
+
+DEMO_DATA = Path(__file__).resolve().parent.parent / "data" / "demo_sft.jsonl"
+# Test hook: SIGKILL this process right after the checkpoint of this step is committed.
+FAULT_ENV = "TEAMS_RL_JAX_KILL_AFTER_CHECKPOINT"
+
+
+def resolve_data_path(cfg: SFTConfig, run_dir: Path | None, log: Callable[[str], None]) -> Path:
+    """``data.path``, or for ``auto`` the generate stage's output, else the bundled demo set."""
+    if cfg.data.path != "auto":
+        return Path(cfg.data.path)
+    generated = run_dir / "data" / "generated.jsonl" if run_dir is not None else None
+    if generated is not None and generated.is_file():
+        return generated
+    log(f"[sft] no generated dataset in {run_dir}/data; using the bundled demo set {DEMO_DATA.name}")
+    return DEMO_DATA
+
+
+def build_model_and_tokenizer(cfg: SFTConfig, examples, out_dir: Path | None, mesh):
+    """Load (or randomly initialise) the LM in its shardings, and its tokenizer."""
+    m = cfg.model
+    if m.path is not None:
+        lm = load_pretrained(m.path, dtype=m.dtype, compute_dtype=m.compute_dtype, mesh=mesh)
+        tok = load_tokenizer(m.tokenizer or m.path)
+    else:
+        if m.tokenizer is not None:
+            tok = load_tokenizer(m.tokenizer)
+        else:  # offline default: a word-level tokenizer built from the data (saved for the export)
+            texts = [prompt_text(e, cfg.data.template) + " " + e.output for e in examples]
+            tok = build_word_tokenizer(texts, int(m.config.get("vocab_size", 4096)),
+                                       save_dir=out_dir / "tokenizer" if out_dir is not None else None)
+        lm = init(m.config, jax.random.key(cfg.seed), dtype=m.dtype, compute_dtype=m.compute_dtype, mesh=mesh)
+    if len(tok) > lm.config.vocab_size:
+        raise ConfigError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {lm.config.vocab_size}")
+    return lm.replace(remat=m.remat), tok
+
+
+class _Metrics:
+    """JSONL + TensorBoard + progress bar, process 0 only."""
+
+    def __init__(self, out_dir: Path | None, total: int, start: int, tensorboard: bool):
+        self.on = out_dir is not None and jax.process_index() == 0
+        self.tb = self.bar = None
+        if not self.on:
+            return
+        self.path = out_dir / "metrics.jsonl"
+        if self.path.exists():  # drop lines past the restored step (written before a crash)
+            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start]
+            self.path.write_text("".join(l + "\n" for l in keep))
+        self.f = open(self.path, "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=start, desc="sft", dynamic_ncols=True, disable=None)
+
+    def write(self, row: dict) -> None:
+        if not self.on:
+            return
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"sft/{k}", v, row["step"])
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}")
+
+    def close(self) -> None:
+        if self.on:
+            self.f.close()
+            self.bar.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _checkpoint_manager(path: Path, cfg: SFTConfig):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep,
+                                           enable_async_checkpointing=cfg.checkpoint.async_save)
+    return ocp.CheckpointManager(path.resolve(), options=options)
+
+
+def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str], None] = print) -> TrainState:
+    """Run SFT with ``cfg``; artifacts under ``run_dir/sft`` (none when ``run_dir`` is None). Returns the state."""
+    import orbax.checkpoint as ocp
+
+    cfg.validate()
+    run_dir = Path(run_dir) if run_dir is not None else None
+    out = run_dir / "sft" if run_dir is not None else None
+    if out is not None and jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    rows_per_process = cfg.global_batch // jax.process_count()
+    if cfg.global_batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ConfigError(f"global_batch ({cfg.global_batch}) must be divisible by data*fsdp "
+                          f"({mesh.shape['data'] * mesh.shape['fsdp']})")
+
+    data_path = resolve_data_path(cfg, run_dir, log)
+    examples = read_dataset(data_path, cfg.data.format)
+    lm, tok = build_model_and_tokenizer(cfg, examples, out, mesh)
+    seqs, stats = tokenize_dataset(examples, tok, cfg.data.template, cfg.data.max_seq_len)
+    log(f"[sft] {data_path}: {stats.summary()}")
+    it = BatchIterator(seqs, global_batch=cfg.global_batch, seq_len=cfg.data.max_seq_len, pack=cfg.data.pack,
+                       seed=cfg.data.seed, pad_id=tok.pad_token_id or 0, process_index=jax.process_index(),
+                       process_count=jax.process_count())
+    total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * it.steps_per_epoch(0)))
+
+    optimizer = make_optimizer(cfg.optim, total)
+    p_shard = shd.param_shardings(lm, mesh)
+    rep = shd.replicated(mesh)
+    o_shard = opt_state_shardings(optimizer, lm.params, p_shard, rep)
+    state = init_state(lm, optimizer, cfg.seed, o_shard)
+    s_shard = TrainState(step=rep, params=p_shard, opt_state=o_shard, rng=rep)
+    b_shard = shd.batch_sharding(mesh)
+    with shd.activation_rules(mesh):
+        step_fn = jax.jit(make_train_step(lm, optimizer, cfg.grad_accum), in_shardings=(s_shard, b_shard),
+                          out_shardings=(s_shard, rep), donate_argnums=0)
+
+    mngr = _checkpoint_manager(out / "ckpt", cfg) if out is not None else None
+    start = 0
+    if mngr is not None and mngr.latest_step() is not None:
+        start = mngr.latest_step()
+        abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                          state, s_shard)
+        restored = mngr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                               data=ocp.args.JsonRestore()))
+        state = restored["state"]
+        it.restore(restored["data"])
+        log(f"[sft] resumed from step {start} (data position {restored['data']})")
+
+    n_params = lm.num_params()
+    metrics = _Metrics(out, total, start, cfg.tensorboard)
+    kill_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+    t_last = time.perf_counter()
+    try:
+        for step in range(start + 1, total + 1):
+            local = next(it)
+            tokens = int(local["segment_ids"].astype(bool).sum()) * jax.process_count()
+            batch = {k: jax.make_array_from_process_local_data(b_shard, v) for k, v in local.items()}
+            with shd.activation_rules(mesh):
+                state, m = step_fn(state, batch)
+            m = jax.device_get(m)
+            if not bool(m["finite"]):
+                raise TrainingError(f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
+                                    f"grad_norm={float(m['grad_norm'])}); last good checkpoint kept in "
+                                    f"{out / 'ckpt' if out else '(no checkpoints)'}")
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            row = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                   "lr": float(optimizer_lr(cfg, total, step - 1)), "tokens": tokens, "tokens_per_s": tokens / dt,
+                   "epoch": it.epoch}
+            if cfg.peak_tflops:
+                row["mfu"] = 6 * n_params * tokens / dt / (cfg.peak_tflops * 1e12 * jax.device_count())
+            metrics.write(row)
+            if step % cfg.log_every == 0 and metrics.bar is None:
+                log(f"[sft] step {step}/{total} loss {row['loss']:.4f} lr {row['lr']:.2e}")
+            if mngr is not None and (step % cfg.checkpoint.every == 0 or step == total):
+                mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        data=ocp.args.JsonSave(it.state())))
+                if kill_after and step == kill_after:
+                    mngr.wait_until_finished()
+                    os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        metrics.close()
+        if mngr is not None:
+            mngr.wait_until_finished()
+            mngr.close()
+
+    if out is not None and cfg.export:
+        save_pretrained(lm, out / "hf", params=state.params)
+        if jax.process_index() == 0:
+            tok.save_pretrained(str(out / "hf"))
+        log(f"[sft] exported {out / 'hf'}")
+    return state
+
+
+def optimizer_lr(cfg: SFTConfig, total: int, count: int) -> float:
+    """Learning rate used at optimizer step ``count`` (0-based)."""
+    from teams_rl_jax.sft.step import learning_rate_schedule
+
+    return float(learning_rate_schedule(cfg.optim, total)(count))
+
+
+def run_sft_stage(cfg: SFTConfig, run_dir: str | Path, log: Callable[[str], None] = print) -> TrainState:
+    """The pipeline's SFT stage (same as :func:`train` with a run directory)."""
+    return train(cfg, run_dir, log)
+

@@ -1,0 +1,146 @@
+"""Pure SFT pieces: train state, optimizer, loss, and the jitted train step.
+
+Loss normalisation: the step sums token cross-entropies over *all* loss tokens of the global batch
+(every micro-batch of the accumulation, every process) and divides by their total count. So a step
+with ``grad_accum = k`` on a batch equals one step on the whole batch, and a multi-process step equals
+the single-process one, up to float summation order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct as struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from teams_rl_jax.sft.config import OptimSection
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step changes: step count, params, optimizer state, PRNG key data (uint32)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def learning_rate_schedule(cfg: OptimSection, total_steps: int) -> optax.Schedule:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine/linear decay (or constant)."""
+    warm = max(cfg.warmup_steps, 0)
+    decay_steps = max(total_steps - warm, 1)
+    end = cfg.lr * cfg.end_lr_ratio
+    if cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.end_lr_ratio)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.lr, end, decay_steps)
+    else:
+        decay = optax.constant_schedule(cfg.lr)
+    if warm == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(cfg.lr / warm, cfg.lr, warm - 1) if warm > 1
+                                 else optax.constant_schedule(cfg.lr), decay], [warm])
+
+
+def decay_mask(params) -> Any:
+    """True for weights that get weight decay: matrices (kernels, embeddings), not norms or biases."""
+    def leaf(path, x):
+        name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
+        return name in ("kernel", "embedding")
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def make_optimizer(cfg: OptimSection, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with the schedule and the no-decay mask on norms/biases."""
+    parts = []
+    if cfg.clip_norm:
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts.append(optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def token_losses(lm, params, batch) -> tuple[jax.Array, jax.Array]:
+    """``(sum of next-token cross-entropy over loss tokens, number of loss tokens)`` for a batch.
+
+    Target ``t+1`` counts when its ``loss_mask`` is 1 and it belongs to the same segment as ``t``.
+    """
+    logits, _, _ = lm.forward(params, batch["input_ids"], batch["segment_ids"], batch["positions"])
+    targets = batch["input_ids"][:, 1:]
+    weights = batch["loss_mask"][:, 1:] * (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1])
+    weights = weights.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), targets)
+    return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def make_train_step(lm, optimizer: optax.GradientTransformation, grad_accum: int = 1):
+    """A pure ``train_step(state, batch) -> (state, metrics)`` (jit it with shardings and donation).
+
+    ``batch`` is a dict of int32 ``[B, T]`` arrays; with ``grad_accum = k`` it is split into k
+    micro-batches of ``B/k`` rows scanned one after another (activation memory of one micro-batch).
+    A step whose loss or gradient is non-finite leaves params and optimizer state unchanged (the
+    loop then stops with an error), so no NaN ever reaches a checkpoint.
+    """
+    def grads_of(params, micro):
+        (total, count), grads = jax.value_and_grad(lambda p: token_losses(lm, p, micro), has_aux=True)(params)
+        return total, count, grads
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if grad_accum == 1:
+            total, count, grads = grads_of(state.params, batch)
+        else:
+            micro = jax.tree_util.tree_map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+            def body(carry, mb):
+                t, c, g = carry
+                t2, c2, g2 = grads_of(state.params, mb)
+                return (t + t2, c + c2, jax.tree_util.tree_map(jnp.add, g, g2)), None
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            (total, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), micro)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        loss = total / denom
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = TrainState(step=state.step + jnp.where(finite, 1, 0), params=keep(new_params, state.params),
+                               opt_state=keep(new_opt, state.opt_state), rng=state.rng)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "loss_tokens": count, "finite": finite}
+        return new_state, metrics
+
+    return train_step
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, params, param_shardings, replicated):
+    """Shardings for the optimizer state: each moment leaf takes the sharding of the parameter it
+    belongs to (matched by its trailing dict-key path and shape); counters are replicated."""
+    by_path = {}
+    for (path, p), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                             jax.tree_util.tree_leaves(param_shardings)):
+        by_path[tuple(k.key for k in path)] = (p.shape, sh)
+    abstract = jax.eval_shape(optimizer.init, params)
+
+    def pick(path, leaf):
+        keys = []
+        for k in reversed(path):
+            if not isinstance(k, jax.tree_util.DictKey):
+                break
+            keys.insert(0, k.key)
+        hit = by_path.get(tuple(keys))
+        return hit[1] if hit is not None and hit[0] == leaf.shape else replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract)
+
+
+def init_state(lm, optimizer: optax.GradientTransformation, seed: int, opt_shardings=None) -> TrainState:
+    """Initial train state for ``lm.params``; ``opt_shardings`` from :func:`opt_state_shardings`."""
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(lm.params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=lm.params, opt_state=opt_state,
+                      rng=jax.random.key_data(jax.random.key(seed)))
