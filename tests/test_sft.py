@@ -1,0 +1,151 @@
+"""SFT: overfitting, packed = unpacked loss, accumulation, sharded step, kill/resume, errors, 2 processes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from teams_rl_jax import config as cfglib
+from teams_rl_jax.data import Example, pack_rows, tokenize_dataset, unpacked_rows
+from teams_rl_jax.data.tokenizer import build_word_tokenizer
+from teams_rl_jax.errors import ConfigError, TrainingError
+from teams_rl_jax.models import init
+from teams_rl_jax.sft.config import OptimSection, SFTConfig
+from teams_rl_jax.sft.step import init_state, make_optimizer, make_train_step, token_losses
+
+HERE = Path(__file__).parent
+TINY = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, initializer_range=0.05, bos_token_id=1, eos_token_id=2)
+
+
+def _seqs(rng, n, vocab=512):
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(6, 30))
+        out.append((rng.integers(3, vocab, k).astype(np.int32), (np.arange(k) >= rng.integers(2, k)).astype(np.int32)))
+    return out
+
+
+def test_packed_equals_unpacked_summed_loss():
+    rng = np.random.default_rng()
+    lm = init(TINY, jax.random.key(int(rng.integers(1 << 30))))
+    seqs = _seqs(rng, 12)
+    packed, plain = pack_rows(seqs, 64), unpacked_rows(seqs, 64)
+    assert len(packed["input_ids"]) < len(plain["input_ids"])
+    f = jax.jit(lambda b: token_losses(lm, lm.params, b))
+    (tp, cp), (tu, cu) = f(packed), f(plain)
+    assert float(cp) == float(cu) == sum(int(m[1:].sum()) for _, m in seqs)
+    np.testing.assert_allclose(float(tp), float(tu), rtol=1e-5)
+
+
+def test_grad_accumulation_equals_big_batch():
+    rng = np.random.default_rng()
+    lm = init(TINY, jax.random.key(int(rng.integers(1 << 30))))
+    batch = unpacked_rows(_seqs(rng, 8), 32)
+    opt = make_optimizer(OptimSection(lr=1e-2, warmup_steps=0, eps=1e-3), 10)  # eps: Adam maps any g~0 to +-lr
+    one, m1 = jax.jit(make_train_step(lm, opt, 1))(init_state(lm, opt, 0), batch)
+    four, m4 = jax.jit(make_train_step(lm, opt, 4))(init_state(lm, opt, 0), batch)
+    np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(four.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_tiny_model_overfits_16_examples():
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+    rng = np.random.default_rng(0)
+    exs = [Example(f"say item {i}", " ".join(rng.choice(words, 6))) for i in range(16)]
+    tok = build_word_tokenizer([e.instruction + " " + e.output for e in exs] +
+                               ["Below is an instruction that describes a task. Write a response that appropriately "
+                                "completes the request. ### Instruction: ### Response:"], 512)
+    seqs, _ = tokenize_dataset(exs, tok, "alpaca", 64)
+    batch = pack_rows(seqs, 256)
+    lm = init(dict(TINY, hidden_size=128, intermediate_size=256), jax.random.key(0))
+    opt = make_optimizer(OptimSection(lr=3e-3, warmup_steps=5, schedule="constant"), 150)
+    step = jax.jit(make_train_step(lm, opt))
+    state = init_state(lm, opt, 0)
+    for _ in range(150):
+        state, m = step(state, batch)
+    # Random outputs of 6 words from 16 (+EOS): chance level is ~ln(16) = 2.77 nats per token.
+    assert float(m["loss"]) < 0.1, float(m["loss"])
+
+
+def test_sharded_step_equals_unsharded(tmp_path):
+    out = tmp_path / "r.npz"
+    p = subprocess.run([sys.executable, str(HERE / "sft_worker.py"), "sharded", str(out)], capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = np.load(out)
+    assert float(r["param_diff"]) <= 1e-5 and float(r["loss_diff"]) <= 1e-5, dict(r)
+    assert int(r["mu_sharded"]) == 8  # Adam moments are sharded like the params
+
+
+def _run(run_dir, nproc=1, pid=0, port=0, env=None):
+    return subprocess.Popen([sys.executable, str(HERE / "sft_worker.py"), "run", str(run_dir), str(nproc), str(pid),
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def _losses(run_dir):
+    rows = [json.loads(l) for l in (Path(run_dir) / "sft" / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows], [r["loss"] for r in rows]
+
+
+def test_kill_and_resume_is_exact(tmp_path):
+    full = _run(tmp_path / "full")
+    killed = _run(tmp_path / "resumed", env={"TEAMS_RL_JAX_KILL_AFTER_CHECKPOINT": "2"})
+    assert full.wait(600) == 0, full.communicate()[1][-3000:]
+    assert killed.wait(600) == -9  # SIGKILL right after the step-2 checkpoint
+    steps, _ = _losses(tmp_path / "resumed")
+    assert steps == [1, 2]
+    resumed = _run(tmp_path / "resumed")
+    assert resumed.wait(600) == 0, resumed.communicate()[1][-3000:]
+    s_full, l_full = _losses(tmp_path / "full")
+    s_res, l_res = _losses(tmp_path / "resumed")
+    assert s_full == s_res == [1, 2, 3, 4]
+    assert l_full == l_res  # bit for bit
+
+
+def test_two_processes_equal_one(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one = _run(tmp_path / "one")
+    procs = [_run(tmp_path / "two", 2, i, port) for i in range(2)]
+    for p in [one] + procs:
+        assert p.wait(600) == 0, p.communicate()[1][-3000:]
+    _, l1 = _losses(tmp_path / "one")
+    _, l2 = _losses(tmp_path / "two")
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+
+
+def test_nan_stops_with_step_and_keeps_checkpoint(tmp_path):
+    from teams_rl_jax.sft.loop import train
+
+    cfg = cfglib.from_dict(SFTConfig, {"model": {"config": TINY}, "max_steps": 5, "global_batch": 4,
+                                       "data": {"max_seq_len": 96}, "export": False, "tensorboard": False,
+                                       "checkpoint": {"every": 1},
+                                       "optim": {"lr": 1e35, "clip_norm": None, "warmup_steps": 0}})
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step \d"):
+        train(cfg, tmp_path, log=lambda m: None)
+    ckpts = sorted(int(p.name) for p in (tmp_path / "sft" / "ckpt").iterdir() if p.name.isdigit())
+    assert ckpts, "the last good checkpoint must remain"
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        cfglib.from_dict(SFTConfig, {"optim": {"lrr": 1.0}})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n{oops\n")
+    p = subprocess.run([sys.executable, "-m", "teams_rl_jax.sft", "--run-dir", str(tmp_path / "r"),
+                        "--set", f"data.path={bad}"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and f"{bad}:2: invalid JSON" in p.stderr, p.stderr
+    p = subprocess.run([sys.executable, "-m", "teams_rl_jax.sft", "--set", "optim.bogus=1"], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2 and "optim.bogus" in p.stderr and p.stderr.count("\n") == 1, p.stderr
