@@ -5,6 +5,8 @@
 """
 
 from teams_rl_jax.models.config import ModelConfig, read_hf_config
+from teams_rl_jax.models.encoder import Encoder, EncoderConfig, load_encoder
 from teams_rl_jax.models.lm import LM, init, load_pretrained, save_pretrained
 
-__all__ = ["LM", "ModelConfig", "init", "load_pretrained", "read_hf_config", "save_pretrained"]
+__all__ = ["Encoder", "EncoderConfig", "LM", "ModelConfig", "init", "load_encoder", "load_pretrained", "read_hf_config",
+           "save_pretrained"]
