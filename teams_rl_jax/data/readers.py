@@ -1,11 +1,23 @@
 """Instruction-dataset readers and writers, validated with ``file:line`` errors.
 
-Formats:
+Formats (``read_dataset(path, format)``):
+
 * ``alpaca``: a JSON list of ``{"instruction", "input"?, "output"}`` (Stanford Alpaca's file);
-* ``jsonl``: one such object per line (also the generate stage's records, whose ``meta`` is kept);
-* ``sharegpt``: JSONL of ``{"conversations": [{"from": "human"|"user", "value"}, {"from": "gpt"|"assistant", ...}, ...]}``;
-  each human→assistant turn pair becomes one example (earlier turns are the history).
-``read_dataset(path, format="auto")`` picks by extension/content. Every example is an :class:`Example`.
+* ``alpaca_jsonl`` (alias ``jsonl``): one such object per line; this is also the generate stage's
+  record ``{"instruction", "input", "output", "meta": {...}}``, whose ``meta`` is kept;
+* ``sharegpt``: ``{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}, ...]}`` per
+  line (or a JSON list of them); ``messages`` with ``role``/``content`` is accepted too. One
+  conversation is one :class:`Example`: the last user turn and reply are ``instruction``/``output``,
+  earlier exchanges are ``history``, a ``system`` turn is kept; a trailing unanswered user turn is
+  dropped. Roles must alternate user/assistant.
+* ``tfds``: a dataset written by :func:`teams_rl_jax.data.tfds_io.write_tfds` (needs the tfds extra).
+
+``auto`` picks ``tfds`` for a directory or ``gs://`` path, ``alpaca``/``sharegpt`` for a JSON list,
+else ``alpaca_jsonl``/``sharegpt`` from the first record. Every error is a :class:`DataError` naming
+``file:line`` and what is wrong; an empty dataset is an error too.
+
+Validation: ``instruction`` and ``output`` are non-empty strings, ``input`` a string or null, ``meta``
+an object; other keys are ignored.
 """
 
 from __future__ import annotations
@@ -14,44 +26,99 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from teams_rl_jax.errors import DataError
 
-FORMATS = ("auto", "alpaca", "jsonl", "sharegpt")
+FORMATS = ("auto", "alpaca", "alpaca_jsonl", "jsonl", "sharegpt", "tfds")
 _HUMAN = ("human", "user")
 _ASSISTANT = ("gpt", "assistant", "chatgpt", "bard", "model")
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One SFT example: instruction (+ optional input and chat history) and the target output."""
+    """One SFT example: instruction (+ optional input, chat history, system prompt) and the target output."""
 
     instruction: str
     output: str
     input: str = ""
-    history: tuple[tuple[str, str], ...] = ()
+    history: tuple[tuple[str, str], ...] = ()  # earlier (user, assistant) exchanges
     meta: dict | None = None
+    system: str | None = None  # chat system prompt (Vicuna's default when None)
 
 
-def _check_fields(obj: Any, where: str) -> Example:
+def _require_str(obj: dict, key: str, where: str, required: bool, nonempty: bool) -> str:
+    if key not in obj or obj[key] is None:
+        if required:
+            raise DataError(f"{where}: missing field '{key}'")
+        return ""
+    value = obj[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    if nonempty and not value.strip():
+        raise DataError(f"{where}: field '{key}' is empty")
+    return value
+
+
+def _alpaca_example(obj: Any, where: str) -> Example:
+    """Validate one Alpaca-style record."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for key in ("instruction", "output"):
-        if key not in obj:
-            raise DataError(f"{where}: missing field '{key}'")
-    for key in ("instruction", "input", "output"):
-        if key in obj and obj[key] is not None and not isinstance(obj[key], str):
-            raise DataError(f"{where}: field '{key}' must be a string, got {type(obj[key]).__name__}")
-    if not obj["instruction"].strip():
-        raise DataError(f"{where}: field 'instruction' is empty")
+    instruction = _require_str(obj, "instruction", where, required=True, nonempty=True)
+    output = _require_str(obj, "output", where, required=True, nonempty=True)
+    input_ = _require_str(obj, "input", where, required=False, nonempty=False)
     meta = obj.get("meta")
     if meta is not None and not isinstance(meta, dict):
-        raise DataError(f"{where}: field 'meta' must be an object")
-    return Example(obj["instruction"], obj["output"], obj.get("input") or "", (), meta)
+        raise DataError(f"{where}: field 'meta' must be an object, got {type(meta).__name__}")
+    return Example(instruction, output, input_, (), meta)
 
 
-def _iter_jsonl(path: Path) -> Iterable[tuple[int, Any]]:
+def _sharegpt_example(obj: Any, where: str) -> Example:
+    """Validate one ShareGPT conversation into an Example (see module docstring)."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    key = "conversations" if "conversations" in obj else "messages"
+    conv = obj.get(key)
+    if not isinstance(conv, list) or not conv:
+        raise DataError(f"{where}: missing or empty 'conversations' list")
+    system = None
+    pairs: list[tuple[str, str]] = []
+    pending = None
+    for t, turn in enumerate(conv):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: turn {t} must be an object, got {type(turn).__name__}")
+        text = turn.get("value", turn.get("content"))
+        if not isinstance(text, str):
+            raise DataError(f"{where}: turn {t} needs a string 'value'")
+        role = str(turn.get("from", turn.get("role", ""))).lower()
+        if role == "system":
+            if t != 0:
+                raise DataError(f"{where}: turn {t}: a system turn must come first")
+            system = text
+        elif role in _HUMAN:
+            if pending is not None:
+                raise DataError(f"{where}: turn {t}: two user turns in a row")
+            pending = text
+        elif role in _ASSISTANT:
+            if pending is None:
+                raise DataError(f"{where}: turn {t}: assistant turn without a user turn before it")
+            if not text.strip():
+                raise DataError(f"{where}: turn {t}: empty assistant reply")
+            pairs.append((pending, text))
+            pending = None
+        else:
+            raise DataError(f"{where}: turn {t}: unknown role {role!r} (expected human/user, gpt/assistant, system)")
+    if not pairs:
+        raise DataError(f"{where}: no user/assistant turn pair")
+    meta = obj.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise DataError(f"{where}: field 'meta' must be an object, got {type(meta).__name__}")
+    (instruction, output), history = pairs[-1], tuple(pairs[:-1])
+    return Example(instruction, output, "", history, meta, system)
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed object)`` for each non-blank line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -62,103 +129,172 @@ def _iter_jsonl(path: Path) -> Iterable[tuple[int, Any]]:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
+def _iter_json_list(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line where the element starts, element)`` for each element of a top-level JSON list.
+
+    Parses element by element (``raw_decode``) so a bad record is reported at its own line.
+    """
+    text = path.read_text(encoding="utf-8")
+    dec = json.JSONDecoder()
+    n = len(text)
+    line, counted = 1, 0  # line number of offset `counted` (newlines counted incrementally: linear time)
+
+    def line_at(pos: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, pos)
+        counted = pos
+        return line
+
+    def skip_ws(pos: int) -> int:
+        while pos < n and text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    i = skip_ws(0)
+    if i < n and text[i] == "\ufeff":  # byte-order mark
+        i = skip_ws(i + 1)
+    if i >= n or text[i] != "[":
+        raise DataError(f"{path}:{line_at(i)}: expected a JSON list of records")
+    i = skip_ws(i + 1)
+    if i < n and text[i] == "]":
+        return
+    while True:
+        start_line = line_at(i)
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        yield start_line, obj
+        i = skip_ws(i)
+        if i < n and text[i] == ",":
+            i = skip_ws(i + 1)
+            continue
+        if i < n and text[i] == "]":
+            break
+        raise DataError(f"{path}:{line_at(min(i, n))}: invalid JSON (expected ',' or ']' after a record)")
+    if skip_ws(i + 1) < n:
+        raise DataError(f"{path}:{line_at(skip_ws(i + 1))}: invalid JSON (extra data after the list)")
+
+
+def _first_char(path: Path) -> str:
+    with open(path, encoding="utf-8") as f:
+        while chunk := f.read(4096):
+            stripped = chunk.lstrip(" \t\r\n\ufeff")
+            if stripped:
+                return stripped[0]
+    return ""
+
+
 def read_alpaca_json(path: str | Path) -> list[Example]:
-    """A JSON list of Alpaca records."""
+    """A JSON list of Alpaca records; errors name the line where the bad record starts."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return [_check_fields(obj, f"{path}: record {i}") for i, obj in enumerate(data)]
+    return [_alpaca_example(obj, f"{path}:{line}") for line, obj in _iter_json_list(path)]
 
 
 def read_jsonl(path: str | Path) -> list[Example]:
-    """JSONL of Alpaca-style records (``meta`` kept)."""
+    """JSONL of Alpaca-style records (``meta`` kept); errors name ``file:line``."""
     path = Path(path)
-    return [_check_fields(obj, f"{path}:{lineno}") for lineno, obj in _iter_jsonl(path)]
+    return [_alpaca_example(obj, f"{path}:{line}") for line, obj in _iter_jsonl(path)]
 
 
 def read_sharegpt(path: str | Path) -> list[Example]:
-    """ShareGPT-style JSONL; one example per assistant turn, earlier turns as history."""
+    """ShareGPT conversations (JSONL, or one JSON list); one :class:`Example` per conversation."""
     path = Path(path)
-    out = []
-    for lineno, obj in _iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        conv = obj.get("conversations") if isinstance(obj, dict) else None
-        if not isinstance(conv, list) or not conv:
-            raise DataError(f"{where}: missing or empty 'conversations' list")
-        history: list[tuple[str, str]] = []
-        pending = None
-        for t, turn in enumerate(conv):
-            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-                raise DataError(f"{where}: turn {t} needs a string 'value'")
-            role = str(turn.get("from", turn.get("role", ""))).lower()
-            if role == "system":
-                continue
-            if role in _HUMAN:
-                if pending is not None:
-                    raise DataError(f"{where}: turn {t}: two user turns in a row")
-                pending = turn["value"]
-            elif role in _ASSISTANT:
-                if pending is None:
-                    raise DataError(f"{where}: turn {t}: assistant turn without a user turn before it")
-                out.append(Example(pending, turn["value"], "", tuple(history), obj.get("meta")))
-                history.append((pending, turn["value"]))
-                pending = None
-            else:
-                raise DataError(f"{where}: turn {t}: unknown role {role!r}")
-        if not history:
-            raise DataError(f"{where}: no user/assistant turn pair")
-    return out
+    it = _iter_json_list(path) if _first_char(path) == "[" else _iter_jsonl(path)
+    return [_sharegpt_example(obj, f"{path}:{line}") for line, obj in it]
 
 
-def detect_format(path: Path) -> str:
-    """Guess ``alpaca`` / ``jsonl`` / ``sharegpt`` from the first non-blank character and line."""
+def _is_tfds_path(path: str | Path) -> bool:
+    return str(path).startswith("gs://") or Path(path).is_dir()
+
+
+def detect_format(path: str | Path) -> str:
+    """Guess the format: ``tfds`` (directory or ``gs://``), else from the first record of the file."""
+    if _is_tfds_path(path):
+        return "tfds"
+    path = Path(path)
+    if _first_char(path) == "[":
+        for _, first in _iter_json_list(path):
+            return "sharegpt" if isinstance(first, dict) and ("conversations" in first or "messages" in first) \
+                else "alpaca"
+        return "alpaca"
     with open(path, encoding="utf-8") as f:
         for line in f:
             if line.strip():
-                if line.lstrip().startswith("["):
-                    return "alpaca"
                 try:
                     first = json.loads(line)
                 except json.JSONDecodeError:
-                    return "jsonl"  # the reader reports the bad line
-                return "sharegpt" if isinstance(first, dict) and "conversations" in first else "jsonl"
-    return "jsonl"
+                    return "alpaca_jsonl"  # the reader reports the bad line
+                is_chat = isinstance(first, dict) and ("conversations" in first or "messages" in first)
+                return "sharegpt" if is_chat else "alpaca_jsonl"
+    return "alpaca_jsonl"
 
 
-def read_dataset(path: str | Path, format: str = "auto") -> list[Example]:
-    """Read and validate a dataset file; raises DataError on a bad record or an empty dataset."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"dataset file not found: {path}")
+def read_dataset(path: str | Path, format: str = "auto", *, split: str = "train") -> list[Example]:
+    """Read and validate a dataset; DataError naming ``file:line`` on a bad record, or on an empty dataset.
+
+    ``split`` only applies to ``tfds`` datasets.
+    """
     if format not in FORMATS:
         raise DataError(f"unknown dataset format {format!r} (valid: {', '.join(FORMATS)})")
-    if format == "auto":
-        format = detect_format(path)
-    reader = {"alpaca": read_alpaca_json, "jsonl": read_jsonl, "sharegpt": read_sharegpt}[format]
-    examples = reader(path)
+    if format == "tfds" or (format == "auto" and _is_tfds_path(path)):
+        from teams_rl_jax.data.tfds_io import read_tfds
+
+        examples = read_tfds(path, split=split)
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"dataset file not found: {path}")
+        if format == "auto":
+            format = detect_format(path)
+        reader = {"alpaca": read_alpaca_json, "alpaca_jsonl": read_jsonl, "jsonl": read_jsonl,
+                  "sharegpt": read_sharegpt}[format]
+        examples = reader(path)
     if not examples:
-        raise DataError(f"{path}: dataset is empty")
+        raise DataError(f"{path}: dataset is empty (no records)")
     return examples
 
 
-def write_jsonl(path: str | Path, records: Iterable[dict], append: bool = False) -> None:
-    """Write records as JSONL; each line flushed and fsynced so a crash loses no finished record."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a" if append else "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def _is_chat(ex: Example) -> bool:
+    return bool(ex.history) or ex.system is not None
 
 
-def example_to_record(ex: Example) -> dict:
-    """The generated-record dict for an example (``meta`` only when present)."""
-    rec = {"instruction": ex.instruction, "input": ex.input, "output": ex.output}
+def example_to_record(ex: Example, chat: bool | None = None) -> dict:
+    """The JSON record for an example: Alpaca-style (``meta`` only when present), or a ShareGPT
+    ``conversations`` record (``chat=True``; by default when it has chat history or a system prompt,
+    which Alpaca records cannot hold; an ``input`` then follows the instruction after a blank line)."""
+    if chat or (chat is None and _is_chat(ex)):
+        conv = [{"from": "system", "value": ex.system}] if ex.system is not None else []
+        for user, assistant in ex.history:
+            conv += [{"from": "human", "value": user}, {"from": "gpt", "value": assistant}]
+        user = f"{ex.instruction}\n\n{ex.input}" if ex.input else ex.instruction
+        conv += [{"from": "human", "value": user}, {"from": "gpt", "value": ex.output}]
+        rec: dict = {"conversations": conv}
+    else:
+        rec = {"instruction": ex.instruction, "input": ex.input, "output": ex.output}
     if ex.meta is not None:
         rec["meta"] = ex.meta
     return rec
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict | Example], append: bool = False) -> int:
+    """Write records (dicts or :class:`Example`) as JSONL and fsync, so a crash loses no finished file
+    content; returns the number of records written.
+
+    Examples become Alpaca records, or all become ShareGPT conversation records if any of them is a
+    chat (history or system prompt), so the file stays in one format that :func:`read_dataset` reads.
+    """
+    path = Path(path)
+    records = list(records)
+    chat = any(isinstance(r, Example) and _is_chat(r) for r in records)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "a" if append else "w", encoding="utf-8") as f:
+        for rec in records:
+            if isinstance(rec, Example):
+                rec = example_to_record(rec, chat)
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
+        f.flush()
+        os.fsync(f.fileno())
+    return n
