@@ -1,79 +1,184 @@
 """Example -> token ids + response-only loss mask, with a stated truncation policy.
 
-Layout of one sequence: ``[BOS] prompt response [EOS]``; ``loss_mask`` is 1 on response tokens and on
-EOS (the model must learn to stop), 0 on BOS and the prompt.
+Layout of one sequence: ``[BOS] prompt response [EOS]`` (BOS only if the tokenizer has one). The
+template renders the example as ``(text, is_response)`` pieces; the whole text is tokenized in one
+call and each token is labelled by the piece its first character falls in (fast tokenizers' offset
+mapping), so the ids are exactly the tokenizer's natural tokenization of the training text and the
+prompt's ids are what the same prompt gives at inference. If a token straddles a prompt/response
+boundary (or the tokenizer is not a fast one) the pieces are tokenized separately and concatenated
+instead, so no response token is ever hidden in the prompt.
 
-Truncation policy for sequences longer than ``max_seq_len``:
-* the response is cut at the end (then no EOS: the model should not learn to stop mid-answer);
-* if the prompt leaves fewer than ``min_response_tokens`` response tokens, the example is dropped
-  (training on a prompt with no answer teaches nothing).
-Both are counted in :class:`TokenizeStats` and reported by the SFT stage.
+``loss_mask`` is 1 on response tokens and on the final EOS (the model must learn to stop), 0 on BOS
+and the prompt. Multi-turn (Vicuna) examples get loss on every assistant reply, as in FastChat.
+
+Truncation policy for a sequence longer than ``max_seq_len``:
+
+* if fewer than ``min_response_tokens`` response tokens fit (the prompt alone, up to the first
+  response, nearly fills the row), the example is **dropped**: a prompt with no answer teaches nothing;
+* otherwise the tail is **cut** at ``max_seq_len`` (losing the EOS: the model should not learn to stop
+  mid-answer).
+
+Both are counted, with the number of tokens cut, in :class:`TokenizeStats`, which the SFT stage logs.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+from typing import Sequence
 
 import numpy as np
 
 from teams_rl_jax.data.readers import Example
-from teams_rl_jax.data.templates import format_alpaca, format_prompt, format_vicuna
+from teams_rl_jax.data.templates import VICUNA_SEP2, get_template
+from teams_rl_jax.errors import ConfigError
+
+_BATCH = 1024  # texts per tokenizer call (fast tokenizers batch in Rust)
 
 
 @dataclasses.dataclass
 class TokenizeStats:
-    """Counts over a dataset: examples kept / truncated / dropped, tokens, response (loss) tokens."""
+    """Counts over a dataset: examples kept / truncated / dropped, tokens kept and cut, loss tokens."""
 
     examples: int = 0
-    kept: int = 0
+    kept: int = 0  # includes the truncated ones
     truncated: int = 0
     dropped: int = 0
-    tokens: int = 0
+    tokens: int = 0  # tokens in the kept sequences
     loss_tokens: int = 0
+    cut_tokens: int = 0  # tokens removed from the truncated sequences
+    longest: int = 0  # longest sequence before truncation
+    truncated_indices: list[int] = dataclasses.field(default_factory=list)
+    dropped_indices: list[int] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         """One line for logs."""
-        return (f"{self.kept}/{self.examples} examples kept ({self.truncated} truncated, {self.dropped} dropped: "
-                f"prompt too long), {self.tokens} tokens, {self.loss_tokens} loss tokens")
+        return (f"{self.kept}/{self.examples} examples kept ({self.truncated} truncated, {self.cut_tokens} tokens cut; "
+                f"{self.dropped} dropped: prompt too long), {self.tokens} tokens, {self.loss_tokens} loss tokens, "
+                f"longest {self.longest}")
+
+    def to_dict(self) -> dict:
+        """Plain dict (for metrics / reports)."""
+        return dataclasses.asdict(self)
 
 
-def prompt_text(ex: Example, template: str) -> str:
-    """The prompt for an example under ``template`` (chat history is kept by ``vicuna`` only)."""
-    if template == "vicuna":
-        return format_vicuna(ex.instruction, ex.input, list(ex.history))
-    if template == "alpaca":
-        return format_alpaca(ex.instruction, ex.input)
-    return format_prompt(template, ex.instruction, ex.input)
+def _eos_text(tokenizer) -> str:
+    return tokenizer.eos_token if getattr(tokenizer, "eos_token", None) else VICUNA_SEP2
+
+
+def _pieces(ex: Example, template: str, tokenizer) -> list[tuple[str, bool]]:
+    return get_template(template).pieces(ex.instruction, ex.input, ex.output, ex.history, ex.system,
+                                         _eos_text(tokenizer))
+
+
+def prompt_text(ex: Example, template: str, eos: str = VICUNA_SEP2) -> str:
+    """The inference prompt for an example under ``template`` (chat history and system kept by ``vicuna``)."""
+    return get_template(template).prompt(ex.instruction, ex.input, ex.history, ex.system, eos)
+
+
+def _special_ids(tokenizer) -> tuple[list[int], int]:
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("tokenizer has no EOS token; SFT needs one to end every response")
+    bos = [int(tokenizer.bos_token_id)] if tokenizer.bos_token_id is not None else []
+    return bos, int(tokenizer.eos_token_id)
+
+
+def _label_by_offsets(pieces: list[tuple[str, bool]], ids: list[int], offsets) -> list[int] | None:
+    """Per-token 0/1 labels from character offsets, or None if a token straddles two pieces."""
+    starts, ends, pos = [], [], 0
+    for text, _ in pieces:
+        starts.append(pos)
+        pos += len(text)
+        ends.append(pos)
+    mask = []
+    for s, e in offsets:
+        # the last piece starting at or before s (empty pieces share their start with the next one)
+        k = max(0, bisect.bisect_right(starts, s) - 1)
+        if e > ends[k]:
+            return None
+        mask.append(int(pieces[k][1]))
+    return mask if len(mask) == len(ids) else None
+
+
+def _encode_separately(tokenizer, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    ids, mask = [], []
+    for text, is_resp in pieces:
+        if text:
+            toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += toks
+            mask += [int(is_resp)] * len(toks)
+    return ids, mask
+
+
+def _encode_many(tokenizer, all_pieces: Sequence[list[tuple[str, bool]]]) -> list[tuple[list[int], list[int]]]:
+    """Token ids and 0/1 response labels of each example's text (no BOS/EOS yet)."""
+    out = []
+    fast = getattr(tokenizer, "is_fast", False)
+    for lo in range(0, len(all_pieces), _BATCH):
+        chunk = all_pieces[lo:lo + _BATCH]
+        if fast:
+            enc = tokenizer(["".join(t for t, _ in p) for p in chunk], add_special_tokens=False,
+                            return_offsets_mapping=True)
+            for p, ids, offs in zip(chunk, enc["input_ids"], enc["offset_mapping"]):
+                mask = _label_by_offsets(p, ids, offs)
+                out.append((list(ids), mask) if mask is not None else _encode_separately(tokenizer, p))
+        else:
+            out.extend(_encode_separately(tokenizer, p) for p in chunk)
+    return out
+
+
+def _finish(ids: list[int], mask: list[int], bos: list[int], eos: int, max_seq_len: int,
+            min_response_tokens: int) -> tuple[np.ndarray | None, np.ndarray | None, str, int]:
+    """Add BOS/EOS and apply the truncation policy: ``(ids, mask, status, full_length)``."""
+    ids = bos + ids + [eos]
+    mask = [0] * len(bos) + mask + [1]
+    n = len(ids)
+    if n <= max_seq_len:
+        return np.asarray(ids, np.int32), np.asarray(mask, np.int32), "kept", n
+    first_response = mask.index(1)
+    if first_response + min_response_tokens > max_seq_len:
+        return None, None, "dropped", n
+    return np.asarray(ids[:max_seq_len], np.int32), np.asarray(mask[:max_seq_len], np.int32), "truncated", n
 
 
 def tokenize_example(ex: Example, tokenizer, template: str, max_seq_len: int, min_response_tokens: int = 1):
-    """``(ids int32 [n], loss_mask int32 [n], status)`` with status ``kept``/``truncated``/``dropped``."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt = bos + tokenizer(prompt_text(ex, template), add_special_tokens=False)["input_ids"]
-    # Vicuna answers follow "ASSISTANT:" after a space; Alpaca's follow "### Response:\n" directly.
-    response_text = (" " if template == "vicuna" else "") + ex.output
-    response = tokenizer(response_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    status = "kept"
-    if len(prompt) + min_response_tokens > max_seq_len:
-        return None, None, "dropped"
-    if len(prompt) + len(response) > max_seq_len:
-        response = response[: max_seq_len - len(prompt)]
-        status = "truncated"
-    ids = np.asarray(prompt + response, np.int32)
-    mask = np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(response), np.int32)])
+    """``(ids int32 [n], loss_mask int32 [n], status)``; status ``kept``/``truncated``/``dropped`` (ids None)."""
+    bos, eos = _special_ids(tokenizer)
+    (ids, mask), = _encode_many(tokenizer, [_pieces(ex, template, tokenizer)])
+    ids, mask, status, _ = _finish(ids, mask, bos, eos, max_seq_len, min_response_tokens)
     return ids, mask, status
 
 
-def tokenize_dataset(examples, tokenizer, template: str, max_seq_len: int, min_response_tokens: int = 1):
-    """Tokenize all examples; returns ``(list of (ids, loss_mask), TokenizeStats)``."""
+def tokenize_dataset(examples: Sequence[Example], tokenizer, template: str, max_seq_len: int,
+                     min_response_tokens: int = 1) -> tuple[list[tuple[np.ndarray, np.ndarray]], TokenizeStats]:
+    """Tokenize all examples under the truncation policy; returns ``(list of (ids, loss_mask), stats)``.
+
+    Raises ConfigError for multi-turn examples under a template without chat turns (``alpaca``).
+    """
+    if max_seq_len < 2 or min_response_tokens < 1:
+        raise ConfigError(f"need max_seq_len >= 2 and min_response_tokens >= 1, got {max_seq_len}, "
+                          f"{min_response_tokens}")
+    tmpl = get_template(template)
+    if not tmpl.multi_turn:
+        n_multi = sum(1 for ex in examples if ex.history)
+        if n_multi:
+            raise ConfigError(f"{n_multi} examples are multi-turn conversations but template {template!r} has "
+                              f"no chat turns; use template 'vicuna'")
+    bos, eos = _special_ids(tokenizer)
+    encoded = _encode_many(tokenizer, [_pieces(ex, template, tokenizer) for ex in examples])
     stats = TokenizeStats(examples=len(examples))
     out = []
-    for ex in examples:
-        ids, mask, status = tokenize_example(ex, tokenizer, template, max_seq_len, min_response_tokens)
+    for i, (ids, mask) in enumerate(encoded):
+        ids, mask, status, full = _finish(ids, mask, bos, eos, max_seq_len, min_response_tokens)
+        stats.longest = max(stats.longest, full)
         if status == "dropped":
             stats.dropped += 1
+            stats.dropped_indices.append(i)
             continue
-        stats.truncated += status == "truncated"
+        if status == "truncated":
+            stats.truncated += 1
+            stats.truncated_indices.append(i)
+            stats.cut_tokens += full - max_seq_len
         stats.kept += 1
         stats.tokens += len(ids)
         stats.loss_tokens += int(mask.sum())

@@ -1,0 +1,43 @@
+"""Test helpers shared by several test modules (no model hub: tokenizers are built here, offline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3: pad, bos, eos, unk (as models/TINY_MODEL expect)
+
+_DEFAULT_TEXTS = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.",
+    "### Instruction:\nName three primary colors.\n\n### Input:\npaint\n\n### Response:\nRed, yellow and blue.",
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions. USER: Hello! ASSISTANT: Hi, how can I help?</s>",
+    "Explain why the sky looks blue during the day. Sunlight is scattered by the molecules of the air.",
+    "Write a short poem about the sea, the sun and the moon. List three items; answer yes or no, please.",
+    "Convert 25 degrees Celsius to Fahrenheit: 25 x 9/5 + 32 = 77 degrees Fahrenheit.",
+    "Summarize the following text in one sentence, then rewrite it with more constraints and deeper reasoning.",
+)
+
+
+def make_tokenizer(tmp_dir: str | Path, texts: Iterable[str] | None = None, vocab_size: int = 400):
+    """A small byte-level BPE tokenizer trained on ``texts`` (a built-in English sample by default), wrapped
+    in ``PreTrainedTokenizerFast`` with pad/bos/eos/unk = ids 0/1/2/3, saved to ``tmp_dir`` and loaded
+    back with ``AutoTokenizer.from_pretrained`` (so tests exercise the same loading path as real models).
+
+    Byte-level: any text encodes (no unknown tokens) and merges can cross word/punctuation boundaries,
+    unlike the runtime word-level fallback in ``teams_rl_jax.data.tokenizer``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts) if texts is not None else list(_DEFAULT_TEXTS), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(str(tmp_dir))
+    return AutoTokenizer.from_pretrained(str(tmp_dir))
