@@ -1,0 +1,88 @@
+"""``EnvConfig``: the instruction-evolution env's settings (operator, episode, buffers, rewards, rules).
+
+Load with ``teams_rl_jax.config.from_dict(EnvConfig, d)`` or pass fields to
+``teams_rl_jax.env.make(name, **fields)`` (what the policy stage's ``env_kwargs`` does).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from teams_rl_jax.env.operations import OPERATIONS
+from teams_rl_jax.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Settings of ``teams_rl_jax.env.make``; names are checked against the registries."""
+
+    # "token_edit": LLM-free edits from phrase banks (0 queries). "llm": an instructor LM operator.
+    operator: Literal["token_edit", "llm"] = "token_edit"
+    # Actions, in order (registered operation names).
+    operations: tuple[str, ...] = OPERATIONS
+    episode_length: int = 6  # the paper's six evolution steps
+    max_len: int = 128  # instruction buffer width in tokens; an edit that does not fit is not applied
+    # Seeds: a JSONL file (None = the 48 packaged seeds); the text field; at most this many.
+    seeds_path: str | None = None
+    seed_field: str = "instruction"
+    max_seeds: int | None = None
+    on_long_seed: Literal["error", "skip", "truncate"] = "error"
+    # Tokenizer: a local Hugging Face tokenizer dir; None = an offline word-level one built from the
+    # seeds and phrase banks (``vocab_size`` words at most).
+    tokenizer: str | None = None
+    vocab_size: int = 8192
+    # Observation / novelty embedding ("hashed": random projection of hashed unigram+bigram counts).
+    embedding: str = "hashed"
+    embed_dim: int = 64
+    embed_buckets: int = 512
+    embed_seed: int = 0
+    # Reward: term name -> weight (see env/rewards.py for the default's rationale).
+    reward_weights: dict[str, float] = field(
+        default_factory=lambda: {"novelty": 1.0, "length_gain": 0.5, "distinct_gain": 0.5})
+    length_scale: float = 20.0  # tokens of growth worth a full length_gain (paper: +10..20 words)
+    distinct_scale: float = 10.0  # new distinct tokens worth a full distinct_gain
+    # Elimination rule name -> penalty (WizardLM's four rules; see env/elimination.py).
+    elimination: dict[str, float] = field(
+        default_factory=lambda: {"no_gain": 1.0, "sorry_short": 1.0, "stopwords_only": 1.0, "template_copy": 1.0})
+    sorry_max_words: int = 80
+    # An eliminated evolution is dropped (instruction unchanged, its reward terms zeroed) ...
+    revert_eliminated: bool = True
+    # ... and, if set, ends the episode (``terminated``; running out of steps is ``truncated``).
+    terminate_on_elimination: bool = False
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on an invalid value or an unregistered name."""
+        from teams_rl_jax.env.elimination import ELIMINATION_RULES
+        from teams_rl_jax.env.embedding import EMBEDDINGS
+        from teams_rl_jax.env.operations import OPERATION_REGISTRY
+        from teams_rl_jax.env.rewards import REWARD_TERMS
+
+        if self.episode_length < 1:
+            raise ConfigError(f"episode_length must be >= 1, got {self.episode_length}")
+        if self.max_len < 8:
+            raise ConfigError(f"max_len must be >= 8, got {self.max_len}")
+        if not self.operations:
+            raise ConfigError("operations must not be empty")
+        if len(set(self.operations)) != len(self.operations):
+            raise ConfigError(f"operations has duplicates: {list(self.operations)}")
+        for op in self.operations:
+            OPERATION_REGISTRY.get(op)
+        if self.max_seeds is not None and self.max_seeds < 1:
+            raise ConfigError(f"max_seeds must be >= 1, got {self.max_seeds}")
+        EMBEDDINGS.get(self.embedding)
+        for name in ("embed_dim", "embed_buckets", "vocab_size", "sorry_max_words"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, w in self.reward_weights.items():
+            REWARD_TERMS.get(name)
+            if not math.isfinite(w):
+                raise ConfigError(f"reward_weights.{name} must be finite, got {w}")
+        for name, p in self.elimination.items():
+            ELIMINATION_RULES.get(name)
+            if not (math.isfinite(p) and p >= 0):
+                raise ConfigError(f"elimination.{name} must be a penalty >= 0, got {p}")
+        for name in ("length_scale", "distinct_scale"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
