@@ -15,6 +15,9 @@ from teams_rl_jax.rl.gae import discounted_returns, gae, normalize
 from teams_rl_jax.rl.ppo import clipped_surrogate
 from teams_rl_jax.rl.trpo import Batch, conjugate_gradient, fisher_vector_product, trpo_update
 
+# Less LLVM optimisation: these functions run once, so compile time is what matters.
+FAST = {"xla_backend_optimization_level": 0}
+
 
 def _np_gae(rewards, values, dones, last_value, gamma, lam):
     T, N = rewards.shape
@@ -100,8 +103,8 @@ def test_fisher_vector_product_equals_kl_hessian():
         return jnp.sum(kl * weights) / jnp.sum(weights)
 
     v = jax.random.normal(k3, flat0.shape)
-    hess = jax.jit(jax.hessian(mean_kl))(flat0)  # explicit matrix only as the test's reference
-    fvp = jax.jit(lambda v: fisher_vector_product(logits_fn, flat0, weights, damping=0.1)(v))
+    hess = jax.jit(jax.hessian(mean_kl), compiler_options=FAST)(flat0)  # explicit matrix only as the test's reference
+    fvp = jax.jit(lambda v: fisher_vector_product(logits_fn, flat0, weights, damping=0.1)(v), compiler_options=FAST)
     np.testing.assert_allclose(fvp(v), hess @ v + 0.1 * v, rtol=2e-3, atol=2e-4)
 
 
@@ -119,7 +122,7 @@ def test_trpo_update_respects_kl_bound_and_improves_surrogate():
     batch = Batch(obs=obs, actions=actions, advantages=adv, targets=targets, weights=weights,
                   old_logits=logits, old_values=values, action_mask=None)
     cfg = TRPOConfig()
-    new_params, m = jax.jit(lambda p, b: trpo_update(net, p, b, cfg))(params, batch)
+    new_params, m = jax.jit(lambda p, b: trpo_update(net, p, b, cfg), compiler_options=FAST)(params, batch)
 
     def surrogate(p):
         lg = net.apply(p, obs, method="logits")

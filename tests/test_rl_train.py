@@ -10,8 +10,12 @@ from teams_rl_jax.rl.testing import make_synthetic, optimal_return, random_retur
 
 # Small nets and rollouts keep compile + run to a few seconds per algorithm on CPU.
 BASE = dict(num_envs=32, num_steps=6, hidden_sizes=(32, 32))
-TRPO_UPDATES = 90  # TRPO (max_kl 0.01) reaches 90% of the optimum in ~60 updates on this env
-PPO_UPDATES = 50  # PPO (lr 3e-3) in ~25-30
+# Updates until the 3-update moving average of the return first reaches 90% of the optimum, over 8
+# seeds: TRPO (max_kl 0.01) 55-67, PPO (lr 3e-3) 26-31. The bounds below leave a margin for numerics.
+TRPO_UPDATES, TRPO_REACH = 100, 80
+PPO_UPDATES, PPO_REACH = 60, 45
+# Less LLVM optimisation: halves PPO's compile time; its runs are short anyway.
+FAST = {"xla_backend_optimization_level": 0}
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +29,11 @@ def _run(train, key):
     return rs, jax.tree_util.tree_map(np.asarray, m)
 
 
-def _first_reaching(returns, target):
-    hit = np.nonzero(np.asarray(returns) >= target)[0]
-    return int(hit[0]) + 1 if hit.size else None
+def _first_reaching(returns, target, window=3):
+    """1-based update at which the moving average of ``window`` updates first reaches ``target``."""
+    avg = np.convolve(np.asarray(returns), np.ones(window) / window, mode="valid")
+    hit = np.nonzero(avg >= target)[0]
+    return int(hit[0]) + window if hit.size else None
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +60,9 @@ def test_trpo_learns_optimal_sequence(synth, random_result):
     ret = np.asarray(m["return"])
     target = 0.9 * optimal_return(params)
     reached = _first_reaching(ret, target)
-    assert reached is not None and reached <= TRPO_UPDATES, f"TRPO returns {np.round(ret[::10], 2)}"
-    assert ret[-5:].mean() >= target
-    assert ret[-5:].mean() > float(np.mean(random_result["return"])) + 3.0
+    assert reached is not None and reached <= TRPO_REACH, f"TRPO returns {np.round(ret[::10], 2)}"
+    assert ret[-10:].mean() >= target  # and stays there
+    assert ret[-10:].mean() > float(np.mean(random_result["return"])) + 3.0
     # Every update stayed inside the trust region and improved the surrogate (or was rejected).
     assert np.all(m["kl"] <= 1.5 * cfg.trpo.max_kl)
     acc = m["linesearch_accepted"] > 0
@@ -72,7 +78,7 @@ def test_ppo_learns_jit_vmap_two_seeds(synth, random_result):
     cfg = PolicyConfig(algo="ppo", num_updates=PPO_UPDATES, ppo=PPOConfig(lr=3e-3), **BASE)
     train = make_train(cfg, env, params, seeds)
     keys = jax.random.split(jax.random.PRNGKey(7), 2)
-    rs, m = _run(jax.jit(jax.vmap(train)), keys)
+    rs, m = _run(jax.jit(jax.vmap(train), compiler_options=FAST), keys)
     assert m["return"].shape == (2, PPO_UPDATES)
     assert m["op_by_step"].shape == (2, PPO_UPDATES, 6, 6)
     assert rs.update.shape == (2,) and np.all(np.asarray(rs.update) == PPO_UPDATES)
@@ -81,9 +87,9 @@ def test_ppo_learns_jit_vmap_two_seeds(synth, random_result):
     for s in range(2):
         ret = m["return"][s]
         reached = _first_reaching(ret, target)
-        assert reached is not None, f"PPO seed {s} returns {np.round(ret[::5], 2)}"
-        assert ret[-5:].mean() >= target
-        assert ret[-5:].mean() > float(np.mean(random_result["return"])) + 3.0
+        assert reached is not None and reached <= PPO_REACH, f"PPO seed {s} returns {np.round(ret[::5], 2)}"
+        assert ret[-10:].mean() >= target
+        assert ret[-10:].mean() > float(np.mean(random_result["return"])) + 3.0
         print(f"PPO seed {s} reached {target:.1f} at update {reached}")
 
 
@@ -131,7 +137,7 @@ def test_query_budget_lagrangian_reduces_queries():
     seeds = synthetic_seeds(jax.random.PRNGKey(0))
     budget = QueryBudgetConfig(budget=0.5, roles=("reviewer",), lr=0.1)
     cfg = PolicyConfig(algo="ppo", num_updates=40, ppo=PPOConfig(lr=3e-3), queries=budget, **BASE)
-    _, m = _run(jax.jit(make_train(cfg, env, params, seeds)), jax.random.PRNGKey(0))
+    _, m = _run(jax.jit(make_train(cfg, env, params, seeds), compiler_options=FAST), jax.random.PRNGKey(0))
     assert np.all(m["lagrange"] >= 0)
     assert m["lagrange"][10:].max() > 0.5  # grew while over budget
     assert m["cost"][-5:].mean() <= 0.5 + 0.25  # at the budget, far below the unconstrained 2 per episode

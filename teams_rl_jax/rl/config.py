@@ -55,8 +55,12 @@ class TRPOConfig:
     value_iters: int = 25
     value_l2: float = 1e-3
     value_memory: int = 10
+    # L-BFGS line search: "backtracking" (fixed candidate steps, safe under vmap) or optax's "zoom"
+    # (closer to scipy's, but its while_loop hung the XLA CPU runtime under vmap over seeds).
+    value_linesearch: Literal["backtracking", "zoom"] = "backtracking"
 
     def validate(self) -> None:
+        """Raise :class:`ConfigError` on an invalid value."""
         _positive("max_kl", self.max_kl)
         if self.damping < 0:
             raise ConfigError(f"damping must be >= 0, got {self.damping}")
@@ -86,6 +90,7 @@ class PPOConfig:
     max_grad_norm: float = 0.5
 
     def validate(self) -> None:
+        """Raise :class:`ConfigError` on an invalid value."""
         _positive("lr", self.lr)
         for name in ("num_epochs", "num_minibatches"):
             if getattr(self, name) < 1:
@@ -111,6 +116,7 @@ class QueryBudgetConfig:
     init: float = 0.0
 
     def validate(self) -> None:
+        """Raise :class:`ConfigError` on an invalid value."""
         if self.budget is not None and self.budget < 0:
             raise ConfigError(f"budget must be >= 0, got {self.budget}")
         _positive("lr", self.lr)
@@ -163,6 +169,7 @@ class PolicyConfig:
     compare: tuple[str, ...] = ("random", "paper")
 
     def validate(self) -> None:
+        """Raise :class:`ConfigError` on an invalid value."""
         for name in ("num_envs", "num_steps", "num_updates"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

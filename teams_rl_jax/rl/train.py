@@ -252,10 +252,12 @@ def make_train(
 
     # ---- loops ----------------------------------------------------------------------------------
     def train_jit(key):
+        """Whole training as one traceable function: init, then ``lax.scan`` over updates."""
         rs = init(key)
         return jax.lax.scan(update_step, rs, None, config.num_updates)
 
     def train_host(key):
+        """Python loop over updates around jitted pieces; metrics come back stacked as numpy."""
         rs = init(key)
         history = []
         if config.host_rollout == "scan":

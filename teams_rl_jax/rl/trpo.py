@@ -11,7 +11,7 @@ Vectors for CG are flat (``jax.flatten_util.ravel_pytree`` of the actor params).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.struct as struct
 import jax
@@ -135,6 +135,43 @@ def line_search(
     )
 
 
+class _NoState(NamedTuple):
+    """Stateless line search."""
+
+
+def static_backtracking_linesearch(
+    num_steps: int = 12, decrease_factor: float = 0.5, slope_rtol: float = 1e-4
+) -> optax.GradientTransformationExtraArgs:
+    """Armijo backtracking over a fixed set of step sizes ``decrease_factor ** k``, ``k < num_steps``.
+
+    A drop-in ``linesearch`` for ``optax.lbfgs`` with no data-dependent ``while_loop``: all candidate
+    steps are evaluated at once (vmap) and the largest one with sufficient decrease is taken (0 if
+    none). Optax's own zoom / backtracking searches loop with ``lax.while_loop``, and those loops,
+    batched by ``jax.vmap`` over seeds, were seen to hang the XLA CPU runtime (jax 0.10); this one
+    keeps ``jit(vmap(train))`` safe and compiles faster. ``update`` needs ``value``, ``grad`` and
+    ``value_fn`` keyword arguments, like optax's searches.
+    """
+
+    def init_fn(params):
+        del params
+        return _NoState()
+
+    def update_fn(updates, state, params, *, value, grad, value_fn, **extra_args):
+        del extra_args
+        fracs = decrease_factor ** jnp.arange(num_steps, dtype=jnp.float32)
+        slope = optax.tree.vdot(updates, grad)  # directional derivative along the L-BFGS direction
+
+        def value_at(frac):
+            return value_fn(jax.tree_util.tree_map(lambda p, u: p + frac * u, params, updates))
+
+        values = jax.vmap(value_at)(fracs)
+        ok = (values <= value + slope_rtol * fracs * slope) & jnp.isfinite(values)
+        step = jnp.where(jnp.any(ok), fracs[jnp.argmax(ok)], 0.0)
+        return jax.tree_util.tree_map(lambda u: step * u, updates), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def fit_value_lbfgs(
     value_fn: Callable[[Any, jax.Array], jax.Array],
     params: Any,
@@ -144,11 +181,14 @@ def fit_value_lbfgs(
     iters: int = 25,
     l2: float = 1e-3,
     memory: int = 10,
+    linesearch: str = "backtracking",
 ) -> tuple[Any, jax.Array]:
     """Fit critic ``params`` by L-BFGS to ``targets`` (masked MSE + ``l2 * sum(params**2)``).
 
-    Mirrors the reference's ``scipy.optimize.fmin_l_bfgs_b(..., maxiter=25)`` with ``optax.lbfgs``
-    (zoom line search). Returns ``(params, final_loss)``.
+    Mirrors the reference's ``scipy.optimize.fmin_l_bfgs_b(..., maxiter=25)`` with ``optax.lbfgs``.
+    ``linesearch="backtracking"`` uses :func:`static_backtracking_linesearch` (vmap-safe);
+    ``"zoom"`` uses optax's default zoom line search (closer to scipy's, but see the caveat there).
+    Returns ``(params, final_loss)``.
     """
 
     def loss_fn(p):
@@ -156,8 +196,13 @@ def fit_value_lbfgs(
         reg = sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(p))
         return mse + l2 * reg
 
-    solver = optax.lbfgs(memory_size=memory)
-    value_and_grad = optax.value_and_grad_from_state(loss_fn)
+    if linesearch == "zoom":
+        solver = optax.lbfgs(memory_size=memory)
+        value_and_grad = optax.value_and_grad_from_state(loss_fn)  # reuses the search's last value/grad
+    else:
+        solver = optax.lbfgs(memory_size=memory, linesearch=static_backtracking_linesearch())
+        plain = jax.value_and_grad(loss_fn)
+        value_and_grad = lambda p, state: plain(p)  # noqa: E731
 
     def body(_, carry):
         p, state = carry
@@ -184,7 +229,8 @@ def trpo_update(network, params: Any, batch: Batch, cfg: TRPOConfig) -> tuple[An
         return network.apply({"params": {**inner, "critic": critic}}, obs, method="value")
 
     critic, value_loss = fit_value_lbfgs(
-        value_fn, inner["critic"], batch.obs, batch.targets, w, cfg.value_iters, cfg.value_l2, cfg.value_memory
+        value_fn, inner["critic"], batch.obs, batch.targets, w,
+        cfg.value_iters, cfg.value_l2, cfg.value_memory, cfg.value_linesearch,
     )
 
     # (2) Actor: natural-gradient step on the flat actor params.
