@@ -19,8 +19,6 @@ from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.models import policy as P
 from teams_rl_jax.rl.config import NAMED_SCHEDULES, OPERATIONS, validate_schedule
 
-ADD_CONSTRAINTS = OPERATIONS.index("add_constraints")
-BREADTH = OPERATIONS.index("breadth")
 # 0-based steps at which the reference generator forces breadth.
 PAPER_BREADTH_STEPS = (1, 4)
 
@@ -45,9 +43,15 @@ def schedule_ops(schedule: tuple[str, ...], horizon: int) -> tuple[str, ...]:
     return tuple(ops)
 
 
-def schedule_table(schedule: tuple[str, ...], horizon: int) -> np.ndarray:
-    """Action ids ``int32 [horizon]`` of a schedule."""
-    return np.asarray([OPERATIONS.index(op) for op in schedule_ops(schedule, horizon)], dtype=np.int32)
+def schedule_table(
+    schedule: tuple[str, ...], horizon: int, operations: tuple[str, ...] = OPERATIONS
+) -> np.ndarray:
+    """Action ids ``int32 [horizon]`` of a schedule, for an env whose actions are ``operations``."""
+    ops = schedule_ops(schedule, horizon)
+    missing = [op for op in ops if op not in operations]
+    if missing:
+        raise ConfigError(f"schedule: operation {missing[0]!r} is not an action of this env ({', '.join(operations)})")
+    return np.asarray([operations.index(op) for op in ops], dtype=np.int32)
 
 
 def uniform_logits(mask: jax.Array) -> jax.Array:
@@ -71,11 +75,13 @@ def fixed_action(table: jax.Array, t: jax.Array, key: jax.Array, mask: jax.Array
     return jnp.where(allowed, a, random_action(key, mask))
 
 
-def paper_overrides(t: jax.Array, actions: jax.Array) -> jax.Array:
+def paper_overrides(t: jax.Array, actions: jax.Array, operations: tuple[str, ...] = OPERATIONS) -> jax.Array:
     """Apply the reference generator's overrides to policy ``actions`` taken at 0-based step ``t``.
 
-    ``breadth`` at steps 1 and 4; elsewhere a chosen ``breadth`` becomes ``add_constraints``.
+    ``breadth`` at steps 1 and 4; elsewhere a chosen ``breadth`` becomes ``add_constraints``
+    (action ids index ``operations``, the env's action list).
     """
+    breadth, add_constraints = operations.index("breadth"), operations.index("add_constraints")
     forced = jnp.isin(t, jnp.asarray(PAPER_BREADTH_STEPS))
-    other = jnp.where(actions == BREADTH, ADD_CONSTRAINTS, actions)
-    return jnp.where(forced, BREADTH, other).astype(jnp.int32)
+    other = jnp.where(actions == breadth, add_constraints, actions)
+    return jnp.where(forced, breadth, other).astype(jnp.int32)

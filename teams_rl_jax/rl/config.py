@@ -14,15 +14,9 @@ from typing import Any, Literal
 
 from teams_rl_jax.errors import ConfigError
 
-# The six Evol-Instruct operations, in the env's action order (docs/design.md).
-OPERATIONS = (
-    "add_constraints",
-    "deepening",
-    "concretizing",
-    "increase_reasoning_steps",
-    "complicate_input",
-    "breadth",
-)
+# The six Evol-Instruct operations in the default action order; an env may reorder or subset them
+# (``env.operations``), and the baselines map names through the env's own list.
+from teams_rl_jax.env.operations import OPERATIONS  # noqa: E402  (single source of truth)
 
 # Named fixed schedules understood by ``schedule`` (see teams_rl_jax.rl.baselines).
 NAMED_SCHEDULES = ("paper", "round_robin")

@@ -28,7 +28,7 @@ import numpy as np
 from teams_rl_jax import config as cfglib
 from teams_rl_jax.errors import CheckpointError, ConfigError
 from teams_rl_jax.rl.config import OPERATIONS, PolicyConfig
-from teams_rl_jax.rl.train import LEARNED, init_params, make_network, make_train
+from teams_rl_jax.rl.train import LEARNED, env_operations, init_params, make_network, make_train
 
 POLICY_META = "policy.json"
 CHECKPOINT_DIR = "checkpoint"
@@ -84,9 +84,8 @@ def _run(config: PolicyConfig, env, env_params, seeds, log: Callable[[str], None
     return runner_state, metrics
 
 
-def curve_rows(metrics: dict, config: PolicyConfig, num_actions: int) -> list[dict]:
-    """JSON-ready rows (one per update) from stacked ``make_train`` metrics."""
-    names = list(OPERATIONS[:num_actions]) + [f"op{a}" for a in range(len(OPERATIONS), num_actions)]
+def curve_rows(metrics: dict, config: PolicyConfig, names: list[str]) -> list[dict]:
+    """JSON-ready rows (one per update) from stacked ``make_train`` metrics; ``names``: the env's ops."""
     episodes_per_update = config.num_envs
     rows, cum = [], 0.0
     for i in range(len(metrics["return"])):
@@ -178,8 +177,18 @@ def _plot_histogram(path: Path, hists: dict[str, dict]) -> None:
     plt.close(fig)
 
 
-def save_policy(path: str | Path, config: PolicyConfig, params: Any, num_actions: int, obs_dim: int) -> None:
-    """Write ``policy.json`` and (for learned policies) the Orbax checkpoint of ``params`` to ``path``."""
+def save_policy(
+    path: str | Path,
+    config: PolicyConfig,
+    params: Any,
+    num_actions: int,
+    obs_dim: int,
+    operations: tuple[str, ...] = OPERATIONS,
+) -> None:
+    """Write ``policy.json`` and (for learned policies) the Orbax checkpoint of ``params`` to ``path``.
+
+    ``operations`` names the actions in order (the env's ``operations``).
+    """
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
@@ -190,7 +199,7 @@ def save_policy(path: str | Path, config: PolicyConfig, params: Any, num_actions
         "obs_dim": obs_dim,
         "hidden_sizes": list(config.hidden_sizes),
         "activation": config.activation,
-        "operations": list(OPERATIONS),
+        "operations": list(operations),
         "config": cfglib.to_dict(config),
     }
     (path / POLICY_META).write_text(json.dumps(meta, indent=2))
@@ -251,18 +260,22 @@ def run_policy_stage(
     out.mkdir(parents=True, exist_ok=True)
     num_actions = int(env.num_actions)
     obs_dim = int(env.observation_size(env_params))
-    names = list(OPERATIONS[:num_actions]) + [f"op{a}" for a in range(len(OPERATIONS), num_actions)]
+    names = list(env_operations(env))
+    episode_length = getattr(env_params, "episode_length", None)
+    if isinstance(episode_length, int) and episode_length != config.num_steps:
+        log(f"[policy] note: num_steps {config.num_steps} != env episode_length {episode_length} "
+            "(rollouts are cut and bootstrapped, or padded with masked steps)")
 
     runner_state, metrics = _run(config, env, env_params, seeds, log, config.algo)
-    rows = {"policy": curve_rows(metrics, config, num_actions)}
+    rows = {"policy": curve_rows(metrics, config, names)}
     hists = {"policy": _histograms(metrics, names)}
     _write_jsonl(out / "curves.jsonl", rows["policy"])
-    save_policy(out, config, runner_state.params, num_actions, obs_dim)
+    save_policy(out, config, runner_state.params, num_actions, obs_dim, tuple(names))
 
     for name in config.compare:
         bcfg = _baseline_config(config, name)
         _, bmetrics = _run(bcfg, env, env_params, seeds, log, name)
-        rows[name] = curve_rows(bmetrics, bcfg, num_actions)
+        rows[name] = curve_rows(bmetrics, bcfg, names)
         hists[name] = _histograms(bmetrics, names)
         _write_jsonl(out / f"curves_{name}.jsonl", rows[name])
 

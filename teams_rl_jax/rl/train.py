@@ -84,12 +84,23 @@ def init_params(network: ActorCritic, key: jax.Array, obs_dim: int) -> Any:
     return network.init(key, jnp.zeros((obs_dim,), jnp.float32))
 
 
-def static_action_mask(config: PolicyConfig, num_actions: int) -> np.ndarray:
-    """``bool [A]``: False for ``config.disabled_ops``."""
-    if config.disabled_ops and num_actions != len(OPERATIONS):
-        raise ConfigError(f"disabled_ops needs an env with {len(OPERATIONS)} actions, got {num_actions}")
-    return np.asarray([OPERATIONS[a] not in config.disabled_ops if a < len(OPERATIONS) else True
-                       for a in range(num_actions)])
+def env_operations(env) -> tuple[str, ...]:
+    """Names of the env's actions (``env.operations``, else the default six)."""
+    ops = tuple(getattr(env, "operations", OPERATIONS))
+    if len(ops) != int(env.num_actions):
+        raise ConfigError(f"env.operations has {len(ops)} names for {env.num_actions} actions")
+    return ops
+
+
+def static_action_mask(config: PolicyConfig, operations: tuple[str, ...]) -> np.ndarray:
+    """``bool [A]``: False for ``config.disabled_ops`` (by name, in the env's action order)."""
+    missing = [op for op in config.disabled_ops if op not in operations]
+    if missing:
+        raise ConfigError(f"disabled_ops: {missing[0]!r} is not an action of this env ({', '.join(operations)})")
+    mask = np.asarray([op not in config.disabled_ops for op in operations])
+    if not mask.any():
+        raise ConfigError("disabled_ops disables every action of this env")
+    return mask
 
 
 def rollout_metrics(traj: Transition, num_actions: int, roles: tuple[str, ...]) -> dict[str, Any]:
@@ -135,10 +146,9 @@ def make_train(
     N, T = config.num_envs, config.num_steps
     algo = config.algo
     network = make_network(config, num_actions)
-    mask0 = jnp.asarray(static_action_mask(config, num_actions))
-    if algo == "fixed" and num_actions != len(OPERATIONS):
-        raise ConfigError(f"fixed schedules need an env with {len(OPERATIONS)} actions, got {num_actions}")
-    table = jnp.asarray(B.schedule_table(config.schedule, T)) if algo == "fixed" else None
+    operations = env_operations(env)
+    mask0 = jnp.asarray(static_action_mask(config, operations))
+    table = jnp.asarray(B.schedule_table(config.schedule, T, operations)) if algo == "fixed" else None
     tx = make_optimizer(config.ppo, config.num_updates) if algo == "ppo" else None
     lag_tx, lag0 = make_lagrange(config.queries)
     roles = tuple(config.queries.roles)
