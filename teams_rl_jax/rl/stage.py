@@ -131,8 +131,11 @@ def _plot_curves(path: Path, runs: dict[str, list[dict]], budget: float | None =
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    # An env that charges no queries (token edits) is compared at equal episode counts instead.
+    by_queries = any(r["cumulative_queries"] > 0 for rows in runs.values() for r in rows)
+    xkey = "cumulative_queries" if by_queries else "episodes"
     for name, rows in runs.items():
-        cum = [r["cumulative_queries"] for r in rows]
+        cum = [r[xkey] for r in rows]
         upd = [r["update"] for r in rows]
         style = "-" if name == "policy" else "--"
         axes[0, 0].plot(cum, [r["return"] for r in rows], style, label=name)
@@ -140,7 +143,8 @@ def _plot_curves(path: Path, runs: dict[str, list[dict]], budget: float | None =
         if name == "policy":
             axes[1, 0].plot(upd, [r.get("kl", 0.0) for r in rows], label="KL")
         axes[1, 1].plot(upd, [r.get("entropy", 0.0) for r in rows], style, label=name)
-    axes[0, 0].set(xlabel="cumulative queries", ylabel="mean episode return", title="reward at equal query budgets")
+    axes[0, 0].set(xlabel="cumulative queries" if by_queries else "episodes (no queries charged)",
+                   ylabel="mean episode return", title="reward at equal budgets")
     if budget is not None:
         pol = runs["policy"]
         axes[0, 1].plot([r["update"] for r in pol], [r["cost"] for r in pol], ":", label="policy (budgeted roles)")
