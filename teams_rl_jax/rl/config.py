@@ -27,10 +27,9 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be > 0, got {value}")
 
 
-def _unit(name: str, value: float, *, closed_low: bool = True) -> None:
-    ok = (0.0 <= value <= 1.0) if closed_low else (0.0 < value <= 1.0)
-    if not ok:
-        raise ConfigError(f"{name} must be in {'[' if closed_low else '('}0, 1], got {value}")
+def _unit(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} must be in [0, 1], got {value}")
 
 
 @dataclass(frozen=True)

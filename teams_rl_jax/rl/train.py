@@ -286,7 +286,9 @@ def make_train(
                     if not bool(jnp.any(carry.alive > 0)):
                         break  # every episode is over: skip the remaining (expensive) env steps
                 # Pad to the fixed length T with invalid copies so `learn` compiles once.
-                pad = steps[-1].replace(valid=jnp.zeros_like(steps[-1].valid))
+                last_tr = steps[-1]
+                pad = last_tr.replace(valid=jnp.zeros_like(last_tr.valid), reward=jnp.zeros_like(last_tr.reward),
+                                      queries=jax.tree_util.tree_map(jnp.zeros_like, last_tr.queries))
                 steps += [pad] * (T - len(steps))
                 traj = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *steps)
                 return learn_j(rs, traj, carry, k_learn)
