@@ -82,8 +82,9 @@ def word_count(tokens: jax.Array, length: jax.Array, tables: VocabTables) -> jax
 
 
 # ----------------------------------------------------------------------------------------- text rules
-_WORDS = re.compile(r"\w+")
-_PIECES = re.compile(r"\w+|[^\w\s]")
+# Words are letter/digit runs; "_" counts as punctuation (as in the word-level tokenizer).
+_WORDS = re.compile(r"[^\W_]+")
+_PIECES = re.compile(r"[^\W_]+|[^\w\s]|_")
 
 
 def _pieces(text: str) -> list[str]:

@@ -49,7 +49,8 @@ class EnvParams:
     ``seeds``: default reset pool (and, for the token-edit operator, the breadth pool);
     ``operator``: the operator's params; ``embed``: the embedding's params; ``tables``: vocabulary
     tables of the elimination rules; ``weights [T]``/``penalties [R]``: in ``env.term_names`` /
-    ``env.rule_names`` order (change them without recompiling); ``term_params``: {term: pytree}.
+    ``env.rule_names`` order; ``term_params``: {term: pytree}; the two elimination switches of
+    ``EnvConfig``. All traced: ``params.replace(...)`` changes them without recompiling.
     """
 
     seeds: SeedBatch
@@ -59,6 +60,8 @@ class EnvParams:
     weights: jax.Array
     penalties: jax.Array
     term_params: dict
+    revert_eliminated: jax.Array  # bool []
+    terminate_on_elimination: jax.Array  # bool []
     episode_length: int = struct.field(pytree_node=False, default=6)
     max_len: int = struct.field(pytree_node=False, default=128)
 
@@ -106,8 +109,6 @@ class EvolveEnv:
     terms: tuple[RewardTerm, ...]
     rule_names: tuple[str, ...]
     embed_fn: Callable[[Any, jax.Array, jax.Array], jax.Array]
-    revert_eliminated: bool = True
-    terminate_on_elimination: bool = False
     tokenizer: Any = None
     config: EnvConfig | None = None
 
@@ -152,10 +153,15 @@ class EvolveEnv:
     def reset(self, key: jax.Array, params: EnvParams, seeds: SeedBatch | None = None):
         """Start an episode from a seed drawn uniformly by ``key`` (``seeds`` defaults to ``params.seeds``)."""
         pool = params.seeds if seeds is None else seeds
+        return self.reset_to(jax.random.randint(key, (), 0, pool.tokens.shape[0]), params, seeds)
+
+    def reset_to(self, index: jax.Array, params: EnvParams, seeds: SeedBatch | None = None):
+        """Start an episode from seed ``index`` of ``seeds`` (default ``params.seeds``); no randomness."""
+        pool = params.seeds if seeds is None else seeds
         width = pool.tokens.shape[-1]
         if width > params.max_len:
             raise ConfigError(f"seed buffers are {width} tokens wide, more than max_len {params.max_len}")
-        idx = jax.random.randint(key, (), 0, pool.tokens.shape[0])
+        idx = jnp.asarray(index, jnp.int32)
         tokens = jnp.pad(pool.tokens[idx], (0, params.max_len - width))
         state = EnvState(
             instruction=self.describe(params, tokens, pool.lengths[idx]),
@@ -197,13 +203,13 @@ class EvolveEnv:
         eliminated = hit.any()
         penalty = jnp.sum(params.penalties * hit)
         gain = sum((params.weights[i] * terms[n] for i, n in enumerate(self.term_names)), jnp.zeros((), jnp.float32))
-        if self.revert_eliminated:
-            gain = jnp.where(eliminated, 0.0, gain)
-            after = jax.tree.map(lambda b, a: jnp.where(eliminated, b, a), before, after)
+        revert = eliminated & params.revert_eliminated
+        gain = jnp.where(revert, 0.0, gain)
+        after = jax.tree.map(lambda b, a: jnp.where(revert, b, a), before, after)
         reward = gain - penalty
 
         t = state.t + 1
-        terminated = eliminated & self.terminate_on_elimination
+        terminated = eliminated & params.terminate_on_elimination
         truncated = (t >= params.episode_length) & ~terminated
         done = terminated | truncated
         new_state = EnvState(instruction=after, seed=state.seed, domain=state.domain, prev_action=action, t=t,
@@ -323,8 +329,9 @@ def make(name: str | None = "token_edit", config: EnvConfig | dict | None = None
         tables=build_vocab_tables(tok, cfg.sorry_max_words),
         weights=jnp.asarray([cfg.reward_weights[t.name] for t in terms], jnp.float32),
         penalties=jnp.asarray([cfg.elimination[r] for r in rules], jnp.float32),
-        term_params=tp, episode_length=cfg.episode_length, max_len=cfg.max_len)
+        term_params=tp, revert_eliminated=jnp.asarray(cfg.revert_eliminated),
+        terminate_on_elimination=jnp.asarray(cfg.terminate_on_elimination),
+        episode_length=cfg.episode_length, max_len=cfg.max_len)
     env = EvolveEnv(operator=operator, operations=tuple(cfg.operations), terms=terms, rule_names=rules,
-                    embed_fn=embed_fn, revert_eliminated=cfg.revert_eliminated,
-                    terminate_on_elimination=cfg.terminate_on_elimination, tokenizer=tok, config=cfg)
+                    embed_fn=embed_fn, tokenizer=tok, config=cfg)
     return env, params

@@ -119,7 +119,9 @@ def offline_tokenizer(texts: Sequence[str], vocab_size: int = 8192):
     for generic, specifics in phrases.CONCRETE_TERMS.items():
         corpus += [generic, *specifics]
     corpus += list(phrases.TEMPLATE_PHRASES) + [p.title() for p in phrases.TEMPLATE_PHRASES]
-    corpus += [" ".join(sorted(phrases.STOPWORDS)), phrases.SORRY_WORD, phrases.SORRY_WORD.title()]
+    words = sorted(phrases.STOPWORDS)
+    corpus += [" ".join(words), " ".join(w.title() for w in words), phrases.SORRY_WORD, phrases.SORRY_WORD.title(),
+               " ".join("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")]  # every ASCII punctuation mark
     return build_word_tokenizer(corpus, vocab_size=vocab_size)
 
 

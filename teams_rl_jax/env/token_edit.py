@@ -110,20 +110,21 @@ def edit_swap(rand, op, tokens, length, p: TokenEditParams, ctx: dict) -> Splice
     if rows == 0:  # no generic term is expressible in this vocabulary
         return fallback
     width = tokens.shape[-1]
-    # Pick a match: the first one at or after a random start position, cyclically. Encoding
-    # (rotated position, pattern row) in one int and taking a min is a single cheap reduction.
-    start = _below(rand[0], width)
-    rotated = (jnp.arange(width) - start) % width
-    none = width * rows
-    best, row0 = _i32(none), 0
+    # Where generic terms start (the first group's row wins if two start at one position) ...
+    any_hit, row_at, row0 = jnp.zeros((width,), bool), jnp.zeros((width,), jnp.int32), 0
     for group in p.generic.groups:
         hit, row = ngram_match(tokens, length, group)
-        best = jnp.minimum(best, jnp.min(jnp.where(hit, rotated * rows + row0 + row, none)))
+        row_at = jnp.where(hit & ~any_hit, row0 + row, row_at)
+        any_hit = any_hit | hit
         row0 += group.patterns.shape[0]
-    found = best < none
-    prow = jnp.where(found, best % rows, 0)
+    # ... then one of them uniformly: the k-th hit, k drawn below the number of hits.
+    count = jnp.sum(any_hit)
+    chosen = any_hit & (jnp.cumsum(any_hit) - 1 == _below(rand[0], count))
+    pos = jnp.sum(jnp.where(chosen, jnp.arange(width), 0)).astype(jnp.int32)
+    prow = jnp.sum(jnp.where(chosen, row_at, 0)).astype(jnp.int32)
+    found = count > 0
     g = p.generic_id[prow]
-    swap = SplicePlan(base=_i32(-1), pos=_i32((best // rows + start) % width), cut=p.generic_len[prow],
+    swap = SplicePlan(base=_i32(-1), pos=pos, cut=p.generic_len[prow],
                       row=p.spec_offset[g] + _below(rand[1], p.spec_count[g]))
     return jax.tree.map(lambda a, b: jnp.where(found, a, b), swap, fallback)
 
@@ -220,9 +221,9 @@ def build_token_edit(tokenizer, operations: Sequence[str], pool: SeedBatch, max_
     generic_id = np.concatenate([np.asarray(g.ids) for g in generic.groups] or [np.zeros(1, np.int32)])
     generic_len = np.concatenate([np.full(g.patterns.shape[0], g.patterns.shape[1]) for g in generic.groups]
                                  or [np.zeros(1, np.int32)])
-    for i, r in enumerate(rows):
-        if not r or len(r) > max_len:
-            raise ConfigError(f"phrase row {i} tokenizes to {len(r)} tokens (need 1..max_len={max_len})")
+    for i, r in enumerate(rows):  # rows longer than max_len are allowed: they never fit, so never apply
+        if not r:
+            raise ConfigError(f"phrase row {i} tokenizes to no tokens")
     table, table_len = pad_rows(rows, pad_id=pad)
     if pool.tokens.shape[-1] != max_len:
         raise ConfigError(f"breadth pool is {pool.tokens.shape[-1]} tokens wide, expected max_len {max_len}")
