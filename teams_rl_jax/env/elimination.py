@@ -43,7 +43,9 @@ class VocabTables:
     sorry: jax.Array  # token text contains "sorry"
     word_start: jax.Array  # token starts a word
     alnum: jax.Array  # token has a letter or digit (a word even without a start marker, at position 0)
+    marker: jax.Array  # token is a bare word-start marker ("Ġ", "▁"): the next token starts a word
     template: NgramSet
+    sorry_phrase: NgramSet  # tokenizations of "sorry" (a subword vocabulary may split it)
     sorry_max_words: jax.Array  # int32 []
 
 
@@ -59,7 +61,7 @@ def build_vocab_tables(tokenizer, sorry_max_words: int = SORRY_MAX_WORDS,
     marker_style = sum(t.startswith(_MARKERS) for t in texts) > 0.1 * max(len(texts), 1)
     special = set(tokenizer.all_special_ids)
     V = len(texts)
-    stop, sorry, start, alnum = (np.zeros(V, bool) for _ in range(4))
+    stop, sorry, start, alnum, marker = (np.zeros(V, bool) for _ in range(5))
     for i, raw in enumerate(texts):
         bare = raw.lstrip("".join(_MARKERS)).removeprefix("##")
         low = bare.lower()
@@ -68,16 +70,20 @@ def build_vocab_tables(tokenizer, sorry_max_words: int = SORRY_MAX_WORDS,
         stop[i] = i in special or not has_alnum or low in phrases.STOPWORDS
         sorry[i] = phrases.SORRY_WORD in low
         start[i] = alnum[i] and (raw.startswith(_MARKERS) if marker_style else not raw.startswith("##"))
+        marker[i] = marker_style and raw != "" and bare == ""
     variants = [phrase_variants(tokenizer, p) for p in template_phrases]
+    sorry_variants = [phrase_variants(tokenizer, phrases.SORRY_WORD)]
     return VocabTables(stop=jnp.asarray(stop), sorry=jnp.asarray(sorry), word_start=jnp.asarray(start),
-                       alnum=jnp.asarray(alnum), template=build_ngram_set(variants),
+                       alnum=jnp.asarray(alnum), marker=jnp.asarray(marker), template=build_ngram_set(variants),
+                       sorry_phrase=build_ngram_set(sorry_variants),
                        sorry_max_words=jnp.asarray(sorry_max_words, jnp.int32))
 
 
 def word_count(tokens: jax.Array, length: jax.Array, tables: VocabTables) -> jax.Array:
     """Approximate number of words in ``tokens[:length]`` (``int32 []``)."""
     pos = jnp.arange(tokens.shape[-1])
-    is_word = jnp.take(tables.word_start, tokens) | ((pos == 0) & jnp.take(tables.alnum, tokens))
+    after_marker = jnp.concatenate([jnp.zeros((1,), bool), jnp.take(tables.marker, tokens[:-1])])
+    is_word = jnp.take(tables.word_start, tokens) | (((pos == 0) | after_marker) & jnp.take(tables.alnum, tokens))
     return jnp.sum(is_word & (pos < length)).astype(jnp.int32)
 
 
@@ -132,7 +138,8 @@ def tokens_no_gain(before: Instruction, after: Instruction, tables: VocabTables,
 def tokens_sorry_short(before: Instruction, after: Instruction, tables: VocabTables, aux: dict) -> jax.Array:
     """A "sorry" token and fewer than ``tables.sorry_max_words`` words."""
     valid = jnp.arange(after.tokens.shape[-1]) < after.length
-    has_sorry = jnp.any(jnp.take(tables.sorry, after.tokens) & valid)
+    has_sorry = jnp.any(jnp.take(tables.sorry, after.tokens) & valid) | ngram_any(after.tokens, after.length,
+                                                                                  tables.sorry_phrase)
     return has_sorry & (word_count(after.tokens, after.length, tables) < tables.sorry_max_words)
 
 
