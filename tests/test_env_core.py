@@ -169,3 +169,23 @@ def test_config_defaults():
     cfg = EnvConfig()
     cfg.validate()
     assert cfg.episode_length == 6 and cfg.operations == OPERATIONS and cfg.operator == "token_edit"
+
+
+def test_real_llm_operator_plugs_in():
+    """make("llm") with the instructor-LM operator (tiny random Llama): vmapped steps, 1 query per step."""
+    from teams_rl_jax.env import offline_tokenizer, operation_templates, read_seed_records
+    from teams_rl_jax.env.llm_operator import LLMOperator
+    from teams_rl_jax.models import init
+
+    texts, _ = read_seed_records()
+    tok = offline_tokenizer(texts)
+    lm = init(dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                   num_attention_heads=4, num_key_value_heads=2, eos_token_id=2, bos_token_id=1), jax.random.key(0))
+    op, op_params = LLMOperator.create(lm, tok, operation_templates(OPERATIONS), max_len=64, max_new_tokens=8)
+    env, params = make("llm", operator=op, operator_params=op_params, tokenizer=tok, max_len=64)
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    obs, s = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))(keys, params)
+    obs, s2, r, d, info = jax.jit(jax.vmap(env.step, in_axes=(0, 0, 0, None)))(keys, s, jnp.arange(3), params)
+    assert np.asarray(info["queries"]["instructor"]).tolist() == [1.0] * 3
+    assert np.isfinite(np.asarray(r)).all() and obs.shape == (3, env.observation_size(params))
+    assert all(isinstance(t, str) for t in env.decode_state(s2))
