@@ -90,7 +90,6 @@ def test_breadth_starts_a_rarer_prompt_from_another_seed_of_the_same_domain():
     env, params, f = default_env()
     texts, domains = read_seed_records()
     idx = 24  # a "writing" seed
-    obs, s = f["reset"](jax.random.PRNGKey(0), params)
     s = jax.jit(env.reset_to)(idx, params)[1]
     outs = set()
     for k in range(8):
