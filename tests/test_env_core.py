@@ -139,11 +139,11 @@ class _FakeOperator:
 def test_llm_hook_and_reviewer_term_queries():
     with pytest.raises(ConfigError, match="needs an instructor operator"):
         make("llm")
-    judge = RewardTerm("fake_judge", lambda key, before, after, aux: jnp.full(before.length.shape, 0.75),
+    judge = RewardTerm("fake_judge", lambda key, before, after, aux: jnp.full(before.length.shape, aux["params"]),
                        role="reviewer", cost=1.0)
     weights = {"novelty": 1.0, "fake_judge": 2.0}
     env, params = make("llm", operator=_FakeOperator(), operator_params=jnp.float32(1.0), reward_terms=[judge],
-                       reward_weights=weights)
+                       reward_weights=weights, term_params={"fake_judge": jnp.float32(0.75)})
     obs, s = env.reset(jax.random.PRNGKey(0), params)
     obs, s2, r, d, info = jax.jit(env.step)(jax.random.PRNGKey(1), s, 0, params)
     assert float(info["queries"]["instructor"]) == 1.0 and float(info["queries"]["reviewer"]) == 1.0
@@ -151,6 +151,12 @@ def test_llm_hook_and_reviewer_term_queries():
     np.testing.assert_allclose(float(r), float(info["reward_terms"]["novelty"]) + 1.5, rtol=1e-6)
     n = int(s.instruction.length)
     assert np.asarray(s2.instruction.tokens[:n]).tolist() == np.asarray(s.instruction.tokens[:n])[::-1].tolist()
+    assert not bool(info["eliminated"]["no_gain"])
+    # The reviewer-role term is the judge: P(Not Equal) < 0.5 = "Equal" = no information gain.
+    params = params.replace(term_params={**params.term_params, "fake_judge": jnp.float32(0.25)})
+    obs, s3, r, d, info = jax.jit(env.step)(jax.random.PRNGKey(1), s, 0, params)
+    assert bool(info["eliminated"]["no_gain"]) and float(r) == -1.0
+    np.testing.assert_array_equal(np.asarray(s3.instruction.tokens), np.asarray(s.instruction.tokens))  # dropped
 
 
 @pytest.mark.parametrize("bad,match", [

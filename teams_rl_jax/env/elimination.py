@@ -2,7 +2,8 @@
 
 1. ``no_gain``: the evolution brought no information gain. Text: the reviewer judged "Equal"
    (``judge_equal=True``) or the two instructions are the same words and punctuation. Buffers: the
-   token buffers are identical, or a ``judge`` reward term scored ``P(Not Equal) < 0.5``.
+   token buffers are identical, or the reviewer judge (the reward term with ``role="reviewer"``,
+   read as ``P(Not Equal)``) scored below 0.5.
 2. ``sorry_short``: the new text contains "sorry" and has fewer than ``sorry_max_words`` (80) words.
 3. ``stopwords_only``: the new text is only punctuation and stop words (or empty).
 4. ``template_copy``: the new text copies prompt-template words ("given prompt", "rewritten
@@ -129,9 +130,9 @@ def text_template_copy(old: str, new: str) -> bool:
 
 # --------------------------------------------------------------------------------------- buffer rules
 def tokens_no_gain(before: Instruction, after: Instruction, tables: VocabTables, aux: dict) -> jax.Array:
-    """Identical buffers, or a ``judge`` term in ``aux["terms"]`` below 0.5."""
+    """Identical buffers, or the reviewer judge's ``P(Not Equal)`` (``aux["judge"]``) below 0.5."""
     same = (before.length == after.length) & jnp.all(before.tokens == after.tokens)
-    judge = aux.get("terms", {}).get("judge")
+    judge = aux.get("judge")
     return same | (judge < 0.5) if judge is not None else same
 
 

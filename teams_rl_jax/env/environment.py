@@ -198,7 +198,10 @@ class EvolveEnv:
             if term.role:
                 queries[term.role] = queries[term.role] + term.cost
 
-        flags = eliminated_tokens(before, after, params.tables, self.rule_names, {"terms": terms})
+        # The reviewer-role term is the judge: its P(Not Equal) < 0.5 means "Equal" (no_gain rule).
+        judge = next((terms[t.name] for t in self.terms if t.role == "reviewer"), None)
+        rule_aux = {"terms": terms} if judge is None else {"terms": terms, "judge": judge}
+        flags = eliminated_tokens(before, after, params.tables, self.rule_names, rule_aux)
         hit = jnp.stack([flags[r] for r in self.rule_names]) if self.rule_names else jnp.zeros((0,), bool)
         eliminated = hit.any()
         penalty = jnp.sum(params.penalties * hit)
