@@ -4,27 +4,24 @@
     python benchmarks/bench_sft.py --layers 16 --hidden 2048 --seq 2048 --batch 8 --dtype bfloat16 \
         --remat full --no-torch --peak-tflops 989        # ~1B model, MFU on an H100
 
-tokens/s = batch*seq / step time (best of ``--steps`` after one warm-up step); MFU = 6*N*tokens/s / peak.
+Both sides run the same update: next-token cross-entropy on every position, global-norm clipping at
+1.0, AdamW; the torch model is loaded from our initial weights through ``save_pretrained``.
+tokens/s = batch*seq / step time. The two implementations are timed *alternately* (one step of each
+per round, ``--rounds`` rounds after a warm-up/compile step) and the best round of each is reported,
+with the median next to it: on a shared machine other load comes and goes, and interleaving exposes
+both sides to the same conditions. MFU = 6*N*tokens/s / peak (N = all parameters).
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
+import statistics
 import tempfile
 import time
 
 import jax
 import numpy as np
-
-
-def _best(fn, steps: int) -> float:
-    fn()  # warm-up / compile
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -37,7 +34,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="timed steps per implementation (interleaved)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU")
@@ -55,28 +52,27 @@ def main() -> None:
     B, T = args.batch, args.seq
     rng = np.random.default_rng(0)
     ids = rng.integers(3, args.vocab, size=(B, T)).astype(np.int32)
-    batch = {"input_ids": ids, "segment_ids": np.ones_like(ids), "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
-             "loss_mask": np.ones_like(ids)}
-    opt = make_optimizer(OptimSection(lr=1e-4, warmup_steps=0, weight_decay=0.0), 1000)
+    batch = {"input_ids": ids, "segment_ids": np.ones_like(ids),
+             "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)), "loss_mask": np.ones_like(ids)}
+    opt = make_optimizer(OptimSection(lr=1e-4, warmup_steps=0, weight_decay=0.0, clip_norm=1.0), 1000)
     step = jax.jit(make_train_step(lm, opt), donate_argnums=0)
-    holder = {"state": init_state(lm, opt, 0)}
     batch = jax.device_put(batch)
+    device = jax.devices()[0]
+    # Commit the whole state to the device so the warm-up call's outputs match its inputs (one compile).
+    holder = {"state": jax.device_put(init_state(lm, opt, 0), device)}
 
     def ours():
         holder["state"], m = step(holder["state"], batch)
         jax.block_until_ready(m["loss"])
 
-    if not args.no_torch:  # build the reference from our weights before our step donates them
+    impls = [("teams_rl_jax (jax)", ours)]
+    if not args.no_torch:  # the reference starts from our weights (saved before our step donates them)
         import torch
         import transformers
 
         with tempfile.TemporaryDirectory() as tmp:
             save_pretrained(lm, tmp)
             ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-
-    rows = [("teams_rl_jax (jax)", B * T / _best(ours, args.steps))]
-
-    if not args.no_torch:
         ref.train()
         topt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.0)
         tids = torch.as_tensor(ids, dtype=torch.long)
@@ -88,18 +84,33 @@ def main() -> None:
             torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
             topt.step()
 
-        rows.append(("transformers + torch AdamW", B * T / _best(theirs, args.steps)))
+        impls.append(("transformers + torch AdamW", theirs))
+
+    times: dict[str, list[float]] = {name: [] for name, _ in impls}
+    for _, fn in impls:
+        fn()  # warm-up (compilation, allocator)
+    for _ in range(args.rounds):
+        for name, fn in impls:
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
 
     n = lm.num_params()
-    dev = jax.devices()[0]
-    print(f"\nconfig: layers={args.layers} hidden={args.hidden} vocab={args.vocab} params={n / 1e6:.1f}M seq={T} "
-          f"batch={B} compute={args.dtype} remat={args.remat} device={dev.platform}:{getattr(dev, 'device_kind', '')}")
-    print(f"{'implementation':<28}{'tokens/s':>12}{'MFU':>8}")
-    for name, tps in rows:
-        mfu = f"{6 * n * tps / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else "-"
-        print(f"{name:<28}{tps:>12,.0f}{mfu:>8}")
-    if len(rows) == 2:
-        print(f"{'ratio (ours/torch)':<28}{rows[0][1] / rows[1][1]:>11.2f}x")
+    tokens = B * T
+    print(f"\nconfig: layers={args.layers} hidden={args.hidden} heads={args.heads}/{args.kv_heads} vocab={args.vocab} "
+          f"params={n / 1e6:.1f}M seq={T} batch={B} compute={args.dtype} remat={args.remat}")
+    print(f"machine: {platform.machine()} {device.platform}:{getattr(device, 'device_kind', '')} "
+          f"cores={__import__('os').cpu_count()} jax={jax.__version__} rounds={args.rounds}")
+    print(f"{'implementation':<28}{'best tok/s':>12}{'median tok/s':>14}{'MFU':>8}")
+    best = {}
+    for name, ts in times.items():
+        best[name] = tokens / min(ts)
+        mfu = f"{6 * n * best[name] / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else "-"
+        print(f"{name:<28}{best[name]:>12,.0f}{tokens / statistics.median(ts):>14,.0f}{mfu:>8}")
+    if len(best) == 2:
+        a, b = best.values()
+        med = [tokens / statistics.median(ts) for ts in times.values()]
+        print(f"{'ratio (ours/torch)':<28}{a / b:>11.2f}x{med[0] / med[1]:>13.2f}x")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,11 @@ class _Metrics:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{row['loss']:.4f}")
 
+    @property
+    def bar_visible(self) -> bool:
+        """Whether a progress bar is drawn (tqdm hides it when stderr is not a terminal)."""
+        return self.bar is not None and not self.bar.disable
+
     def close(self) -> None:
         if self.on:
             self.f.close()
@@ -139,14 +144,17 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
     total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * it.steps_per_epoch(0)))
 
     optimizer = make_optimizer(cfg.optim, total)
+    schedule = learning_rate_schedule(cfg.optim, total)
     p_shard = shd.param_shardings(lm, mesh)
     rep = shd.replicated(mesh)
     o_shard = opt_state_shardings(optimizer, lm.params, p_shard, rep)
-    state = init_state(lm, optimizer, cfg.seed, o_shard)
     s_shard = TrainState(step=rep, params=p_shard, opt_state=o_shard, rng=rep)
+    # Commit every leaf to its sharding: an uncommitted step counter or key would make the second
+    # call (fed the first call's sharded outputs) trace and compile the step again.
+    state = jax.device_put(init_state(lm, optimizer, cfg.seed, o_shard), s_shard)
     b_shard = shd.batch_sharding(mesh)
     with shd.activation_rules(mesh):
-        step_fn = jax.jit(make_train_step(lm, optimizer, cfg.grad_accum), in_shardings=(s_shard, b_shard),
+        step_fn = jax.jit(make_train_step(lm, optimizer, cfg.grad_accum, schedule), in_shardings=(s_shard, b_shard),
                           out_shardings=(s_shard, rep), donate_argnums=0)
 
     mngr = _checkpoint_manager(out / "ckpt", cfg) if out is not None else None
@@ -180,12 +188,12 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             row = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                   "lr": float(optimizer_lr(cfg, total, step - 1)), "tokens": tokens, "tokens_per_s": tokens / dt,
+                   "lr": float(m["lr"]), "tokens": tokens, "tokens_per_s": tokens / dt,
                    "epoch": it.epoch}
             if cfg.peak_tflops:
                 row["mfu"] = 6 * n_params * tokens / dt / (cfg.peak_tflops * 1e12 * jax.device_count())
             metrics.write(row)
-            if step % cfg.log_every == 0 and metrics.bar is None:
+            if step % cfg.log_every == 0 and not metrics.bar_visible:
                 log(f"[sft] step {step}/{total} loss {row['loss']:.4f} lr {row['lr']:.2e}")
             if mngr is not None and (step % cfg.checkpoint.every == 0 or step == total):
                 mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -205,13 +213,6 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
             tok.save_pretrained(str(out / "hf"))
         log(f"[sft] exported {out / 'hf'}")
     return state
-
-
-def optimizer_lr(cfg: SFTConfig, total: int, count: int) -> float:
-    """Learning rate used at optimizer step ``count`` (0-based)."""
-    from teams_rl_jax.sft.step import learning_rate_schedule
-
-    return float(learning_rate_schedule(cfg.optim, total)(count))
 
 
 def run_sft_stage(cfg: SFTConfig, run_dir: str | Path, log: Callable[[str], None] = print) -> TrainState:
