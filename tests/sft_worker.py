@@ -67,7 +67,7 @@ def run(run_dir, nproc, pid, port):
     sys.exit(main(["--stages", "sft", "--run-dir", run_dir, "--set", f"sft.model.config={TINY}",
                    "--set", "sft.max_steps=4", "--set", "sft.global_batch=4", "--set", "sft.data.max_seq_len=96",
                    "--set", "sft.checkpoint.every=2", "--set", "sft.export=false", "--set", "sft.optim.lr=3e-3",
-                   "--set", "sft.tensorboard=false"]))
+                   "--set", "sft.tensorboard=false", "--set", "sft.peak_tflops=1.0"]))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -57,6 +58,31 @@ def test_grad_accumulation_equals_big_batch():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+def test_schedule_and_decay_mask():
+    from teams_rl_jax.sft.step import decay_mask, learning_rate_schedule
+
+    lrs = [float(learning_rate_schedule(OptimSection(lr=2e-5, warmup_steps=2), 10)(i)) for i in range(10)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[1] == pytest.approx(2e-5)  # linear warm-up over 2 steps
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 0.05 * 2e-5  # then cosine decay
+    params = {"embed_tokens": {"embedding": 0}, "norm": {"scale": 0},
+              "layers": {"input_layernorm": {"scale": 0}, "self_attn": {"q_proj": {"kernel": 0, "bias": 0}}}}
+    assert decay_mask(params) == {"embed_tokens": {"embedding": True}, "norm": {"scale": False},
+                                  "layers": {"input_layernorm": {"scale": False},
+                                             "self_attn": {"q_proj": {"kernel": True, "bias": False}}}}
+
+
+def test_mixed_precision_keeps_float32_master_weights():
+    rng = np.random.default_rng()
+    lm = init(TINY, jax.random.key(int(rng.integers(1 << 30))), dtype="float32", compute_dtype="bfloat16")
+    batch = unpacked_rows(_seqs(rng, 4), 32)
+    opt = make_optimizer(OptimSection(lr=1e-3, warmup_steps=0), 10)
+    state, m = jax.jit(make_train_step(lm, opt))(init_state(lm, opt, 0), batch)
+    dtypes = {x.dtype for x in jax.tree_util.tree_leaves((state.params, state.opt_state)) if x.ndim}
+    assert dtypes == {jnp.dtype(jnp.float32)}  # params and Adam moments stay float32
+    total, count = token_losses(lm.replace(dtype=jnp.float32), lm.params, batch)
+    np.testing.assert_allclose(float(m["loss"]), float(total / count), rtol=2e-2)  # bf16 compute, f32 loss
+
+
 def test_tiny_model_overfits_16_examples():
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
     rng = np.random.default_rng(0)
@@ -66,11 +92,11 @@ def test_tiny_model_overfits_16_examples():
                                 "completes the request. ### Instruction: ### Response:"], 512)
     seqs, _ = tokenize_dataset(exs, tok, "alpaca", 64)
     batch = pack_rows(seqs, 256)
-    lm = init(dict(TINY, hidden_size=128, intermediate_size=256), jax.random.key(0))
-    opt = make_optimizer(OptimSection(lr=3e-3, warmup_steps=5, schedule="constant"), 150)
+    lm = init(TINY, jax.random.key(0))
+    opt = make_optimizer(OptimSection(lr=1e-2, warmup_steps=5, schedule="constant"), 60)
     step = jax.jit(make_train_step(lm, opt))
     state = init_state(lm, opt, 0)
-    for _ in range(150):
+    for _ in range(60):  # ~1e-3 after 60 steps; 0.15 after 30
         state, m = step(state, batch)
     # Random outputs of 6 words from 16 (+EOS): chance level is ~ln(16) = 2.77 nats per token.
     assert float(m["loss"]) < 0.1, float(m["loss"])
@@ -110,6 +136,9 @@ def test_kill_and_resume_is_exact(tmp_path):
     s_res, l_res = _losses(tmp_path / "resumed")
     assert s_full == s_res == [1, 2, 3, 4]
     assert l_full == l_res  # bit for bit
+    row = json.loads((tmp_path / "full" / "sft" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu"} <= set(row), row
+    assert row["tokens"] > 0 and 0 < row["mfu"] and row["lr"] > 0
 
 
 def test_two_processes_equal_one(tmp_path):
@@ -132,10 +161,16 @@ def test_nan_stops_with_step_and_keeps_checkpoint(tmp_path):
                                        "data": {"max_seq_len": 96}, "export": False, "tensorboard": False,
                                        "checkpoint": {"every": 1},
                                        "optim": {"lr": 1e35, "clip_norm": None, "warmup_steps": 0}})
-    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step \d"):
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step (\d+)") as err:
         train(cfg, tmp_path, log=lambda m: None)
+    bad_step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
     ckpts = sorted(int(p.name) for p in (tmp_path / "sft" / "ckpt").iterdir() if p.name.isdigit())
-    assert ckpts, "the last good checkpoint must remain"
+    assert ckpts and ckpts[-1] == bad_step - 1, (ckpts, bad_step)  # the last good checkpoint remains
+    import orbax.checkpoint as ocp
+
+    saved = ocp.StandardCheckpointer().restore(tmp_path / "sft" / "ckpt" / str(ckpts[-1]) / "state")
+    assert int(saved["step"]) == ckpts[-1]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(saved["params"]))
 
 
 def test_config_errors(tmp_path):

@@ -6,6 +6,18 @@ Layout under ``run_dir/sft/``: ``ckpt/`` (Orbax: train state + data position), `
 Resume: if ``ckpt/`` holds a checkpoint, the state and the data iterator's position are restored and
 ``metrics.jsonl`` is cut back to that step, so a killed run continues with exactly the batches (and,
 on CPU, bit-identical losses) of an uninterrupted one, and no metric line is duplicated.
+
+Metrics per step (``metrics.jsonl`` and TensorBoard, process 0 only): ``loss`` (mean cross-entropy
+over the global batch's loss tokens), ``grad_norm`` (global, before clipping), ``lr``, ``tokens``
+(non-padding tokens of the global batch), ``tokens_per_s`` (over the wall time since the previous
+step, data and logging included), ``epoch``, and with ``peak_tflops`` set ``mfu`` =
+6 * params * tokens_per_s / (peak_tflops * devices), the usual dense-transformer estimate
+(attention FLOPs and padding not counted).
+
+Multi-host: every process runs this same function (``jax.distributed`` already initialised); each
+reads only its rows of every global batch, the global array is assembled with
+``jax.make_array_from_process_local_data``, all processes take part in checkpointing and export, and
+only process 0 logs and writes metrics.
 """
 
 from __future__ import annotations
@@ -56,8 +68,8 @@ def build_model_and_tokenizer(cfg: SFTConfig, examples, out_dir: Path | None, me
             tok = load_tokenizer(m.tokenizer)
         else:  # offline default: a word-level tokenizer built from the data (saved for the export)
             texts = [prompt_text(e, cfg.data.template) + " " + e.output for e in examples]
-            tok = build_word_tokenizer(texts, int(m.config.get("vocab_size", 4096)),
-                                       save_dir=out_dir / "tokenizer" if out_dir is not None else None)
+            save = out_dir / "tokenizer" if out_dir is not None and jax.process_index() == 0 else None
+            tok = build_word_tokenizer(texts, int(m.config.get("vocab_size", 4096)), save_dir=save)
         lm = init(m.config, jax.random.key(cfg.seed), dtype=m.dtype, compute_dtype=m.compute_dtype, mesh=mesh)
     if len(tok) > lm.config.vocab_size:
         raise ConfigError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {lm.config.vocab_size}")
@@ -123,15 +135,17 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
     import orbax.checkpoint as ocp
 
     cfg.validate()
+    if jax.process_index() != 0:  # one process speaks for the run
+        log = lambda msg: None  # noqa: E731
     run_dir = Path(run_dir) if run_dir is not None else None
     out = run_dir / "sft" if run_dir is not None else None
     if out is not None and jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
     mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    rows_per_process = cfg.global_batch // jax.process_count()
-    if cfg.global_batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ConfigError(f"global_batch ({cfg.global_batch}) must be divisible by data*fsdp "
-                          f"({mesh.shape['data'] * mesh.shape['fsdp']})")
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (cfg.global_batch // cfg.grad_accum) % shards:  # every device gets whole rows of every micro-batch
+        raise ConfigError(f"global_batch / grad_accum ({cfg.global_batch} / {cfg.grad_accum}) must be divisible "
+                          f"by the mesh's data*fsdp ({shards})")
 
     data_path = resolve_data_path(cfg, run_dir, log)
     examples = read_dataset(data_path, cfg.data.format)
@@ -176,7 +190,6 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
     try:
         for step in range(start + 1, total + 1):
             local = next(it)
-            tokens = int(local["segment_ids"].astype(bool).sum()) * jax.process_count()
             batch = {k: jax.make_array_from_process_local_data(b_shard, v) for k, v in local.items()}
             with shd.activation_rules(mesh):
                 state, m = step_fn(state, batch)
@@ -187,6 +200,7 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
                                     f"{out / 'ckpt' if out else '(no checkpoints)'}")
             now = time.perf_counter()
             dt, t_last = now - t_last, now
+            tokens = int(m["tokens"])
             row = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                    "lr": float(m["lr"]), "tokens": tokens, "tokens_per_s": tokens / dt,
                    "epoch": it.epoch}

@@ -104,7 +104,7 @@ def make_train_step(lm, optimizer: optax.GradientTransformation, grad_accum: int
     A step whose loss or gradient is non-finite leaves params and optimizer state unchanged (the
     loop then stops with an error), so no NaN ever reaches a checkpoint.
     ``metrics``: ``loss`` (mean over loss tokens), ``grad_norm`` (before clipping), ``loss_tokens``,
-    ``finite``, and ``lr`` (the rate this update used) when ``schedule`` is given.
+    ``tokens`` (non-padding), ``finite``, and ``lr`` (the rate this update used) when ``schedule`` is given.
     """
     def grads_of(params, micro):
         (total, count), grads = jax.value_and_grad(lambda p: token_losses(lm, p, micro), has_aux=True)(params)
@@ -135,7 +135,8 @@ def make_train_step(lm, optimizer: optax.GradientTransformation, grad_accum: int
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = TrainState(step=state.step + jnp.where(finite, 1, 0), params=keep(new_params, state.params),
                                opt_state=keep(new_opt, state.opt_state), rng=state.rng)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "loss_tokens": count, "finite": finite}
+        tokens = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)  # non-padding, whole global batch
+        metrics = {"loss": loss, "grad_norm": grad_norm, "loss_tokens": count, "tokens": tokens, "finite": finite}
         if schedule is not None:  # optax counts updates from 0, as state.step does
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         return new_state, metrics
@@ -165,7 +166,17 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, params, param_s
 
 
 def init_state(lm, optimizer: optax.GradientTransformation, seed: int, opt_shardings=None) -> TrainState:
-    """Initial train state for ``lm.params``; ``opt_shardings`` from :func:`opt_state_shardings`."""
+    """Initial train state for ``lm.params``; ``opt_shardings`` from :func:`opt_state_shardings`.
+
+    Every leaf is committed to its device(s), the step counter and key next to the params (replicated
+    over their mesh): a jitted step called with uncommitted inputs returns committed outputs, and the
+    second call would then be traced and compiled again.
+    """
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(lm.params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=lm.params, opt_state=opt_state,
-                      rng=jax.random.key_data(jax.random.key(seed)))
+    where = jax.tree_util.tree_leaves(lm.params)[0].sharding
+    if isinstance(where, jax.sharding.NamedSharding):
+        where = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
+    step = jax.device_put(jnp.zeros((), jnp.int32), where)
+    rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), where)
+    state = TrainState(step=step, params=lm.params, opt_state=opt_state, rng=rng)
+    return jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding), state)
