@@ -35,7 +35,7 @@ class DataSection:
     """Dataset file, format, prompt template and sequence layout."""
 
     path: str = "auto"  # "auto": run_dir/data/generated.jsonl if present, else the bundled demo set
-    format: Literal["auto", "alpaca", "jsonl", "sharegpt"] = "auto"
+    format: Literal["auto", "alpaca", "alpaca_jsonl", "jsonl", "sharegpt", "tfds"] = "auto"
     template: Literal["alpaca", "vicuna"] = "alpaca"
     max_seq_len: int = 512
     pack: bool = True

@@ -39,17 +39,18 @@ from teams_rl_jax.data.tokenize import prompt_text
 from teams_rl_jax.errors import ConfigError, TrainingError
 from teams_rl_jax.models import init, load_pretrained, save_pretrained
 from teams_rl_jax.sft.config import SFTConfig
-from teams_rl_jax.sft.step import TrainState, init_state, make_optimizer, make_train_step, opt_state_shardings
+from teams_rl_jax.sft.step import (TrainState, init_state, learning_rate_schedule, make_optimizer, make_train_step,
+                                   opt_state_shardings)
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "data" / "demo_sft.jsonl"
 # Test hook: SIGKILL this process right after the checkpoint of this step is committed.
 FAULT_ENV = "TEAMS_RL_JAX_KILL_AFTER_CHECKPOINT"
 
 
-def resolve_data_path(cfg: SFTConfig, run_dir: Path | None, log: Callable[[str], None]) -> Path:
+def resolve_data_path(cfg: SFTConfig, run_dir: Path | None, log: Callable[[str], None]) -> str | Path:
     """``data.path``, or for ``auto`` the generate stage's output, else the bundled demo set."""
     if cfg.data.path != "auto":
-        return Path(cfg.data.path)
+        return cfg.data.path  # kept a string: a gs:// TFDS path must not become a local Path
     generated = run_dir / "data" / "generated.jsonl" if run_dir is not None else None
     if generated is not None and generated.is_file():
         return generated
