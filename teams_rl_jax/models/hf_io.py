@@ -34,6 +34,20 @@ _DTYPES = {
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
+def read_config_json(model_dir: str | Path) -> tuple[dict, Path]:
+    """``(dict, path)`` of ``<dir>/config.json`` (or of a config.json path); errors name the file."""
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "config.json" if model_dir.is_dir() else model_dir
+    if not model_dir.exists():
+        raise CheckpointError(f"model path does not exist: {model_dir}")
+    if not cfg_path.is_file():
+        raise CheckpointError(f"no config.json in {model_dir}")
+    try:
+        return json.loads(cfg_path.read_text()), cfg_path
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
 class SafetensorsFile:
     """One ``.safetensors`` file, memory-mapped; ``file[name]`` is a lazy numpy view."""
 
