@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from teams_rl_jax import config as cfglib
