@@ -47,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from teams_rl_jax import generate
-    from teams_rl_jax.models import init, load_pretrained, save_pretrained
+    from teams_rl_jax.models import init, save_pretrained
 
     hf_cfg = dict(model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden,
                   intermediate_size=int(args.hidden * 8 / 3) // 64 * 64, num_hidden_layers=args.layers,
