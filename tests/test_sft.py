@@ -113,9 +113,16 @@ def test_sharded_step_equals_unsharded(tmp_path):
 
 
 def _run(run_dir, nproc=1, pid=0, port=0, env=None):
+    """Start ``sft_worker.py run`` (the train CLI on a tiny config) in a subprocess."""
     return subprocess.Popen([sys.executable, str(HERE / "sft_worker.py"), "run", str(run_dir), str(nproc), str(pid),
                              str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
+
+
+def _wait(proc, timeout=600) -> tuple[int, str]:
+    """Exit status and stderr tail (reading the pipes, so a chatty child cannot block on a full pipe)."""
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err[-3000:]
 
 
 def _losses(run_dir):
@@ -124,14 +131,16 @@ def _losses(run_dir):
 
 
 def test_kill_and_resume_is_exact(tmp_path):
-    full = _run(tmp_path / "full")
-    killed = _run(tmp_path / "resumed", env={"TEAMS_RL_JAX_KILL_AFTER_CHECKPOINT": "2"})
-    assert full.wait(600) == 0, full.communicate()[1][-3000:]
-    assert killed.wait(600) == -9  # SIGKILL right after the step-2 checkpoint
+    # The runs share a persistent compilation cache: later processes load the step instead of compiling it.
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    rc, err = _wait(_run(tmp_path / "full", env=cache))
+    assert rc == 0, err
+    rc, err = _wait(_run(tmp_path / "resumed", env={**cache, "TEAMS_RL_JAX_KILL_AFTER_CHECKPOINT": "2"}))
+    assert rc == -9, err  # SIGKILL right after the step-2 checkpoint was committed
     steps, _ = _losses(tmp_path / "resumed")
     assert steps == [1, 2]
-    resumed = _run(tmp_path / "resumed")
-    assert resumed.wait(600) == 0, resumed.communicate()[1][-3000:]
+    rc, err = _wait(_run(tmp_path / "resumed", env=cache))
+    assert rc == 0, err
     s_full, l_full = _losses(tmp_path / "full")
     s_res, l_res = _losses(tmp_path / "resumed")
     assert s_full == s_res == [1, 2, 3, 4]
@@ -148,9 +157,11 @@ def test_two_processes_equal_one(tmp_path):
     one = _run(tmp_path / "one")
     procs = [_run(tmp_path / "two", 2, i, port) for i in range(2)]
     for p in [one] + procs:
-        assert p.wait(600) == 0, p.communicate()[1][-3000:]
-    _, l1 = _losses(tmp_path / "one")
-    _, l2 = _losses(tmp_path / "two")
+        rc, err = _wait(p)
+        assert rc == 0, err
+    s1, l1 = _losses(tmp_path / "one")
+    s2, l2 = _losses(tmp_path / "two")
+    assert s1 == s2 == [1, 2, 3, 4]  # one metrics line per step: only process 0 writes
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
 
 
@@ -171,6 +182,34 @@ def test_nan_stops_with_step_and_keeps_checkpoint(tmp_path):
     saved = ocp.StandardCheckpointer().restore(tmp_path / "sft" / "ckpt" / str(ckpts[-1]) / "state")
     assert int(saved["step"]) == ckpts[-1]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(saved["params"]))
+
+
+def test_finetune_local_checkpoint_exports_for_transformers(tmp_path):
+    """model.path route: load a local HF dir, train, export safetensors + tokenizer; transformers serves it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from teams_rl_jax.models import save_pretrained
+    from teams_rl_jax.sft.loop import DEMO_DATA, train
+
+    base = tmp_path / "base"
+    lm0 = init(TINY, jax.random.key(int(np.random.default_rng().integers(1 << 30))))
+    save_pretrained(lm0, base)
+    build_word_tokenizer(DEMO_DATA.read_text().splitlines(), 512, save_dir=base)
+    cfg = cfglib.from_dict(SFTConfig, {"model": {"path": str(base)}, "max_steps": 2, "global_batch": 2,
+                                       "data": {"max_seq_len": 96}, "optim": {"lr": 1e-2}})
+    state = train(cfg, tmp_path / "run", log=lambda m: None)
+    out = tmp_path / "run" / "sft"
+    assert list((out / "tb").iterdir()) and len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    tok = AutoTokenizer.from_pretrained(out / "hf")
+    ref = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
+    ids = tok("Name three primary colors.", return_tensors="np")["input_ids"]
+    with torch.no_grad():
+        exported = ref(torch.as_tensor(ids)).logits.numpy()
+    apply = jax.jit(lm0.apply)
+    np.testing.assert_allclose(np.asarray(apply(state.params, ids)), exported, atol=1e-4)
+    # the export holds the trained weights, not the initial ones
+    assert np.abs(np.asarray(apply(lm0.params, ids)) - exported).max() > 1e-3
 
 
 def test_config_errors(tmp_path):
