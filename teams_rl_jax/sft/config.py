@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from teams_rl_jax.data.config import DataConfig
 from teams_rl_jax.errors import ConfigError
 
 # A tiny random Llama for the offline default and CPU tests (HF config.json keys).
@@ -28,23 +29,6 @@ class ModelSection:
         """Exactly one of path/config."""
         if (self.path is None) == (self.config is None):
             raise ConfigError("model: set exactly one of 'path' (local HF dir) or 'config' (random init)")
-
-
-@dataclass(frozen=True)
-class DataSection:
-    """Dataset file, format, prompt template and sequence layout."""
-
-    path: str = "auto"  # "auto": run_dir/data/generated.jsonl if present, else the bundled demo set
-    format: Literal["auto", "alpaca", "alpaca_jsonl", "jsonl", "sharegpt", "tfds"] = "auto"
-    template: Literal["alpaca", "vicuna"] = "alpaca"
-    max_seq_len: int = 512
-    pack: bool = True
-    seed: int = 0
-
-    def validate(self) -> None:
-        """Positive lengths."""
-        if self.max_seq_len < 8:
-            raise ConfigError(f"max_seq_len must be >= 8, got {self.max_seq_len}")
 
 
 @dataclass(frozen=True)
@@ -91,7 +75,8 @@ class SFTConfig:
     ``grad_accum`` micro-batches; ``epochs`` over the data unless ``max_steps`` is set."""
 
     model: ModelSection = field(default_factory=lambda: ModelSection(config=dict(TINY_MODEL)))
-    data: DataSection = field(default_factory=DataSection)
+    # data.path "auto": run_dir/data/generated.jsonl if the generate stage wrote it, else the bundled demo set
+    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimSection = field(default_factory=OptimSection)
     mesh: MeshSection = field(default_factory=MeshSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)

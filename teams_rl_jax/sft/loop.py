@@ -149,13 +149,16 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
                           f"by the mesh's data*fsdp ({shards})")
 
     data_path = resolve_data_path(cfg, run_dir, log)
-    examples = read_dataset(data_path, cfg.data.format)
+    examples = read_dataset(data_path, cfg.data.format, split=cfg.data.tfds_split)
     lm, tok = build_model_and_tokenizer(cfg, examples, out, mesh)
-    seqs, stats = tokenize_dataset(examples, tok, cfg.data.template, cfg.data.max_seq_len)
+    seqs, stats = tokenize_dataset(examples, tok, cfg.data.template, cfg.data.max_seq_len,
+                                   cfg.data.min_response_tokens)
     log(f"[sft] {data_path}: {stats.summary()}")
-    it = BatchIterator(seqs, global_batch=cfg.global_batch, seq_len=cfg.data.max_seq_len, pack=cfg.data.pack,
-                       seed=cfg.data.seed, pad_id=tok.pad_token_id or 0, process_index=jax.process_index(),
-                       process_count=jax.process_count())
+    d = cfg.data
+    it = BatchIterator(seqs, global_batch=cfg.global_batch, seq_len=d.max_seq_len, pack=d.pack, seed=d.shuffle_seed,
+                       pad_id=tok.pad_token_id or 0, process_index=jax.process_index(),
+                       process_count=jax.process_count(), shuffle=d.shuffle, drop_remainder=d.drop_remainder,
+                       pack_window=d.pack_window)
     total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * it.steps_per_epoch(0)))
 
     optimizer = make_optimizer(cfg.optim, total)
