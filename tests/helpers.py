@@ -5,6 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
+# Seeds drawn by the running test (cleared before each test by conftest.py, printed by its report hook
+# when the test fails, so a failure can be replayed).
+SEEDS_USED: list[tuple[str, int]] = []
+
+
+def rng(seed: int, label: str = "") -> np.random.Generator:
+    """``np.random.default_rng(seed)``, recording the seed so a failing test's report prints it.
+
+    Every test's randomness goes through here (or a fixed ``jax.random.key``): no unseeded generators.
+    """
+    SEEDS_USED.append((label or "rng", int(seed)))
+    return np.random.default_rng(seed)
+
+
+def seed(value: int, label: str = "seed") -> int:
+    """Record (and return) an integer seed used for something other than a numpy Generator
+    (``torch.manual_seed``, ``jax.random.key``), so the failure report prints it too."""
+    SEEDS_USED.append((label, int(value)))
+    return int(value)
+
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3: pad, bos, eos, unk (as models/TINY_MODEL expect)
 
 _DEFAULT_TEXTS = (
