@@ -1,0 +1,80 @@
+"""Per-role LLM backend config: ``roles.<instructor|reviewer|expert>`` in YAML.
+
+Each role names a backend (``flax``: a local Hugging Face checkpoint dir run in-process;
+``openai``: any OpenAI-compatible HTTP endpoint) plus what that backend needs. The API key is never
+part of the config: ``api_key_env`` names the environment variable that holds it, so a written,
+resolved config can never leak it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from teams_rl_jax.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleConfig:
+    """One LLM role (see the module docstring)."""
+
+    backend: Literal["flax", "openai"] = "flax"
+    checkpoint: str | None = None      # flax: local HF dir (tokenizer from the same dir)
+    dtype: str = "bfloat16"            # flax: param dtype
+    mesh: dict | None = None           # flax: {data, fsdp, tensor} for sharding.make_mesh; None = one device
+    max_batch: int = 32                # flax: rows per batched generate call
+    base_url: str | None = None        # openai: e.g. http://127.0.0.1:8000/v1
+    model: str | None = None           # openai: served model name (flax: defaults to the dir name)
+    api_key_env: str | None = None     # NAME of the env variable holding the key (never the key itself)
+    chat: bool = True                  # chat messages (/v1/chat/completions, chat template) vs plain text
+    max_concurrency: int = 8           # openai: requests in flight
+    timeout_s: float = 60.0            # openai: per request
+    max_retries: int = 5               # openai: retries after the first attempt
+    backoff_s: float = 0.5             # openai: base of the exponential backoff (full jitter)
+    max_backoff_s: float = 30.0        # openai: cap of one backoff sleep (and of an honoured Retry-After)
+
+    def validate(self) -> None:
+        """One-line ConfigError naming the key at fault (``config.from_dict`` calls it; so does ``build``)."""
+        if self.backend not in ("flax", "openai"):
+            raise ConfigError(f"backend: expected 'flax' or 'openai', got {self.backend!r}")
+        if self.backend == "flax":
+            if not self.checkpoint:
+                raise ConfigError("checkpoint: the flax backend needs a local Hugging Face checkpoint dir")
+            if self.dtype not in DTYPES:
+                raise ConfigError(f"dtype: expected one of {list(DTYPES)}, got {self.dtype!r}")
+            if self.mesh is not None:
+                bad = sorted(set(self.mesh) - {"data", "fsdp", "tensor"})
+                if bad:
+                    raise ConfigError(f"mesh: unknown axis {bad[0]!r} (valid: data, fsdp, tensor)")
+        else:
+            if not self.base_url:
+                raise ConfigError("base_url: the openai backend needs an endpoint, e.g. http://127.0.0.1:8000/v1")
+            if not self.base_url.startswith(("http://", "https://")):
+                raise ConfigError(f"base_url: expected an http(s) URL, got {self.base_url!r}")
+            if not self.model:
+                raise ConfigError("model: the openai backend needs the served model name")
+        if self.api_key_env is not None and (not self.api_key_env or not self.api_key_env.replace("_", "").isalnum()):
+            # A value that is not a variable name is most likely the key itself pasted by mistake:
+            # refuse it without echoing it.
+            raise ConfigError("api_key_env: expected the NAME of an environment variable (letters, digits, _)")
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch: must be >= 1, got {self.max_batch}")
+        if self.max_concurrency < 1:
+            raise ConfigError(f"max_concurrency: must be >= 1, got {self.max_concurrency}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"timeout_s: must be > 0, got {self.timeout_s}")
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries: must be >= 0, got {self.max_retries}")
+        if self.backoff_s < 0 or self.max_backoff_s < 0:
+            raise ConfigError("backoff_s/max_backoff_s: must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolesConfig:
+    """The LLM roles of a run; a role left out is not used by that run."""
+
+    instructor: RoleConfig | None = None
+    reviewer: RoleConfig | None = None
+    expert: RoleConfig | None = None
