@@ -139,23 +139,34 @@ LLAMA3_CHAT_TEMPLATE = (
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 BYTE_LEVEL_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>",
                        "<|end_header_id|>", "<|pad|>")
 
 
 @functools.lru_cache(maxsize=None)
 def _build_byte_level(vocab_size: int = 1500) -> Path:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from teams_rl_jax.env.prompts import OPERATION_PROMPTS
 
     out = _cache_root() / "byte_level_bpe"
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # Llama-3's pre-tokenizer: its split regex (digits in runs of up to three, punctuation keeps its
+    # trailing newlines, newline runs split from the next word), then byte-level mapping.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     # Ordinary tokens first (ids 0..), specials appended at the end like Llama-3 (id 0 is "!" there).
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer)
+    # Whole multi-line prompts too, so merges such as ".\n", ":\n" and "\n\n" are learned (Llama-3 has them).
+    multi = [p for p in OPERATION_PROMPTS.values()] + ["\n\n".join(_EXTRA), ".\n".join(_EXTRA), ":\n".join(_EXTRA)]
+    tok.train_from_iterator(_corpus() + multi * 8, trainer)
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in BYTE_LEVEL_SPECIALS])
     bos = tok.token_to_id("<|begin_of_text|>")
     tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
