@@ -48,13 +48,25 @@ FAULT_ENV = "TEAMS_RL_JAX_KILL_AFTER_CHECKPOINT"
 
 
 def resolve_data_path(cfg: SFTConfig, run_dir: Path | None, log: Callable[[str], None]) -> str | Path:
-    """``data.path``, or for ``auto`` the generate stage's output, else the bundled demo set."""
+    """``data.path``, or for ``auto`` the generate stage's ``run_dir/data/generated.jsonl``.
+
+    The bundled demo set stands in only for the offline default (a randomly initialised tiny model,
+    ``model.config``); fine-tuning a real checkpoint (``model.path``) on it would silently train a 7B
+    model on 24 examples, so there a missing dataset is an error naming the file.
+    """
     if cfg.data.path != "auto":
         return cfg.data.path  # kept a string: a gs:// TFDS path must not become a local Path
     generated = run_dir / "data" / "generated.jsonl" if run_dir is not None else None
     if generated is not None and generated.is_file():
         return generated
-    log(f"[sft] no generated dataset in {run_dir}/data; using the bundled demo set {DEMO_DATA.name}")
+    if cfg.model.path is not None:
+        from teams_rl_jax.errors import DataError
+
+        where = generated if generated is not None else "run_dir/data/generated.jsonl (no run dir given)"
+        raise DataError(f"data.path is 'auto' but the generate stage's dataset {where} does not exist: run the "
+                        f"generate stage first, or set data.path to an Alpaca JSON/JSONL file")
+    log(f"[sft] no generated dataset in {run_dir}/data; using the bundled demo set {DEMO_DATA.name} "
+        "(offline default only)")
     return DEMO_DATA
 
 
