@@ -165,8 +165,11 @@ class FlaxBackend:
 
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
                      temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
-                     seed: int | None = None) -> list[Completion]:
+                     seed: int | None = None, stops: Sequence[Sequence[str] | None] | None = None
+                     ) -> list[Completion]:
         """Completions of tokenized prompts, ``max_batch`` rows per generate call (not counted).
+
+        ``stop`` applies to every row; ``stops`` (one list per row) overrides it row by row.
 
         ``max_new_tokens`` may be per row (the server batches requests with different limits): the
         batch decodes up to the largest and each row is cut to its own limit. Greedy rows are
@@ -196,7 +199,7 @@ class FlaxBackend:
             toks = self._generate_chunk([prompt_ids[i] for i in rows], new, float(temperature), float(top_p),
                                         jax.random.fold_in(rng, c))
             for r, i in enumerate(rows):
-                out[i] = self._finish(toks[r], limits[i], stop)
+                out[i] = self._finish(toks[r], limits[i], stops[i] if stops is not None else stop)
         return out  # type: ignore[return-value]
 
     def _generate_chunk(self, rows: list[Sequence[int]], max_new: int, temperature: float, top_p: float, rng):
@@ -278,39 +281,42 @@ class FlaxBackend:
                 raise BackendError(f"{self.role}: continuation {c[:40]!r} adds no tokens")
             seqs.append(full)
             starts.append(k)
+        per_token = self.token_logprobs(seqs)
+        return [float(sum(lp[k:])) for lp, k in zip(per_token, starts)]
+
+    def token_logprobs(self, seqs: Sequence[Sequence[int]]) -> list[list[float]]:
+        """``out[i][t]`` = log p(seqs[i][t] | seqs[i][:t]) for t >= 1 (``out[i][0]`` = 0.0): one batched
+        forward pass per ``max_batch`` rows (not counted; ``score`` and the server's echo use it)."""
         if self._score_fn is None:
-            def logp(params, ids, mask, targets, tmask):
+            def logp(params, ids, mask, targets):
                 logits = self.lm.apply(params, ids, mask)
                 lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-                tok = jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
-                return jnp.sum(tok * tmask, axis=-1)
+                return jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
             self._score_fn = jax.jit(logp)  # params are an argument: never baked into the program
-        out: list[float] = []
+        out: list[list[float]] = []
         for s in range(0, len(seqs), self.max_batch):
-            chunk = list(range(s, min(s + self.max_batch, len(seqs))))
-            T = bucket(max(len(seqs[i]) for i in chunk), MIN_LEN_BUCKET)
+            chunk = [list(q) for q in seqs[s:s + self.max_batch]]
+            T = bucket(max(len(q) for q in chunk), MIN_LEN_BUCKET)
             B = bucket(len(chunk), self._batch_ways)
             ids = np.full((B, T), self.pad_id, np.int32)
             mask = np.zeros((B, T), np.int32)
             targets = np.zeros((B, T), np.int32)
-            tmask = np.zeros((B, T), np.float32)
-            for b, i in enumerate(chunk):
-                seq = seqs[i]
+            for b, seq in enumerate(chunk):
                 # Right-padded: position t predicts token t+1.
                 ids[b, :len(seq)] = seq
                 mask[b, :len(seq)] = 1
                 targets[b, :len(seq) - 1] = seq[1:]
-                tmask[b, starts[i] - 1:len(seq) - 1] = 1.0
             mask[len(chunk):, 0] = 1
             with self._lock:
                 if self.mesh is not None:
                     from teams_rl_jax import sharding
 
                     with sharding.activation_rules(self.mesh):
-                        res = self._score_fn(self.lm.params, ids, mask, targets, tmask)
+                        res = self._score_fn(self.lm.params, ids, mask, targets)
                 else:
-                    res = self._score_fn(self.lm.params, ids, mask, targets, tmask)
-            out.extend(float(x) for x in np.asarray(res)[:len(chunk)])
+                    res = self._score_fn(self.lm.params, ids, mask, targets)
+            res = np.asarray(jax.device_get(res))
+            out.extend([0.0] + [float(x) for x in res[b, :len(seq) - 1]] for b, seq in enumerate(chunk))
         return out
 
     def __repr__(self) -> str:

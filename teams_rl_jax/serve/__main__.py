@@ -1,0 +1,79 @@
+"""CLI: ``python -m teams_rl_jax.serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]``.
+
+Bad input (missing checkpoint, unset key variable, bad mesh) prints ``error: ...`` and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from teams_rl_jax.errors import ConfigError, TeamsError
+
+
+def parse_mesh(text: str | None) -> dict | None:
+    """``"data=1,fsdp=2,tensor=4"`` -> ``{"data": 1, "fsdp": 2, "tensor": 4}``."""
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        key, _, val = part.partition("=")
+        if key.strip() not in ("data", "fsdp", "tensor") or not val.strip().lstrip("-").isdigit():
+            raise ConfigError(f"--mesh: expected data=N,fsdp=N,tensor=N, got {text!r}")
+        out[key.strip()] = int(val)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m teams_rl_jax.serve", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="local Hugging Face checkpoint dir (tokenizer beside it)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-env", default=None, help="NAME of the env variable holding the bearer token")
+    p.add_argument("--model-name", default=None, help="served model name (default: the checkpoint dir name)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=1,tensor=8 (default: one device)")
+    p.add_argument("--max-batch", type=int, default=32, help="rows per batched generate")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long the batcher waits for more requests")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-prompt-tokens", type=int, default=4096)
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-n", type=int, default=8)
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvicorn
+
+        from teams_rl_jax.backends.config import RoleConfig
+        from teams_rl_jax.backends.flax_backend import FlaxBackend
+        from teams_rl_jax.serve.app import Limits, make_app
+
+        key = None
+        if args.api_key_env:
+            key = os.environ.get(args.api_key_env)
+            if not key:
+                raise ConfigError(f"--api-key-env: environment variable {args.api_key_env} is not set")
+        if not os.path.isdir(args.checkpoint):
+            raise ConfigError(f"--checkpoint: no such directory: {args.checkpoint}")
+        cfg = RoleConfig(backend="flax", checkpoint=args.checkpoint, dtype=args.dtype, mesh=parse_mesh(args.mesh),
+                         max_batch=args.max_batch, model=args.model_name)
+        cfg.validate()
+        backend = FlaxBackend.from_config(cfg, role="serve")
+        limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                        max_tokens=args.max_tokens, max_n=args.max_n)
+        app = make_app(backend, model_name=args.model_name, api_key=key, limits=limits,
+                       batch_wait_ms=args.batch_wait_ms)
+    except TeamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.getLogger(__name__).info("serving %s on http://%s:%d/v1 (auth %s)", backend.model, args.host, args.port,
+                                     "on" if key else "off")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
