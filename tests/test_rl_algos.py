@@ -1,19 +1,28 @@
 """Unit tests of the RL pieces: GAE, conjugate gradient, Fisher-vector products, TRPO step, PPO clip,
 baseline schedules and the policy config."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import rng as seeded_rng
 from jax.flatten_util import ravel_pytree
 
 from teams_rl_jax import config as cfglib
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.models import policy as P
 from teams_rl_jax.rl import PolicyConfig, TRPOConfig, baselines as B
-from teams_rl_jax.rl.gae import discounted_returns, gae, normalize
+from teams_rl_jax.rl.gae import normalize
 from teams_rl_jax.rl.ppo import clipped_surrogate
-from teams_rl_jax.rl.trpo import Batch, conjugate_gradient, fisher_vector_product, trpo_update
+from teams_rl_jax.rl.trpo import Batch, trpo_update
+
+# The GAE module itself (the package re-exports a function of the same name).
+# Unit tests call functions as module attributes, as their callers do, so that
+# ../shared/tools/mutate.py (which swaps module attributes) reaches them too.
+G = importlib.import_module("teams_rl_jax.rl.gae")
+TR = importlib.import_module("teams_rl_jax.rl.trpo")
 
 # Less LLVM optimisation: these functions run once, so compile time is what matters.
 FAST = {"xla_backend_optimization_level": 0}
@@ -34,7 +43,13 @@ def _np_gae(rewards, values, dones, last_value, gamma, lam):
 
 
 def test_gae_matches_numpy_with_mid_trajectory_dones():
-    rng = np.random.default_rng(0)
+    """GAE(gamma, lambda) against a float64 loop, with episode ends mid-trajectory.
+
+    Catches: lambda ignored or forced to 0 (one-step TD advantages), bootstrapping through a done,
+    a missing last_value bootstrap. Called as ``G.gae`` (module attribute, as the RL loop reaches it) so
+    ``mutate.py teams_rl_jax.rl.gae:gae`` reaches this test too.
+    """
+    rng = seeded_rng(0)
     T, N, gamma, lam = 9, 5, 0.995, 0.97
     rewards = rng.normal(size=(T, N)).astype(np.float32)
     values = rng.normal(size=(T, N)).astype(np.float32)
@@ -43,13 +58,17 @@ def test_gae_matches_numpy_with_mid_trajectory_dones():
     dones[:, 2] = False  # and one column without any (bootstraps from last_value)
     last_value = rng.normal(size=(N,)).astype(np.float32)
 
-    adv, targets = gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(dones), jnp.asarray(last_value), gamma, lam)
+    adv, targets = G.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(dones), jnp.asarray(last_value), gamma, lam)
     ref = _np_gae(rewards.astype(np.float64), values.astype(np.float64), dones.astype(np.float64), last_value, gamma, lam)
     np.testing.assert_allclose(adv, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(targets, ref + values, rtol=1e-5, atol=1e-5)
+    # lambda matters here: the one-step TD advantages (lambda = 0) are far from the reference.
+    td = _np_gae(rewards.astype(np.float64), values.astype(np.float64), dones.astype(np.float64), last_value, gamma,
+                 0.0)
+    assert np.max(np.abs(td - ref)) > 0.5
 
     # lambda = 1 with zero values is the discounted return.
-    ret = discounted_returns(jnp.asarray(rewards), jnp.asarray(dones), jnp.asarray(last_value), gamma)
+    ret = G.discounted_returns(jnp.asarray(rewards), jnp.asarray(dones), jnp.asarray(last_value), gamma)
     ref_ret = _np_gae(rewards, np.zeros_like(values), dones.astype(np.float64), last_value, gamma, 1.0)
     np.testing.assert_allclose(ret, ref_ret, rtol=1e-5, atol=1e-5)
 
@@ -63,12 +82,13 @@ def test_normalize_ignores_masked_entries():
 
 
 def test_conjugate_gradient_solves_random_spd():
-    rng = np.random.default_rng(1)
+    """Catches: CG returning b (or any non-solve), a missing residual-tolerance stop (0/0 -> NaN)."""
+    rng = seeded_rng(1)
     n = 8
     q, _ = np.linalg.qr(rng.normal(size=(n, n)))
     a = (q * rng.uniform(1.0, 4.0, size=n)) @ q.T
     b = rng.normal(size=n)
-    x = jax.jit(lambda b: conjugate_gradient(lambda v: jnp.asarray(a, jnp.float32) @ v, b, iters=10))(
+    x = jax.jit(lambda b: TR.conjugate_gradient(lambda v: jnp.asarray(a, jnp.float32) @ v, b, iters=10))(
         jnp.asarray(b, jnp.float32)
     )
     np.testing.assert_allclose(x, np.linalg.solve(a, b), rtol=1e-4, atol=1e-4)
@@ -85,6 +105,7 @@ def _tiny_policy(key, obs_dim=5, num_actions=6):
 
 
 def test_fisher_vector_product_equals_kl_hessian():
+    """Catches: a Fisher-vector product that drops the p p^T term, the weights, or the damping."""
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(2), 3)
     net, params = _tiny_policy(k1)
     obs = jax.random.normal(k2, (7, 5))
@@ -104,14 +125,21 @@ def test_fisher_vector_product_equals_kl_hessian():
 
     v = jax.random.normal(k3, flat0.shape)
     hess = jax.jit(jax.hessian(mean_kl), compiler_options=FAST)(flat0)  # explicit matrix only as the test's reference
-    fvp = jax.jit(lambda v: fisher_vector_product(logits_fn, flat0, weights, damping=0.1)(v), compiler_options=FAST)
+    fvp = jax.jit(lambda v: TR.fisher_vector_product(logits_fn, flat0, weights, damping=0.1)(v), compiler_options=FAST)
     np.testing.assert_allclose(fvp(v), hess @ v + 0.1 * v, rtol=2e-3, atol=2e-4)
 
 
 def test_trpo_update_respects_kl_bound_and_improves_surrogate():
+    """The actor step goes along the natural gradient (F + damping I)^-1 g, solved densely here.
+
+    Catches: ``conjugate_gradient`` returning ``b`` (the plain gradient; the line search alone still
+    keeps the KL bound and a surrogate gain, so only the direction tells), a wrong Fisher-vector product,
+    a step not scaled to the quadratic KL radius ``max_kl``, a critic fit that does not fit.
+    """
     k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(3), 4)
-    net = P.ActorCritic(num_actions=6, hidden_sizes=(16, 16))
-    params = net.init(k1, jnp.zeros((5,)))
+    # Small actor (102 params) so the test can form the Fisher matrix; output layer scaled up (far from
+    # uniform) so the Fisher is far from isotropic and the natural gradient far from the plain one.
+    net, params = _tiny_policy(k1, obs_dim=5, num_actions=6)
     n = 64
     obs = jax.random.normal(k2, (n, 5))
     logits, values = net.apply(params, obs)
@@ -121,19 +149,43 @@ def test_trpo_update_respects_kl_bound_and_improves_surrogate():
     weights = jnp.ones((n,)).at[-5:].set(0.0)
     batch = Batch(obs=obs, actions=actions, advantages=adv, targets=targets, weights=weights,
                   old_logits=logits, old_values=values, action_mask=None)
-    cfg = TRPOConfig()
+    # damping 0.01 (not the default 0.1): with 0.1 the damping term dominates this tiny Fisher, so the
+    # natural and plain gradients are nearly parallel (cosine 0.89) and the direction test has no margin.
+    cfg = TRPOConfig(damping=0.01)
     new_params, m = jax.jit(lambda p, b: trpo_update(net, p, b, cfg), compiler_options=FAST)(params, batch)
 
-    def surrogate(p):
-        lg = net.apply(p, obs, method="logits")
-        ratio = jnp.exp(P.log_prob(lg, actions) - P.log_prob(logits, actions))
-        return float(jnp.sum(ratio * adv * weights) / jnp.sum(weights))
+    inner = params["params"]
+    flat0, unravel = ravel_pytree(inner["actor"])
+    flat1, _ = ravel_pytree(new_params["params"]["actor"])
 
-    new_logits = net.apply(new_params, obs, method="logits")
-    kl = float(jnp.sum(P.kl_divergence(logits, new_logits) * weights) / jnp.sum(weights))
-    assert float(m["linesearch_accepted"]) == 1.0
+    def logits_fn(flat):
+        return net.apply({"params": {**inner, "actor": unravel(flat)}}, obs, method="logits")
+
+    def mean_kl(flat):
+        return jnp.sum(P.kl_divergence(logits, logits_fn(flat)) * weights) / jnp.sum(weights)
+
+    def surrogate(flat):
+        ratio = jnp.exp(P.log_prob(logits_fn(flat), actions) - P.log_prob(logits, actions))
+        return jnp.sum(ratio * adv * weights) / jnp.sum(weights)
+
+    # Dense reference: Fisher = Hessian of the mean KL at the old params, natural gradient by solve.
+    fisher = jax.jit(jax.hessian(mean_kl), compiler_options=FAST)(flat0)
+    a = np.asarray(fisher, np.float64) + cfg.damping * np.eye(flat0.size)
+    g = np.asarray(jax.grad(surrogate)(flat0), np.float64)
+    natural = np.linalg.solve(a, g)
+    step = np.asarray(flat1 - flat0, np.float64)
+    cos = lambda u, v: float(u @ v / np.linalg.norm(u) / np.linalg.norm(v))  # noqa: E731
+    assert float(m["linesearch_accepted"]) == 1.0 and float(m["step_fraction"]) > 0
+    # The margin that makes the check mean something: the plain gradient is far from the natural one.
+    assert cos(g, natural) < 0.7, f"test set-up lost its margin: cos(g, natural) = {cos(g, natural):.3f}"
+    assert cos(step, natural) > 0.99, (cos(step, natural), cos(step, g))
+    # The full step (before the line search's fraction) sits on the quadratic KL model's radius max_kl.
+    full = step / float(m["step_fraction"])
+    np.testing.assert_allclose(0.5 * full @ a @ full, cfg.max_kl, rtol=1e-3)
+
+    kl = float(mean_kl(flat1))
     assert 0.0 < kl <= 1.5 * cfg.max_kl
-    assert surrogate(new_params) > surrogate(params) + 1e-3
+    assert float(surrogate(flat1)) > float(surrogate(flat0)) + 1e-3
     np.testing.assert_allclose(float(m["kl"]), kl, rtol=1e-3, atol=1e-6)
 
     def vloss(p):
