@@ -1,0 +1,85 @@
+"""Test helpers: a tiny random Llama checkpoint made with transformers+torch, and tiny benchmark files.
+
+Used by ``tests/test_eval_*.py`` and ``benchmarks/bench_eval.py`` (no model hub: the checkpoint is a
+``save_pretrained`` of a random ``LlamaForCausalLM`` plus a word-level tokenizer built from the text,
+loadable by lm-eval's ``hf`` model and by :func:`teams_rl_jax.models.load_pretrained`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+WORDS = ("sun moon star river stone tree cloud rain wind fire water earth light dark cold warm fast slow big "
+         "small red blue green bird fish wolf horse seed leaf root snow ice sand hill road ship door book lamp "
+         "salt bread milk iron gold glass rope bell clock").split()
+
+
+def make_tiny_checkpoint(path: str | Path, texts: Iterable[str], *, seed: int = 0, hidden: int = 64, layers: int = 2,
+                         init_range: float = 0.02, max_positions: int = 512, vocab_size: int = 512) -> Path:
+    """Save a random tiny Llama (transformers+torch) + a word tokenizer of ``texts`` to ``path``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from teams_rl_jax.data.tokenizer import build_word_tokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_word_tokenizer(list(texts), vocab_size=vocab_size)
+    tok.save_pretrained(str(path))
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden + 32,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=max_positions, initializer_range=init_range, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(torch.float32).eval()
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def arc_records(n: int, seed: int = 0, n_choices: int = 4) -> list[dict]:
+    """``n`` ARC-layout (Hugging Face ai2_arc) records of random words; seeded."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        q = " ".join(rng.choice(WORDS, size=int(rng.integers(4, 9))))
+        texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 4)))) for _ in range(n_choices)]
+        labels = list("ABCDEFG"[:n_choices])
+        out.append({"id": f"q{i}", "question": f"What is the {q}?",
+                    "choices": {"text": texts, "label": labels}, "answerKey": labels[int(rng.integers(n_choices))]})
+    return out
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
+    """One JSON object per line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def arc_task_yaml(name: str, data_file: str | Path) -> str:
+    """An lm-eval task YAML over a local ARC-layout JSONL, with the arc_easy prompt and metrics."""
+    return f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {Path(data_file).resolve()}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
+doc_to_choice: "{{{{choices.text}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
