@@ -54,6 +54,9 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
+    # Runtime choices, not architecture: never read from or written to config.json.
+    attention_impl: str = "auto"  # models.attention.ATTENTION_IMPLS: auto | xla | cudnn | splash | splash_interpret
+    scan_unroll: int = 1  # layers per iteration of the layer scan (num_hidden_layers = no loop at all)
 
     def rope_dict(self) -> dict:
         """The rope scaling parameters as a dict (empty for plain RoPE)."""

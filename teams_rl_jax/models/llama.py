@@ -1,7 +1,8 @@
 """Flax Linen decoder for the Llama family (Llama 1/2/3, Mistral, Qwen2).
 
-RMSNorm, rotary embeddings (default / linear / llama3 scaling), grouped-query attention through
-``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU), SwiGLU MLP, tied or untied head.
+RMSNorm, rotary embeddings (default / linear / llama3 scaling), grouped-query attention (the kernel is
+chosen by ``models.attention``: cuDNN flash on GPU, Pallas splash on TPU, XLA on CPU; override with
+``ModelConfig.attention_impl``), SwiGLU MLP, tied or untied head.
 
 Design choices (and why):
 * Layers are one ``nn.scan`` (params stacked on a leading ``layers`` axis): compile time is
@@ -23,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from teams_rl_jax.errors import ConfigError
+from teams_rl_jax.models.attention import attention, resolve_impl, segment_mask
 from teams_rl_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -69,12 +72,7 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 def attention_mask(q_segments: Array, k_segments: Array, q_slots: Array, k_slots: Array,
                    window: int | None = None) -> Array:
     """Boolean mask ``[B, 1, T, S]``: same non-zero segment, causal in slot order, optional window."""
-    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] > 0)
-    causal = k_slots[None, :] <= q_slots[:, None]
-    mask = same & causal[None]
-    if window:
-        mask = mask & ((q_slots[:, None] - k_slots[None, :]) < window)[None]
-    return mask[:, None]
+    return segment_mask(q_segments, k_segments, q_slots, k_slots, window)
 
 
 class RMSNorm(nn.Module):
@@ -94,17 +92,45 @@ class RMSNorm(nn.Module):
         return (scale.astype(self.dtype) * x32.astype(self.dtype)).astype(self.dtype)
 
 
-def _dense(features: int, axes: tuple[str, str], use_bias: bool, cfg: ModelConfig, dtype, param_dtype, name: str):
+class LoRADense(nn.Dense):
+    """``nn.Dense`` plus a low-rank update (Hu et al. 2021): ``y = x W + b + (alpha / r) * dropout(x) A B``.
+
+    The base keeps nn.Dense's ``params`` names (``kernel``, ``bias``), so checkpoints load unchanged; ``A [in, r]``
+    and ``B [r, out]`` live in the separate ``"lora"`` collection, float32 whatever the base dtype (as PEFT's
+    default ``autocast_adapter_dtype``), B = 0 so a fresh adapter leaves the model unchanged, A as PEFT's
+    ``kaiming_uniform_(a=sqrt(5))``. Differentiating only that collection gives the frozen base no gradient.
+    ``lora``: anything with ``rank``, ``alpha``, ``dropout`` (see ``sft.config.LoraSection``); dropout draws
+    from the ``"dropout"`` rng stream.
+    """
+
+    lora: Any = None
+    lora_axes: tuple = (None, None)
+
+    @nn.compact
+    def __call__(self, x):
+        y = super().__call__(x)
+        spec, (ax_in, ax_out) = self.lora, self.lora_axes
+        init_a = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # U(+-1/sqrt(in)), as PEFT
+        rng = self.make_rng("params") if self.is_initializing() else None
+        a = self.variable("lora", "lora_a", nn.with_logical_partitioning(init_a, (ax_in, "lora_rank")), rng,
+                          (x.shape[-1], spec.rank), jnp.float32)
+        b = self.variable("lora", "lora_b", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", ax_out)),
+                          rng, (spec.rank, self.features), jnp.float32)
+        if spec.dropout > 0:
+            x = nn.Dropout(spec.dropout, deterministic=False)(x)
+        delta = (x.astype(y.dtype) @ a.value.astype(y.dtype)) @ b.value.astype(y.dtype)
+        return y + (delta * (spec.alpha / spec.rank)).astype(y.dtype)
+
+
+def _dense(features: int, axes: tuple[str, str], use_bias: bool, cfg: ModelConfig, dtype, param_dtype, name: str,
+           lora=None):
     init = nn.initializers.normal(cfg.initializer_range)
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(init, axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
-        name=name,
-    )
+    kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+              kernel_init=nn.with_logical_partitioning(init, axes),
+              bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)), name=name)
+    if lora is not None and name in lora.targets:  # LoRA SFT: this projection gets an adapter
+        return LoRADense(features, lora=lora, lora_axes=axes, **kw)
+    return nn.Dense(features, **kw)
 
 
 class Attention(nn.Module):
@@ -113,16 +139,17 @@ class Attention(nn.Module):
     config: ModelConfig
     dtype: Any
     param_dtype: Any
+    lora: Any = None  # LoRA spec: adapters on the projections named in lora.targets
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv_cache, layer, cache_index, prefill=False):
+    def __call__(self, x, cos, sin, masks, is_sliding, kv_cache, layer, cache_index, prefill=False):
         cfg = self.config
         B, T, _ = x.shape
         H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
-        q = _dense(H * Dh, ("embed", "heads"), qkv_bias, cfg, self.dtype, self.param_dtype, "q_proj")(x)
-        k = _dense(K * Dh, ("embed", "kv_heads"), qkv_bias, cfg, self.dtype, self.param_dtype, "k_proj")(x)
-        v = _dense(K * Dh, ("embed", "kv_heads"), qkv_bias, cfg, self.dtype, self.param_dtype, "v_proj")(x)
+        q = _dense(H * Dh, ("embed", "heads"), qkv_bias, cfg, self.dtype, self.param_dtype, "q_proj", self.lora)(x)
+        k = _dense(K * Dh, ("embed", "kv_heads"), qkv_bias, cfg, self.dtype, self.param_dtype, "k_proj", self.lora)(x)
+        v = _dense(K * Dh, ("embed", "kv_heads"), qkv_bias, cfg, self.dtype, self.param_dtype, "v_proj", self.lora)(x)
         q = apply_rope(q.reshape(B, T, H, Dh), cos, sin)
         k = apply_rope(k.reshape(B, T, K, Dh), cos, sin)
         v = v.reshape(B, T, K, Dh)
@@ -137,11 +164,33 @@ class Attention(nn.Module):
             if not prefill:  # prefill into an empty cache attends to its own keys only
                 k = kv_cache["k"][layer].astype(self.dtype)
                 v = kv_cache["v"][layer].astype(self.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(Dh))
+        out = self._attend(q, k, v, masks, is_sliding, self_attention=kv_cache is None or prefill)
         out = out.reshape(B, T, H * Dh)
         out = _dense(cfg.hidden_size, ("heads", "embed"), cfg.attention_bias, cfg, self.dtype, self.param_dtype,
-                     "o_proj")(out)
+                     "o_proj", self.lora)(out)
         return out, kv_cache
+
+    def _attend(self, q, k, v, masks, is_sliding, self_attention):
+        cfg = self.config
+        impl = resolve_impl(cfg.attention_impl, self.dtype, cfg.head_dim)
+        full_mask, window_mask, q_seg, k_seg = masks
+
+        def run(windowed):
+            return attention(q, k, v, impl=impl, mask=window_mask if windowed else full_mask, q_segments=q_seg,
+                             k_segments=k_seg, window=cfg.sliding_window if windowed else None,
+                             self_attention=self_attention)
+
+        if window_mask is None:
+            return run(False)
+        sliding = cfg.layer_is_sliding()
+        if all(sliding) or not any(sliding):  # static: one kernel for every layer
+            return run(all(sliding))
+        if impl == "xla" or not self_attention:  # one masked softmax serves both layer kinds
+            mask = jnp.where(is_sliding, window_mask, full_mask)
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(cfg.head_dim),
+                                                implementation="xla")
+        # Mixed layers (Qwen2 max_window_layers): the fused kernels take a static mask, so branch.
+        return jax.lax.cond(is_sliding, lambda: run(True), lambda: run(False))
 
 
 class MLP(nn.Module):
@@ -150,17 +199,18 @@ class MLP(nn.Module):
     config: ModelConfig
     dtype: Any
     param_dtype: Any
+    lora: Any = None
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         gate = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, cfg, self.dtype, self.param_dtype,
-                      "gate_proj")(x)
+                      "gate_proj", self.lora)(x)
         up = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, cfg, self.dtype, self.param_dtype,
-                    "up_proj")(x)
+                    "up_proj", self.lora)(x)
         h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
         return _dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, cfg, self.dtype, self.param_dtype,
-                      "down_proj")(h)
+                      "down_proj", self.lora)(h)
 
 
 class DecoderLayer(nn.Module):
@@ -170,29 +220,42 @@ class DecoderLayer(nn.Module):
     dtype: Any
     param_dtype: Any
     prefill: bool = False
+    lora: Any = None
 
     @nn.compact
     def __call__(self, carry, cos, sin, masks, is_sliding, layer, cache_index):
         h, kv_cache = carry
         cfg = self.config
-        full_mask, window_mask = masks
-        mask = full_mask if window_mask is None else jnp.where(is_sliding, window_mask, full_mask)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(h)
-        attn, kv_cache = Attention(cfg, self.dtype, self.param_dtype, name="self_attn")(
-            x, cos, sin, mask, kv_cache, layer, cache_index, self.prefill
+        attn, kv_cache = Attention(cfg, self.dtype, self.param_dtype, self.lora, name="self_attn")(
+            x, cos, sin, masks, is_sliding, kv_cache, layer, cache_index, self.prefill
         )
         h = h + attn
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="post_attention_layernorm")(h)
-        h = h + MLP(cfg, self.dtype, self.param_dtype, name="mlp")(x)
+        h = h + MLP(cfg, self.dtype, self.param_dtype, self.lora, name="mlp")(x)
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_embed"))
         return (h, kv_cache), None
 
 
+# Rematerialisation policies by name (what the backward pass may keep from the forward of a layer;
+# everything else is recomputed). "none" keeps everything (fastest, most memory), "full" keeps only
+# the layer inputs (least memory, ~1/3 more FLOPs), the "dots" family keeps matmul outputs and
+# recomputes the cheap elementwise ops (norms, RoPE, SwiGLU, softmax) between them.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # short alias (projections, not scores)
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,  # remat wrapper only: for tests
 }
+
+
+def remat_policy(name: str):
+    """The ``jax.checkpoint`` policy for a remat name; ConfigError naming the key if unknown."""
+    if name not in REMAT_POLICIES:
+        raise ConfigError(f"model.remat: unknown policy {name!r} (use one of {', '.join(REMAT_POLICIES)})")
+    return REMAT_POLICIES[name]
 
 
 class CausalLM(nn.Module):
@@ -201,17 +264,19 @@ class CausalLM(nn.Module):
     Args (call): ``input_ids [B,T]``, ``segment_ids [B,T]`` (0 = pad), ``positions [B,T]``,
     optional ``cache`` (from :func:`init_cache`) and ``cache_index`` (slot of the first new token);
     ``last_only`` computes logits (and returns hidden) for the last position only; ``prefill`` declares
-    that the cache is empty before ``cache_index == 0``, so attention skips the (empty) cache slots.
+    that the cache is empty before ``cache_index == 0``, so attention skips the (empty) cache slots;
+    ``skip_logits`` returns ``(None, hidden, None)`` without applying the head (the chunked loss does).
     """
 
     config: ModelConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
+    lora: Any = None  # LoRA spec (rank, alpha, dropout, targets); adapters in the "lora" collection
 
     @nn.compact
     def __call__(self, input_ids, segment_ids, positions, cache=None, cache_index=None, last_only: bool = False,
-                 prefill: bool = False):
+                 prefill: bool = False, skip_logits: bool = False):
         cfg = self.config
         B, T = input_ids.shape
         embed = nn.Embed(
@@ -251,24 +316,28 @@ class CausalLM(nn.Module):
         is_sliding = jnp.asarray(cfg.layer_is_sliding())
 
         layer = DecoderLayer
-        policy = REMAT_POLICIES[self.remat]
+        policy = remat_policy(self.remat)
         if self.remat != "none":
             layer = nn.remat(DecoderLayer, prevent_cse=False, policy=policy)
         stack = nn.scan(
             layer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
+            variable_axes={"params": 0, "lora": 0},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
             out_axes=0,
             length=cfg.num_hidden_layers,
+            unroll=max(1, min(cfg.scan_unroll, cfg.num_hidden_layers)),
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.dtype, self.param_dtype, prefill, name="layers")
+        )(cfg, self.dtype, self.param_dtype, prefill, self.lora, name="layers")
         layer_ids = jnp.arange(cfg.num_hidden_layers)
-        (h, kv), _ = stack((h, kv), cos, sin, (full_mask, window_mask), is_sliding, layer_ids, index)
+        masks = (full_mask, window_mask, segment_ids, k_segments)
+        (h, kv), _ = stack((h, kv), cos, sin, masks, is_sliding, layer_ids, index)
 
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(h)
         if last_only:  # prefill for generation needs only the last position's logits
             h = h[:, -1:]
+        if skip_logits:  # the SFT loss applies the head chunk by chunk (sft.step.fused_cross_entropy)
+            return None, h, None
         if cfg.tie_word_embeddings:
             logits = embed.attend(h)
         else:
