@@ -83,3 +83,45 @@ metric_list:
 metadata:
   version: 1.0
 """
+
+
+def alpaca_records(n: int, seed: int = 0) -> list[dict]:
+    """``n`` Alpaca records of random words (instruction, empty input, output); seeded."""
+    rng = np.random.default_rng(seed)
+    return [{"instruction": "Tell me about the " + " ".join(rng.choice(WORDS, size=int(rng.integers(3, 7)))) + ".",
+             "input": "", "output": " ".join(rng.choice(WORDS, size=int(rng.integers(6, 14)))) + "."}
+            for _ in range(n)]
+
+
+def overfit(lm, seqs, *, steps: int = 60, lr: float = 3e-3, batch: int = 16, seed: int = 0):
+    """Fine-tune ``lm`` on ``seqs`` [(ids, loss_mask)] with Adam until it memorises them; returns params."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from teams_rl_jax.eval.mia import _BUCKET, _loss_fn
+
+    T = _BUCKET * int(np.ceil((max(len(x) for x, _ in seqs) - 1) / _BUCKET))
+    n = len(seqs)
+    ids, tgt, seg, tm = (np.zeros((n, T), np.int32) for _ in range(4))
+    for r, (x, m) in enumerate(seqs):
+        k = len(x) - 1
+        ids[r, :k], tgt[r, :k], seg[r, :k], tm[r, :k] = x[:-1], x[1:], 1, m[1:]
+    loss = _loss_fn(lm)
+    opt = optax.adam(lr)
+
+    @jax.jit
+    def step(params, state, ids, seg, tgt, tm):
+        def f(p):
+            return jnp.mean(loss(p, ids, seg, tgt, tm))
+
+        val, g = jax.value_and_grad(f)(params)
+        upd, state = opt.update(g, state, params)
+        return optax.apply_updates(params, upd), state, val
+
+    params, state = lm.params, opt.init(lm.params)
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        rows = rng.choice(n, size=min(batch, n), replace=False)
+        params, state, _ = step(params, state, ids[rows], seg[rows], tgt[rows], tm[rows].astype(bool))
+    return params
