@@ -13,14 +13,14 @@ from teams_rl_jax.env.config import EnvConfig
 from teams_rl_jax.env.elimination import ELIMINATION_RULES, EliminationRule, eliminate, register_rule
 from teams_rl_jax.env.embedding import EMBEDDINGS, hashed_embed, init_hashed
 from teams_rl_jax.env.environment import EnvParams, EnvState, EvolveEnv, make
-from teams_rl_jax.env.operations import OPERATION_REGISTRY, OPERATIONS, register_operation
+from teams_rl_jax.env.operations import OPERATION_REGISTRY, OPERATIONS, STOP, register_operation
 from teams_rl_jax.env.prompts import OPERATION_PROMPTS, operation_templates, render_prompt, template_pieces
 from teams_rl_jax.env.rewards import REWARD_TERMS, RewardTerm, register_term
 from teams_rl_jax.env.seeds import SeedBatch, decode, offline_tokenizer, read_seed_records, seeds_from_texts
 from teams_rl_jax.env.token_edit import TokenEditOperator, TokenEditParams, build_token_edit
 
 __all__ = [
-    "ELIMINATION_RULES", "EMBEDDINGS", "OPERATIONS", "OPERATION_PROMPTS", "OPERATION_REGISTRY", "REWARD_TERMS",
+    "ELIMINATION_RULES", "EMBEDDINGS", "OPERATIONS", "OPERATION_PROMPTS", "OPERATION_REGISTRY", "REWARD_TERMS", "STOP",
     "EliminationRule", "EnvConfig", "EnvParams", "EnvState", "EvolveEnv", "Instruction", "RewardTerm", "SeedBatch",
     "TokenEditOperator", "TokenEditParams", "build_token_edit", "decode", "eliminate", "hashed_embed", "init_hashed",
     "make", "offline_tokenizer", "operation_templates", "read_seed_records", "register_operation", "register_rule",

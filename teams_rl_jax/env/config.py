@@ -52,6 +52,16 @@ class EnvConfig:
     # ... and, if set, ends the episode (``terminated``; running out of steps is ``truncated``).
     terminate_on_elimination: bool = False
 
+    # Queries charged per role for every step taken (not ``stop``), on top of what the operator and
+    # reward terms report: e.g. {instructor: 1, reviewer: 1} makes the token-edit env cost what the
+    # LLM env would, so a query budget has something to trade there too.
+    simulated_queries: dict[str, float] = field(default_factory=dict)
+    # LLM instructor (``operator: llm`` built from ``roles``): rewrite length limit (None = max_len)
+    # and sampling.
+    max_new_tokens: int | None = None
+    temperature: float = 0.7
+    top_p: float = 0.95
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` on an invalid value or an unregistered name."""
         from teams_rl_jax.env.elimination import ELIMINATION_RULES
@@ -83,6 +93,15 @@ class EnvConfig:
             ELIMINATION_RULES.get(name)
             if not (math.isfinite(p) and p >= 0):
                 raise ConfigError(f"elimination.{name} must be a penalty >= 0, got {p}")
+        for role, q in self.simulated_queries.items():
+            if not (math.isfinite(q) and q >= 0):
+                raise ConfigError(f"simulated_queries.{role} must be >= 0, got {q}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not (0 < self.top_p <= 1) or self.temperature < 0:
+            raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if "stop" in self.operations and len(self.operations) == 1:
+            raise ConfigError("operations: 'stop' needs at least one other operation")
         for name in ("length_scale", "distinct_scale"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -35,6 +35,7 @@ from teams_rl_jax.env.buffers import Instruction, distinct_count
 from teams_rl_jax.env.config import EnvConfig
 from teams_rl_jax.env.elimination import VocabTables, build_vocab_tables, eliminated_tokens
 from teams_rl_jax.env.embedding import EMBEDDINGS
+from teams_rl_jax.env.operations import STOP
 from teams_rl_jax.env.rewards import REWARD_TERMS, RewardTerm, register_term
 from teams_rl_jax.env.seeds import SeedBatch, decode, offline_tokenizer, read_seed_records, seeds_from_texts
 from teams_rl_jax.errors import ConfigError
@@ -95,13 +96,63 @@ def _batch1(tree):
     return jax.tree.map(lambda x: x[None], tree)
 
 
+def _rows(mask: jax.Array, like: jax.Array) -> jax.Array:
+    """``mask [N]`` broadcast against a ``[N, ...]`` array."""
+    return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
+
+
+@dataclasses.dataclass(frozen=True)
+class Discrete:
+    """gymnax's ``Discrete`` space: actions ``0 .. n-1``."""
+
+    n: int
+    dtype: Any = jnp.int32
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return ()
+
+    def sample(self, key: jax.Array) -> jax.Array:
+        """A uniform action."""
+        return jax.random.randint(key, (), 0, self.n).astype(self.dtype)
+
+    def contains(self, x: jax.Array) -> jax.Array:
+        """Whether ``x`` is a valid action."""
+        return (x >= 0) & (x < self.n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Box:
+    """gymnax's ``Box`` space: real vectors of ``shape`` in ``[low, high]``."""
+
+    low: float
+    high: float
+    shape: tuple[int, ...]
+    dtype: Any = jnp.float32
+
+    def sample(self, key: jax.Array) -> jax.Array:
+        """A uniform sample (standard normal where the box is unbounded)."""
+        if jnp.isfinite(self.low) and jnp.isfinite(self.high):
+            return jax.random.uniform(key, self.shape, self.dtype, self.low, self.high)
+        return jax.random.normal(key, self.shape, self.dtype)
+
+    def contains(self, x: jax.Array) -> jax.Array:
+        """Whether ``x`` lies in the box."""
+        return jnp.all((x >= self.low) & (x <= self.high))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class EvolveEnv:
-    """Instruction-evolution env. Build with :func:`make`.
+    """Instruction-evolution env (gymnax's split). Build with :func:`make`.
 
-    ``operator``: ``apply(key, op_ids, tokens, lengths, params[, context]) -> (tokens, lengths,
-    queries)`` on batches; ``embed_fn(params, tokens [L], length) -> [D]``; ``terms`` and ``rules``
-    as registered in ``env.rewards`` / ``env.elimination``.
+    ``operator``: ``apply(key, op_ids, tokens, lengths, params[, context][, active]) -> (tokens,
+    lengths, queries)`` on batches, indexed by the env's operations *without* ``stop`` (in order);
+    ``embed_fn(params, tokens [L], length) -> [D]``; ``terms`` and ``rules`` as registered in
+    ``env.rewards`` / ``env.elimination``. ``params`` (set by :func:`make`) is ``default_params``.
+
+    The batched step (:meth:`step_batch`) is the core: the operator rewrites all ``N`` rows in one
+    call (the LLM operator: one left-padded batched generate, not ``N`` batch-1 generates under
+    ``vmap``), reward terms score ``[N]`` rows at once. :meth:`step_env` is its one-row case.
     """
 
     operator: Any
@@ -111,11 +162,43 @@ class EvolveEnv:
     embed_fn: Callable[[Any, jax.Array, jax.Array], jax.Array]
     tokenizer: Any = None
     config: EnvConfig | None = None
+    params: EnvParams | None = None
+    # Queries each taken (non-stop) step is charged per role on top of what the operator and the
+    # reward terms report: a token-edit env standing in for an LLM env's query budget.
+    simulated_queries: tuple[tuple[str, float], ...] = ()
+    # Roles served over HTTP (host callbacks inside the step): the policy stage steps such an env
+    # from Python instead of compiling it into a rollout scan.
+    host_roles: tuple[str, ...] = ()
 
     @property
     def num_actions(self) -> int:
-        """Number of operations (6 by default)."""
+        """Number of operations (6 by default; 7 with ``stop``)."""
         return len(self.operations)
+
+    @property
+    def stop_action(self) -> int:
+        """Action id of ``stop`` (-1 when the env has none)."""
+        return self.operations.index(STOP) if STOP in self.operations else -1
+
+    @property
+    def operator_operations(self) -> tuple[str, ...]:
+        """The operations the operator carries out (``operations`` without ``stop``), its op-id order."""
+        return tuple(op for op in self.operations if op != STOP)
+
+    @property
+    def default_params(self) -> EnvParams:
+        """The params :func:`make` built (gymnax's ``default_params``)."""
+        if self.params is None:
+            raise ConfigError("this env has no default params; build it with teams_rl_jax.env.make")
+        return self.params
+
+    def action_space(self, params: EnvParams | None = None) -> Discrete:
+        """``Discrete(num_actions)``."""
+        return Discrete(self.num_actions)
+
+    def observation_space(self, params: EnvParams | None = None) -> Box:
+        """Unbounded ``Box`` of shape ``(observation_size,)``."""
+        return Box(-float("inf"), float("inf"), (self.observation_size(params or self.default_params),))
 
     @property
     def term_names(self) -> tuple[str, ...]:
@@ -125,7 +208,8 @@ class EvolveEnv:
     @property
     def roles(self) -> tuple[str, ...]:
         """Query roles reported in ``info["queries"]``."""
-        return tuple(dict.fromkeys(ROLES + tuple(t.role for t in self.terms if t.role)))
+        return tuple(dict.fromkeys(ROLES + tuple(t.role for t in self.terms if t.role)
+                                   + tuple(r for r, _ in self.simulated_queries)))
 
     def embedding_size(self, params: EnvParams) -> int:
         """Embedding width ``D`` (by shape evaluation, so any ``embed_fn`` works)."""
@@ -133,9 +217,9 @@ class EvolveEnv:
                              jax.ShapeDtypeStruct((), jnp.int32))
         return int(out.shape[-1])
 
-    def observation_size(self, params: EnvParams) -> int:
+    def observation_size(self, params: EnvParams | None = None) -> int:
         """``D + num_actions + 1``."""
-        return self.embedding_size(params) + self.num_actions + 1
+        return self.embedding_size(params or self.default_params) + self.num_actions + 1
 
     def describe(self, params: EnvParams, tokens: jax.Array, length: jax.Array) -> Instruction:
         """Buffer + features (embedding, distinct-token count) of one instruction."""
@@ -144,16 +228,35 @@ class EvolveEnv:
         return Instruction(tokens=tokens.astype(jnp.int32), length=length, embedding=emb,
                            distinct=distinct_count(tokens, length))
 
-    def observation(self, state: EnvState, params: EnvParams) -> jax.Array:
-        """``float32 [D + A + 1]``: embedding, one-hot previous action, step fraction."""
+    def get_obs(self, state: EnvState, params: EnvParams | None = None) -> jax.Array:
+        """``float32 [D + A + 1]``: embedding, one-hot previous action, step fraction (one env)."""
+        params = params or self.default_params
         prev = jax.nn.one_hot(state.prev_action, self.num_actions) * (state.prev_action >= 0)
         frac = jnp.reshape(state.t / params.episode_length, (1,))
         return jnp.concatenate([state.instruction.embedding, prev, frac]).astype(jnp.float32)
 
-    def reset(self, key: jax.Array, params: EnvParams, seeds: SeedBatch | None = None):
+    observation = get_obs  # the name used before the gymnax split
+
+    def is_terminal(self, state: EnvState, params: EnvParams | None = None) -> jax.Array:
+        """Whether the episode is over."""
+        return state.done
+
+    def discount(self, state: EnvState, params: EnvParams | None = None) -> jax.Array:
+        """gymnax's discount: 0 once the episode is over, else 1."""
+        return jnp.where(state.done, 0.0, 1.0).astype(jnp.float32)
+
+    def reset(self, key: jax.Array, params: EnvParams | None = None, seeds: SeedBatch | None = None):
+        """gymnax ``reset``: :meth:`reset_env` with ``params`` defaulting to ``default_params``."""
+        return self.reset_env(key, params or self.default_params, seeds)
+
+    def reset_env(self, key: jax.Array, params: EnvParams, seeds: SeedBatch | None = None):
         """Start an episode from a seed drawn uniformly by ``key`` (``seeds`` defaults to ``params.seeds``)."""
         pool = params.seeds if seeds is None else seeds
         return self.reset_to(jax.random.randint(key, (), 0, pool.tokens.shape[0]), params, seeds)
+
+    def reset_batch(self, keys: jax.Array, params: EnvParams, seeds: SeedBatch | None = None):
+        """:meth:`reset_env` for each of ``keys [N]`` (batched obs and states)."""
+        return jax.vmap(self.reset_env, in_axes=(0, None, None))(keys, params, seeds)
 
     def reset_to(self, index: jax.Array, params: EnvParams, seeds: SeedBatch | None = None):
         """Start an episode from seed ``index`` of ``seeds`` (default ``params.seeds``); no randomness."""
@@ -171,67 +274,100 @@ class EvolveEnv:
             t=jnp.asarray(0, jnp.int32),
             done=jnp.asarray(False),
         )
-        return self.observation(state, params), state
+        return self.get_obs(state, params), state
 
-    def step(self, key: jax.Array, state: EnvState, action: jax.Array, params: EnvParams):
-        """Apply operation ``action``; returns ``(obs, state, reward, done, info)``."""
+    def step(self, key: jax.Array, state: EnvState, action: jax.Array, params: EnvParams | None = None):
+        """gymnax ``step``: :meth:`step_env` with ``params`` defaulting to ``default_params``.
+
+        No auto-reset: the policy stage runs episode-aligned rollouts, and a finished episode stays
+        as it is (nothing changes, nothing is earned or spent) until the next ``reset``.
+        """
+        return self.step_env(key, state, action, params or self.default_params)
+
+    def step_env(self, key: jax.Array, state: EnvState, action: jax.Array, params: EnvParams):
+        """Apply operation ``action`` to one env; returns ``(obs, state, reward, done, info)``."""
+        out = self.step_batch(key, _batch1(state), jnp.asarray(action, jnp.int32)[None], params)
+        return jax.tree.map(lambda x: x[0], out)
+
+    def step_batch(self, key: jax.Array, state: EnvState, action: jax.Array, params: EnvParams):
+        """Apply ``action [N]`` to ``N`` envs at once (one operator call on ``[N]`` rows).
+
+        Returns ``(obs [N, O], state, reward [N], done [N], info)`` with per-row info values.
+        ``stop`` (if among the actions) ends the episode at once, keeps the instruction, earns 0
+        and costs 0 queries; so does any action on an episode that is already over.
+        """
         action = jnp.asarray(action, jnp.int32)
+        n = action.shape[0]
         k_op, k_terms = jax.random.split(key)
         before = state.instruction
+        was_done = state.done
+        is_stop = (action == self.stop_action) if self.stop_action >= 0 else jnp.zeros((n,), bool)
+        active = ~was_done & ~is_stop  # rows whose instruction is really rewritten (and paid for)
+        op_map = jnp.asarray([self.operator_operations.index(op) if op != STOP else 0 for op in self.operations],
+                             jnp.int32)
         extra = {}
         if getattr(self.operator, "wants_context", False):
-            extra["context"] = {"domain": state.domain[None], "seed": state.seed[None]}
+            extra["context"] = {"domain": state.domain, "seed": state.seed}
+        if getattr(self.operator, "wants_active", False):
+            extra["active"] = active
         new_tokens, new_len, op_queries = self.operator.apply(
-            k_op, action[None], before.tokens[None], before.length[None], params.operator, **extra)
-        after = self.describe(params, materialize(new_tokens[0]), new_len[0])
+            k_op, op_map[action], before.tokens, before.length, params.operator, **extra)
+        after = jax.vmap(self.describe, in_axes=(None, 0, 0))(params, materialize(new_tokens), new_len)
+        after = jax.tree.map(lambda b, a: jnp.where(_rows(active, b), a, b), before, after)
 
-        queries = {role: jnp.zeros((), jnp.float32) for role in self.roles}
-        queries["instructor"] = jnp.asarray(op_queries[0], jnp.float32)
+        queries = {role: jnp.zeros((n,), jnp.float32) for role in self.roles}
+        queries["instructor"] = jnp.asarray(op_queries, jnp.float32).reshape(n)
+        for role, q in self.simulated_queries:
+            queries[role] = queries[role] + q
         terms: dict[str, jax.Array] = {}
-        aux = {"op": action[None], "step": state.t[None], "terms": {}}
-        b1, a1 = _batch1(before), _batch1(after)
+        aux = {"op": action, "step": state.t, "terms": {}, "active": active}
         for term, k in zip(self.terms, jax.random.split(k_terms, max(len(self.terms), 1))):
             aux["params"] = params.term_params.get(term.name)
-            value = jnp.asarray(term.fn(k, b1, a1, aux), jnp.float32).reshape(-1)[0]
+            value = jnp.asarray(term.fn(k, before, after, aux), jnp.float32).reshape(n)
             terms[term.name] = value
-            aux["terms"] = {**aux["terms"], term.name: value[None]}
+            aux["terms"] = {**aux["terms"], term.name: value}
             if term.role:
                 queries[term.role] = queries[term.role] + term.cost
 
         # The reviewer-role term is the judge: its P(Not Equal) < 0.5 means "Equal" (no_gain rule).
         judge = next((terms[t.name] for t in self.terms if t.role == "reviewer"), None)
         rule_aux = {"terms": terms} if judge is None else {"terms": terms, "judge": judge}
-        flags = eliminated_tokens(before, after, params.tables, self.rule_names, rule_aux)
-        hit = jnp.stack([flags[r] for r in self.rule_names]) if self.rule_names else jnp.zeros((0,), bool)
-        eliminated = hit.any()
-        penalty = jnp.sum(params.penalties * hit)
-        gain = sum((params.weights[i] * terms[n] for i, n in enumerate(self.term_names)), jnp.zeros((), jnp.float32))
+        flags = jax.vmap(lambda b, a, x: eliminated_tokens(b, a, params.tables, self.rule_names, x))(
+            before, after, rule_aux)
+        flags = {r: f & active for r, f in flags.items()}
+        hit = (jnp.stack([flags[r] for r in self.rule_names], axis=-1) if self.rule_names
+               else jnp.zeros((n, 0), bool))
+        eliminated = hit.any(-1)
+        penalty = jnp.sum(params.penalties * hit, axis=-1)
+        gain = sum((params.weights[i] * terms[name] for i, name in enumerate(self.term_names)),
+                   jnp.zeros((n,), jnp.float32))
         revert = eliminated & params.revert_eliminated
         gain = jnp.where(revert, 0.0, gain)
-        after = jax.tree.map(lambda b, a: jnp.where(revert, b, a), before, after)
+        after = jax.tree.map(lambda b, a: jnp.where(_rows(revert, b), b, a), before, after)
         reward = gain - penalty
 
         t = state.t + 1
-        terminated = eliminated & params.terminate_on_elimination
+        terminated = (eliminated & params.terminate_on_elimination) | is_stop
         truncated = (t >= params.episode_length) & ~terminated
         done = terminated | truncated
         new_state = EnvState(instruction=after, seed=state.seed, domain=state.domain, prev_action=action, t=t,
                              done=done)
         # A finished episode stays as it is (no auto-reset): nothing changes, nothing is earned or spent.
-        was_done = state.done
-        new_state = jax.tree.map(lambda old, new: jnp.where(was_done, old, new), state, new_state)
+        new_state = jax.tree.map(lambda old, new: jnp.where(_rows(was_done, old), old, new), state, new_state)
         live = ~was_done
         info = {
-            "queries": {r: q * live for r, q in queries.items()},
+            "queries": {r: q * active for r, q in queries.items()},
             "terminated": terminated & live,
             "truncated": truncated & live,
-            "reward_terms": {n: v * live for n, v in terms.items()},
-            "penalty": penalty * live,
-            "eliminated": {r: f & live for r, f in flags.items()},
+            "reward_terms": {name: v * active for name, v in terms.items()},
+            "penalty": penalty * active,
+            "eliminated": flags,
             "length": new_state.instruction.length,
+            "discount": jnp.where(new_state.done, 0.0, 1.0).astype(jnp.float32),
         }
-        reward = jnp.where(was_done, 0.0, reward).astype(jnp.float32)
-        return self.observation(new_state, params), new_state, reward, new_state.done, info
+        reward = jnp.where(active, reward, 0.0).astype(jnp.float32)
+        obs = jax.vmap(self.get_obs, in_axes=(0, None))(new_state, params)
+        return obs, new_state, reward, new_state.done, info
 
     def decode(self, tokens, lengths, tokenizer=None):
         """Text of instruction buffers (``[L]``/scalar or ``[N, L]``/``[N]``) with the env's tokenizer."""
@@ -313,7 +449,8 @@ def make(name: str | None = "token_edit", config: EnvConfig | dict | None = None
     if operator is None:
         from teams_rl_jax.env.token_edit import build_token_edit
 
-        operator, operator_params = build_token_edit(tok, cfg.operations, pool, cfg.max_len)
+        operator, operator_params = build_token_edit(tok, [op for op in cfg.operations if op != STOP], pool,
+                                                     cfg.max_len)
     elif getattr(operator, "max_len", cfg.max_len) != cfg.max_len:
         raise ConfigError(f"operator.max_len {operator.max_len} != env max_len {cfg.max_len}")
 
@@ -336,5 +473,6 @@ def make(name: str | None = "token_edit", config: EnvConfig | dict | None = None
         terminate_on_elimination=jnp.asarray(cfg.terminate_on_elimination),
         episode_length=cfg.episode_length, max_len=cfg.max_len)
     env = EvolveEnv(operator=operator, operations=tuple(cfg.operations), terms=terms, rule_names=rules,
-                    embed_fn=embed_fn, tokenizer=tok, config=cfg)
+                    embed_fn=embed_fn, tokenizer=tok, config=cfg, params=params,
+                    simulated_queries=tuple((r, float(q)) for r, q in cfg.simulated_queries.items()))
     return env, params

@@ -23,6 +23,12 @@ OPERATIONS = (
 )
 
 
+# The action that ends an episode: no rewrite, no query, the instruction is kept. Add it to
+# ``EnvConfig.operations`` to let the policy decide when one more evolution is not worth its queries
+# (with a query budget, the Lagrangian then has something to trade). Operators never see it.
+STOP = "stop"
+
+
 @dataclasses.dataclass(frozen=True)
 class OperationSpec:
     """How an operation is carried out.
@@ -58,3 +64,4 @@ register_operation("concretizing", "swap", "concretizing")
 register_operation("increase_reasoning_steps", "append", "increase_reasoning_steps")
 register_operation("complicate_input", "append", "complicate_input")
 register_operation("breadth", "recombine", "breadth")
+register_operation(STOP, "stop", "", prompt=STOP)  # handled by the env itself, never by an operator

@@ -1,6 +1,8 @@
 """RL for the policy stage: GAE, TRPO, PPO, baselines and the PureJaxRL-shaped ``make_train``.
 
-``make_train(config, env, env_params, seeds=None) -> train(key) -> (runner_state, metrics)``;
+``make_train(config, env) -> train(key, env_params, seeds=None) -> (runner_state, metrics)``
+(env params and seeds are arguments, never closure constants); the shared rollout is
+:mod:`~teams_rl_jax.rl.rollout`, each algorithm one file (``trpo``, ``ppo``, ``baselines``).
 ``run_policy_stage`` (in :mod:`teams_rl_jax.rl.stage`, imported lazily: it pulls in Orbax and
 matplotlib) trains and writes the stage's artifacts.
 """
@@ -9,7 +11,9 @@ from teams_rl_jax.rl.baselines import paper_overrides, paper_schedule, schedule_
 from teams_rl_jax.rl.config import OPERATIONS, PolicyConfig, PPOConfig, QueryBudgetConfig, TRPOConfig
 from teams_rl_jax.rl.gae import discounted_returns, gae
 from teams_rl_jax.rl.ppo import clipped_surrogate, ppo_update
-from teams_rl_jax.rl.train import RunnerState, Transition, make_network, make_train, policy_action
+from teams_rl_jax.rl.algorithm import Algorithm, make_network
+from teams_rl_jax.rl.rollout import Transition
+from teams_rl_jax.rl.train import RunnerState, make_train, make_trainer, policy_action
 from teams_rl_jax.rl.trpo import conjugate_gradient, fisher_vector_product, trpo_update
 
 
@@ -22,6 +26,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "Algorithm",
     "OPERATIONS",
     "PPOConfig",
     "PolicyConfig",
@@ -37,6 +42,7 @@ __all__ = [
     "load_policy",
     "make_network",
     "make_train",
+    "make_trainer",
     "paper_overrides",
     "paper_schedule",
     "policy_action",

@@ -85,3 +85,31 @@ def paper_overrides(t: jax.Array, actions: jax.Array, operations: tuple[str, ...
     forced = jnp.isin(t, jnp.asarray(PAPER_BREADTH_STEPS))
     other = jnp.where(actions == breadth, add_constraints, actions)
     return jnp.where(forced, breadth, other).astype(jnp.int32)
+
+
+def _no_learning(params, opt_state, traj, last, multiplier, key):
+    return params, opt_state, {}
+
+
+def make_random(config, num_actions: int):
+    """WizardLM's uniform choice as an :class:`~teams_rl_jax.rl.algorithm.Algorithm` (nothing to learn)."""
+    from teams_rl_jax.rl.algorithm import Algorithm
+
+    def act(params, key, obs, t, mask):
+        return random_action(key, mask), uniform_logits(mask), jnp.zeros(mask.shape[:-1])
+
+    return Algorithm(lambda key, obs_dim: ({}, ()), act, _no_learning)
+
+
+def make_fixed(config, num_actions: int, operations: tuple[str, ...]):
+    """A fixed per-step schedule (``config.schedule``) as an :class:`~teams_rl_jax.rl.algorithm.Algorithm`."""
+    from teams_rl_jax.rl.algorithm import Algorithm
+
+    table = schedule_table(config.schedule, config.num_steps, operations)  # numpy: a small constant
+
+    def act(params, key, obs, t, mask):
+        action = fixed_action(table, t, key, mask)
+        onehot = jax.nn.one_hot(action, num_actions) > 0
+        return action, P.masked_logits(jnp.zeros(mask.shape, jnp.float32), onehot), jnp.zeros(mask.shape[:-1])
+
+    return Algorithm(lambda key, obs_dim: ({}, ()), act, _no_learning)

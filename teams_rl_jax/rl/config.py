@@ -16,7 +16,10 @@ from teams_rl_jax.errors import ConfigError
 
 # The six Evol-Instruct operations in the default action order; an env may reorder or subset them
 # (``env.operations``), and the baselines map names through the env's own list.
-from teams_rl_jax.env.operations import OPERATIONS  # noqa: E402  (single source of truth)
+from teams_rl_jax.env.operations import OPERATIONS, STOP  # noqa: E402  (single source of truth)
+
+# Every action name a config may mention: the six operations and ``stop`` (ends the episode).
+ACTION_NAMES = OPERATIONS + (STOP,)
 
 # Named fixed schedules understood by ``schedule`` (see teams_rl_jax.rl.baselines).
 NAMED_SCHEDULES = ("paper", "round_robin")
@@ -158,8 +161,19 @@ class PolicyConfig:
     # test env of teams_rl_jax.rl.testing.
     env: str = "token_edit"
     env_kwargs: dict[str, Any] = field(default_factory=dict)
-    # Baselines the stage also runs on the same number of episodes, for the comparison plot.
-    compare: tuple[str, ...] = ("random", "paper")
+    # Baselines the stage also runs on the same number of episodes, for the comparison plot. None =
+    # ("random", "paper") on the LLM-free envs and none on the LLM env, where each baseline costs as
+    # many instructor and reviewer queries as the policy run itself.
+    compare: tuple[str, ...] | None = None
+    # Save the runner state (params, optimiser, multiplier, key, curves so far) every this many
+    # updates (Orbax, run/policy/state); a rerun of the stage resumes from the latest one. 0 = never.
+    save_every: int = 0
+
+    def baselines(self) -> tuple[str, ...]:
+        """``compare``, or its env-dependent default (see the field)."""
+        if self.compare is not None:
+            return tuple(self.compare)
+        return () if self.env == "llm" else ("random", "paper")
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on an invalid value."""
@@ -170,13 +184,15 @@ class PolicyConfig:
         _unit("gae_lambda", self.gae_lambda)
         if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
             raise ConfigError(f"hidden_sizes must be positive integers, got {list(self.hidden_sizes)}")
-        unknown = [op for op in self.disabled_ops if op not in OPERATIONS]
+        unknown = [op for op in self.disabled_ops if op not in ACTION_NAMES]
         if unknown:
-            raise ConfigError(f"disabled_ops: unknown operation {unknown[0]!r} (valid: {', '.join(OPERATIONS)})")
-        if len(set(self.disabled_ops)) >= len(OPERATIONS):
+            raise ConfigError(f"disabled_ops: unknown operation {unknown[0]!r} (valid: {', '.join(ACTION_NAMES)})")
+        if len(set(self.disabled_ops) - {STOP}) >= len(OPERATIONS):
             raise ConfigError("disabled_ops disables every operation")
         validate_schedule(self.schedule, "schedule")
-        for name in self.compare:
+        if self.save_every < 0:
+            raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
+        for name in self.compare or ():
             if name != "random":
                 validate_schedule((name,), "compare")
         if self.algo == "ppo":
@@ -205,8 +221,8 @@ def validate_schedule(schedule: tuple[str, ...], key: str) -> None:
     if len(schedule) == 1 and schedule[0] in NAMED_SCHEDULES:
         return
     for op in schedule:
-        if op not in OPERATIONS:
+        if op not in ACTION_NAMES:
             raise ConfigError(
                 f"{key}: unknown operation or schedule {op!r} "
-                f"(valid: {', '.join(NAMED_SCHEDULES + OPERATIONS)})"
+                f"(valid: {', '.join(NAMED_SCHEDULES + ACTION_NAMES)})"
             )

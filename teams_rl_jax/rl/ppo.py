@@ -94,3 +94,24 @@ def ppo_update(
     new_logits = network.apply(params, batch.obs, batch.action_mask, method="logits")
     metrics["kl"] = masked_mean(P.kl_divergence(batch.old_logits, new_logits), batch.weights)
     return params, opt_state, metrics
+
+
+def make_ppo(config, network):
+    """PPO as an :class:`~teams_rl_jax.rl.algorithm.Algorithm` (GAE targets, Adam state carried)."""
+    from teams_rl_jax.rl.algorithm import Algorithm, actor_critic_batch, init_params
+
+    tx = make_optimizer(config.ppo, config.num_updates)
+
+    def init(key, obs_dim):
+        params = init_params(network, key, obs_dim)
+        return params, tx.init(params)
+
+    def act(params, key, obs, t, mask):
+        logits, value = network.apply(params, obs, mask)
+        return P.sample(key, logits), logits, value
+
+    def learn(params, opt_state, traj, last, multiplier, key):
+        batch = actor_critic_batch(config, network, params, traj, last, multiplier, returns_targets=False)
+        return ppo_update(network, params, opt_state, tx, batch, key, config.ppo)
+
+    return Algorithm(init, act, learn)

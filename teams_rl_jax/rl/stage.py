@@ -6,7 +6,7 @@
   config) next to it; reload with :func:`load_policy`. Baselines have no params: only ``policy.json``.
 * ``curves.jsonl`` - one line per update: return, queries (per role, total, cumulative), budgeted
   cost, Lagrange multiplier, KL, losses, entropy, op histogram; ``curves_<baseline>.jsonl`` for each
-  baseline in ``config.compare`` (run with the same envs, steps and updates: equal episode budgets).
+  baseline in ``config.baselines()`` (run with the same envs, steps and updates: equal episode budgets).
 * ``curves.png`` - return vs cumulative queries (policy and baselines on one axis, so comparisons are
   at equal query budgets), queries per episode, KL and entropy per update.
 * ``op_histogram.json`` / ``op_histogram.png`` - operation frequencies (whole run, last update, by
@@ -22,19 +22,25 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from teams_rl_jax import config as cfglib
 from teams_rl_jax.errors import CheckpointError, ConfigError
 from teams_rl_jax.rl.config import OPERATIONS, PolicyConfig
-from teams_rl_jax.rl.train import LEARNED, env_operations, init_params, make_network, make_train
+from teams_rl_jax.rl.train import LEARNED, env_operations, init_params, make_network, make_trainer
 
 POLICY_META = "policy.json"
 CHECKPOINT_DIR = "checkpoint"
 
 
-def make_env(config: PolicyConfig) -> tuple[Any, Any, Any]:
-    """``(env, env_params, seeds)`` for ``config.env`` (``"synthetic"`` = the test env)."""
+def make_env(config: PolicyConfig, roles: Any = None) -> tuple[Any, Any, Any]:
+    """``(env, env_params, seeds)`` for ``config.env`` (``"synthetic"`` = the test env).
+
+    ``"llm"`` builds the instructor operator and the reviewer term from ``roles`` (a
+    ``backends.config.RolesConfig``, a mapping role -> ``RoleConfig``, or built backends; see
+    :mod:`teams_rl_jax.rl.roles`).
+    """
     if config.env == "synthetic":
         from teams_rl_jax.rl import testing
 
@@ -43,6 +49,11 @@ def make_env(config: PolicyConfig) -> tuple[Any, Any, Any]:
         env, params = testing.make_synthetic(**kwargs)
         seeds = testing.synthetic_seeds(jax.random.PRNGKey(config.seed + 1), num_seeds, params.embed_dim)
         return env, params, seeds
+    if config.env == "llm":
+        from teams_rl_jax.rl.roles import make_llm_env
+
+        env, env_params = make_llm_env(config.env_kwargs, roles)
+        return env, env_params, None
     try:
         from teams_rl_jax import env as env_pkg
     except ImportError as e:  # pragma: no cover - env package always present in the repo
@@ -62,25 +73,126 @@ def _baseline_config(config: PolicyConfig, name: str) -> PolicyConfig:
     return config.replace(algo="fixed", schedule=(name,), compare=())
 
 
-def _run(config: PolicyConfig, env, env_params, seeds, log: Callable[[str], None], tag: str):
+# ---- checkpoint / resume of the runner state ---------------------------------------------------------
+def _flat_metrics(metrics: dict) -> dict[str, np.ndarray]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(metrics)
+    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v) for path, v in flat}
+
+
+def _nest_metrics(flat: dict[str, np.ndarray]) -> dict:
+    out: dict = {}
+    for name, v in flat.items():
+        *head, last = name.split("/")
+        d = out
+        for h in head:
+            d = d.setdefault(h, {})
+        d[last] = v
+    return out
+
+
+def _comparable(config: PolicyConfig) -> dict:
+    d = cfglib.to_dict(config)
+    for k in ("num_updates", "save_every"):  # a resumed run may run longer or save more often
+        d.pop(k, None)
+    return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+class _StateStore:
+    """The runner state every ``save_every`` updates: Orbax (``step_<update>``) + the curves so far.
+
+    The curves (``metrics_<update>.npz``) are written before the Orbax step, which is finalised
+    atomically, so the latest finalised step always has its curves: a kill -9 anywhere leaves a
+    resumable directory.
+    """
+
+    def __init__(self, path: Path, config: PolicyConfig):
+        import orbax.checkpoint as ocp
+
+        self.path = path.absolute()
+        self.path.mkdir(parents=True, exist_ok=True)
+        meta = self.path / "config.json"
+        want = _comparable(config)
+        if meta.is_file():
+            have = json.loads(meta.read_text())
+            if have != want:
+                key = next(k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k))
+                raise CheckpointError(f"{self.path}: saved by a different policy config (key {key!r} differs); "
+                                      "use a new run dir or delete it")
+        else:
+            meta.write_text(json.dumps(want))
+        self.mngr = ocp.CheckpointManager(self.path, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+    def latest(self) -> int | None:
+        return self.mngr.latest_step()
+
+    def save(self, update: int, rs, metrics: dict) -> None:
+        import orbax.checkpoint as ocp
+
+        leaves = {f"{i:04d}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(jax.device_get(rs)))}
+        tmp = self.path / f".metrics_{update}.npz"
+        with open(tmp, "wb") as f:
+            np.savez(f, **_flat_metrics(metrics))
+        tmp.replace(self.path / f"metrics_{update}.npz")
+        self.mngr.save(update, args=ocp.args.StandardSave(leaves))
+        self.mngr.wait_until_finished()
+
+    def restore(self, update: int, like):
+        import orbax.checkpoint as ocp
+
+        leaves, treedef = jax.tree_util.tree_flatten(like)
+        target = {f"{i:04d}": jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for i, x in enumerate(leaves)}
+        try:
+            got = self.mngr.restore(update, args=ocp.args.StandardRestore(target))
+            with np.load(self.path / f"metrics_{update}.npz") as z:
+                metrics = _nest_metrics({k: z[k] for k in z.files})
+        except Exception as e:  # noqa: BLE001 - Orbax raises many types; report one line
+            raise CheckpointError(f"{self.path}: cannot restore update {update} ({type(e).__name__}: {e})") from None
+        rs = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(got[f"{i:04d}"]) for i in range(len(leaves))])
+        return rs, metrics
+
+
+def _run(config: PolicyConfig, env, env_params, seeds, log: Callable[[str], None], tag: str,
+         state_dir: Path | None = None):
+    """Train ``config`` (resuming from ``state_dir`` when it holds a saved state); returns
+    ``(runner_state, metrics stacked over all updates)``."""
     every = max(1, config.num_updates // 10)
 
     def on_update(i: int, m: dict) -> None:
         if i % every == 0 or i == config.num_updates - 1:
             log(
                 f"[policy:{tag}] update {i + 1}/{config.num_updates} return {float(np.mean(m['return'])):.4f} "
-                f"queries {float(np.mean(m['queries_total'])):.2f} kl {float(np.mean(m['kl'])):.4f} "
+                f"queries {float(np.mean(m['queries_total'])):.2f} kl {float(np.mean(m.get('kl', 0.0))):.4f} "
                 f"entropy {float(np.mean(m['entropy'])):.3f}"
             )
 
-    train = make_train(config, env, env_params, seeds, on_update=on_update)
+    trainer = make_trainer(config, env, on_update=on_update)
     if config.loop == "jit":
-        train = jax.jit(train)
+        init = jax.jit(trainer.init)
+        run = jax.jit(trainer.run, static_argnums=3)
+    else:
+        init, run = trainer.init, trainer.run
     t0 = time.time()
-    runner_state, metrics = train(jax.random.PRNGKey(config.seed))
-    metrics = jax.tree_util.tree_map(np.asarray, jax.device_get(metrics))
+    rs = init(jax.random.PRNGKey(config.seed), env_params)
+    history: list[dict] = []
+    done = 0
+    store = _StateStore(state_dir, config) if (state_dir is not None and config.save_every) else None
+    if store is not None and store.latest() is not None:
+        done = min(int(store.latest()), config.num_updates)
+        rs, saved = store.restore(store.latest(), rs)
+        history.append(jax.tree_util.tree_map(lambda x: x[:done], saved))
+        log(f"[policy:{tag}] resumed from update {done} ({store.path})")
+    chunk = config.save_every or config.num_updates
+    while done < config.num_updates:
+        n = min(chunk, config.num_updates - done)
+        rs, m = run(rs, env_params, seeds, n)
+        history.append(jax.tree_util.tree_map(np.asarray, jax.device_get(m)))
+        done += n
+        if store is not None:
+            store.save(done, rs, jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *history))
+            log(f"[policy:{tag}] saved state at update {done}")
+    metrics = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *history)
     log(f"[policy:{tag}] {config.num_updates} updates in {time.time() - t0:.1f}s")
-    return runner_state, metrics
+    return rs, metrics
 
 
 def curve_rows(metrics: dict, config: PolicyConfig, names: list[str]) -> list[dict]:
@@ -249,16 +361,23 @@ def run_policy_stage(
     env: Any = None,
     env_params: Any = None,
     seeds: Any = None,
+    roles: Any = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Train the policy (and ``config.compare`` baselines) and write ``run_dir/policy/`` artifacts.
+    """Train the policy (and the ``config.baselines()``) and write ``run_dir/policy/`` artifacts.
 
-    ``env``/``env_params``/``seeds`` override :func:`make_env` (tests, custom envs). Returns the
-    summary that is also written to ``summary.json``.
+    ``env``/``env_params``/``seeds`` override :func:`make_env` (tests, custom envs). ``roles``
+    (the pipeline's ``cfg.roles``) supplies the instructor and reviewer of ``env: llm``. With
+    ``save_every`` the runner state is saved under ``policy/state`` (baselines: ``state_<name>``) and
+    a rerun resumes from it. Returns the summary that is also written to ``summary.json``.
     """
     config.validate()
     if env is None:
-        env, env_params, seeds = make_env(config)
+        env, env_params, seeds = make_env(config, roles)
+    if config.env == "llm" and config.loop == "jit" and getattr(env, "host_roles", ()):
+        # A role behind HTTP cannot be compiled into the rollout scan: step the env from Python.
+        log(f"[policy] roles {', '.join(env.host_roles)} are remote: using the host-step loop")
+        config = config.replace(loop="host", host_rollout="step")
     out = Path(run_dir) / "policy"
     out.mkdir(parents=True, exist_ok=True)
     num_actions = int(env.num_actions)
@@ -269,15 +388,15 @@ def run_policy_stage(
         log(f"[policy] note: num_steps {config.num_steps} != env episode_length {episode_length} "
             "(rollouts are cut and bootstrapped, or padded with masked steps)")
 
-    runner_state, metrics = _run(config, env, env_params, seeds, log, config.algo)
+    runner_state, metrics = _run(config, env, env_params, seeds, log, config.algo, out / "state")
     rows = {"policy": curve_rows(metrics, config, names)}
     hists = {"policy": _histograms(metrics, names)}
     _write_jsonl(out / "curves.jsonl", rows["policy"])
     save_policy(out, config, runner_state.params, num_actions, obs_dim, tuple(names))
 
-    for name in config.compare:
+    for name in config.baselines():
         bcfg = _baseline_config(config, name)
-        _, bmetrics = _run(bcfg, env, env_params, seeds, log, name)
+        _, bmetrics = _run(bcfg, env, env_params, seeds, log, name, out / f"state_{name}")
         rows[name] = curve_rows(bmetrics, bcfg, names)
         hists[name] = _histograms(bmetrics, names)
         _write_jsonl(out / f"curves_{name}.jsonl", rows[name])
@@ -302,7 +421,7 @@ def run_policy_stage(
         "env": config.env,
         "num_updates": config.num_updates,
         "policy": summarize(rows["policy"]),
-        "baselines": {name: summarize(rows[name]) for name in config.compare},
+        "baselines": {name: summarize(rows[name]) for name in config.baselines()},
         "final_lagrange": rows["policy"][-1]["lagrange"],
         "op_histogram_final": hists["policy"]["final"],
     }

@@ -1,24 +1,32 @@
-"""``make_train``: PureJaxRL-shaped training for TRPO, PPO and the random / fixed baselines.
+"""``make_train``: PureJaxRL-shaped training, ``train(key, env_params, seeds) -> (runner_state, metrics)``.
 
-``train = make_train(config, env, env_params, seeds)`` returns ``train(key) -> (runner_state,
-metrics)``. With ``config.loop == "jit"`` the whole loop (reset, rollout scan, GAE, update, Lagrange
-step, for ``num_updates`` updates) is one traceable function: ``jax.jit(train)``, or
-``jax.jit(jax.vmap(train))(keys)`` for several seeds. With ``loop == "host"`` the update loop runs
-in Python around a jitted update (and, with ``host_rollout == "step"``, the rollout steps the env one
-jitted step at a time and stops once all episodes are done), for envs whose step is expensive.
+The pieces: the shared rollout (:mod:`teams_rl_jax.rl.rollout`), one small file per algorithm
+(``trpo.make_trpo``, ``ppo.make_ppo``, ``baselines.make_random`` / ``make_fixed``, each an
+:class:`~teams_rl_jax.rl.algorithm.Algorithm`), the query-budget multiplier (``lagrange``), and the
+loops here. ``env_params`` and ``seeds`` are ARGUMENTS of ``train``, never closure constants: with
+an instructor and a reviewer LLM inside ``env_params`` (two 7B models, ~27 GB in bf16) a closed-over
+pytree would be baked into the compiled program as constants, which cannot compile.
 
-Rollouts are episode-aligned: each update resets ``num_envs`` envs and runs ``num_steps`` steps;
-transitions after an episode's ``done`` have ``valid == 0`` and are ignored by every loss and metric.
+With ``config.loop == "jit"`` the whole loop (reset, rollout scan, GAE, update, Lagrange step, for
+``num_updates`` updates) is one traceable function: ``jax.jit(train)``, or
+``jax.jit(jax.vmap(train, in_axes=(0, None, None)))(keys, env_params, seeds)`` for several seeds.
+With ``loop == "host"`` the update loop runs in Python around a jitted update (and, with
+``host_rollout == "step"``, the rollout steps the env one jitted step at a time and stops once every
+episode is done), for envs whose step is expensive or calls a remote LLM.
+
 Baselines go through the same rollout and metrics, so comparisons are on equal episode (and query)
-counts. ``metrics`` has one entry per update (leading axis ``num_updates``): ``return`` (mean
-episode return), ``episode_length``, ``queries`` (role -> mean per episode), ``queries_total``,
-``cost`` (the budgeted queries), ``lagrange``, ``kl``, ``policy_loss``, ``value_loss``, ``entropy``,
-``op_histogram [A]`` (fraction of valid steps per op), ``op_by_step [T, A]``, plus algorithm extras.
+counts. ``metrics`` has one entry per update (leading axis ``num_updates``): ``return``,
+``episode_length``, ``queries`` (role -> mean per episode), ``queries_total``, ``cost`` (the budgeted
+queries), ``lagrange``, ``entropy``, ``op_histogram [A]``, ``op_by_step [T, A]``; learned algorithms
+add ``kl``, ``policy_loss``, ``value_loss`` and their own extras.
+
+:func:`make_trainer` exposes the pieces (``init``, one ``update``, ``run`` over a range of updates)
+for the policy stage's checkpointed loop.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.struct as struct
 import jax
@@ -29,33 +37,24 @@ from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.models import policy as P
 from teams_rl_jax.models.policy import ActorCritic
 from teams_rl_jax.rl import baselines as B
-from teams_rl_jax.rl.config import OPERATIONS, PolicyConfig
-from teams_rl_jax.rl.gae import discounted_returns, gae, masked_mean, normalize
-from teams_rl_jax.rl.lagrange import LagrangeState, lagrange_step, make_lagrange, query_cost
-from teams_rl_jax.rl.ppo import make_optimizer, ppo_update
-from teams_rl_jax.rl.trpo import Batch, trpo_update
+from teams_rl_jax.rl.algorithm import Algorithm, init_params, make_network
+from teams_rl_jax.rl.config import PolicyConfig
+from teams_rl_jax.rl.lagrange import LagrangeState, lagrange_step, make_lagrange
+from teams_rl_jax.rl.ppo import make_ppo
+from teams_rl_jax.rl.rollout import (RolloutCarry, Transition, env_operations, make_rollout, pad_steps,
+                                     rollout_metrics, static_action_mask)
+from teams_rl_jax.rl.trpo import make_trpo
 
 LEARNED = ("trpo", "ppo")
 
-
-@struct.dataclass
-class Transition:
-    """One rollout step for all envs (stacked to ``[T, N, ...]`` by the rollout)."""
-
-    obs: jax.Array
-    action: jax.Array
-    logits: jax.Array  # acting distribution (masked), also the "old" policy for the update
-    value: jax.Array
-    reward: jax.Array
-    done: jax.Array
-    valid: jax.Array  # 1.0 while the episode had not ended before this step
-    queries: dict
-    action_mask: jax.Array
+__all__ = ["LEARNED", "RolloutCarry", "RunnerState", "Trainer", "Transition", "env_operations", "init_params",
+           "make_algorithm", "make_network", "make_train", "make_trainer", "policy_action", "static_action_mask"]
 
 
 @struct.dataclass
 class RunnerState:
-    """Everything carried across updates: network params, optimiser and multiplier states, key."""
+    """Everything carried across updates: network params, optimiser and multiplier states, key,
+    number of updates done. Saving it is enough to resume a run exactly."""
 
     params: Any
     opt_state: Any
@@ -64,245 +63,123 @@ class RunnerState:
     update: jax.Array
 
 
-@struct.dataclass
-class RolloutCarry:
-    """Carry of the rollout scan."""
-
-    env_state: Any
-    obs: jax.Array
-    alive: jax.Array
-    key: jax.Array
-
-
-def make_network(config: PolicyConfig, num_actions: int) -> ActorCritic:
-    """The actor-critic described by ``config`` (hidden sizes, activation)."""
-    return ActorCritic(num_actions=num_actions, hidden_sizes=tuple(config.hidden_sizes), activation=config.activation)
-
-
-def init_params(network: ActorCritic, key: jax.Array, obs_dim: int) -> Any:
-    """Initial network params for observations of size ``obs_dim``."""
-    return network.init(key, jnp.zeros((obs_dim,), jnp.float32))
-
-
-def env_operations(env) -> tuple[str, ...]:
-    """Names of the env's actions (``env.operations``, else the default six)."""
-    ops = tuple(getattr(env, "operations", OPERATIONS))
-    if len(ops) != int(env.num_actions):
-        raise ConfigError(f"env.operations has {len(ops)} names for {env.num_actions} actions")
-    return ops
-
-
-def static_action_mask(config: PolicyConfig, operations: tuple[str, ...]) -> np.ndarray:
-    """``bool [A]``: False for ``config.disabled_ops`` (by name, in the env's action order)."""
-    missing = [op for op in config.disabled_ops if op not in operations]
-    if missing:
-        raise ConfigError(f"disabled_ops: {missing[0]!r} is not an action of this env ({', '.join(operations)})")
-    mask = np.asarray([op not in config.disabled_ops for op in operations])
-    if not mask.any():
-        raise ConfigError("disabled_ops disables every action of this env")
-    return mask
-
-
-def rollout_metrics(traj: Transition, num_actions: int, roles: tuple[str, ...]) -> dict[str, Any]:
-    """Per-update statistics of an episode-aligned rollout (means over episodes / valid steps)."""
-    valid = traj.valid
-    per_episode = lambda x: jnp.mean(jnp.sum(x * valid, axis=0))  # noqa: E731
-    onehot = jax.nn.one_hot(traj.action, num_actions) * valid[..., None]
-    by_step = jnp.sum(onehot, axis=1) / jnp.maximum(jnp.sum(valid, axis=1), 1.0)[:, None]
-    queries = {k: per_episode(v) for k, v in traj.queries.items()}
-    return {
-        "return": per_episode(traj.reward),
-        "episode_length": per_episode(jnp.ones_like(valid)),
-        "queries": queries,
-        "queries_total": sum(queries.values()) if queries else jnp.zeros(()),
-        "cost": per_episode(query_cost(traj.queries, roles)) if queries else jnp.zeros(()),
-        "op_histogram": jnp.sum(onehot, axis=(0, 1)) / jnp.maximum(jnp.sum(valid), 1.0),
-        "op_by_step": by_step,
-        "entropy": masked_mean(P.entropy(traj.logits), valid),
-    }
-
-
-def make_train(
-    config: PolicyConfig,
-    env,
-    env_params: Any,
-    seeds: Any = None,
-    *,
-    on_update: Callable[[int, dict], None] | None = None,
-) -> Callable[[jax.Array], tuple[RunnerState, dict]]:
-    """Build ``train(key) -> (runner_state, metrics)`` (see module docstring).
-
-    Args:
-      config: a validated :class:`PolicyConfig`.
-      env, env_params: gymnax-style single env (``reset``, ``step``, ``num_actions``,
-        ``observation_size``; optional ``action_mask(state, params) -> bool [A]``).
-      seeds: the env's seed pytree, passed unbatched to every ``env.reset`` (the env picks by key).
-      on_update: optional ``fn(update_index, metrics)`` called after each update (host callback
-        under ``loop="jit"``; metrics as numpy).
-    """
-    config.validate()
+def make_algorithm(config: PolicyConfig, env) -> Algorithm:
+    """The :class:`Algorithm` for ``config.algo`` on ``env``'s actions."""
     num_actions = int(env.num_actions)
-    obs_dim = int(env.observation_size(env_params))
-    N, T = config.num_envs, config.num_steps
-    algo = config.algo
-    network = make_network(config, num_actions)
-    operations = env_operations(env)
-    mask0 = jnp.asarray(static_action_mask(config, operations))
-    table = jnp.asarray(B.schedule_table(config.schedule, T, operations)) if algo == "fixed" else None
-    tx = make_optimizer(config.ppo, config.num_updates) if algo == "ppo" else None
+    if config.algo == "trpo":
+        return make_trpo(config, make_network(config, num_actions))
+    if config.algo == "ppo":
+        return make_ppo(config, make_network(config, num_actions))
+    if config.algo == "random":
+        return B.make_random(config, num_actions)
+    if config.algo == "fixed":
+        return B.make_fixed(config, num_actions, env_operations(env))
+    raise ConfigError(f"algo: unknown algorithm {config.algo!r}")  # pragma: no cover - validated
+
+
+class Trainer(NamedTuple):
+    """The loop's pieces. ``init(key, env_params) -> RunnerState``;
+    ``update(rs, env_params, seeds) -> (rs, metrics)`` (one update; jitted or host-stepped as the
+    config says); ``run(rs, env_params, seeds, num) -> (rs, metrics stacked over num updates)``."""
+
+    init: Callable[..., RunnerState]
+    update: Callable[..., tuple[RunnerState, dict]]
+    run: Callable[..., tuple[RunnerState, dict]]
+
+
+def make_trainer(config: PolicyConfig, env, *, on_update: Callable[[int, dict], None] | None = None) -> Trainer:
+    """Build the :class:`Trainer` (see :func:`make_train` for the arguments)."""
+    config.validate()
+    T = config.num_steps
+    num_actions = int(env.num_actions)
+    algo = make_algorithm(config, env)
+    reset, env_step, rollout = make_rollout(config, env, algo.act)
     lag_tx, lag0 = make_lagrange(config.queries)
     roles = tuple(config.queries.roles)
-    has_env_mask = callable(getattr(env, "action_mask", None))
 
-    # ---- env and acting -------------------------------------------------------------------------
-    def action_mask(env_state) -> jax.Array:
-        m = jnp.broadcast_to(mask0, (N, num_actions))
-        if has_env_mask:
-            m = m & jax.vmap(env.action_mask, in_axes=(0, None))(env_state, env_params).astype(bool)
-        return m
-
-    def reset(key):
-        keys = jax.random.split(key, N)
-        obs, env_state = jax.vmap(env.reset, in_axes=(0, None, None))(keys, env_params, seeds)
-        return RolloutCarry(env_state=env_state, obs=obs, alive=jnp.ones((N,), jnp.float32), key=key)
-
-    def act(params, key, obs, t, mask):
-        """(action [N], acting logits [N, A], value [N])."""
-        if algo in LEARNED:
-            logits, value = network.apply(params, obs, mask)
-            return P.sample(key, logits), logits, value
-        if algo == "random":
-            action = B.random_action(key, mask)
-            return action, B.uniform_logits(mask), jnp.zeros((N,))
-        action = B.fixed_action(table, t, key, mask)
-        onehot = jax.nn.one_hot(action, num_actions) > 0
-        return action, P.masked_logits(jnp.zeros((N, num_actions)), onehot), jnp.zeros((N,))
-
-    def env_step(params, carry: RolloutCarry, t):
-        key, k_act, k_env = jax.random.split(carry.key, 3)
-        mask = action_mask(carry.env_state)
-        action, logits, value = act(params, k_act, carry.obs, t, mask)
-        obs, env_state, reward, done, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-            jax.random.split(k_env, N), carry.env_state, action, env_params
-        )
-        done = done.astype(bool)
-        tr = Transition(
-            obs=carry.obs, action=action, logits=logits, value=value,
-            reward=reward.astype(jnp.float32) * carry.alive,
-            done=done, valid=carry.alive,
-            queries={k: jnp.asarray(v, jnp.float32) * carry.alive for k, v in info["queries"].items()},
-            action_mask=mask,
-        )
-        alive = carry.alive * (1.0 - done.astype(jnp.float32))
-        return RolloutCarry(env_state=env_state, obs=obs, alive=alive, key=key), tr
-
-    def rollout_scan(params, key):
-        carry = reset(key)
-        carry, traj = jax.lax.scan(
-            lambda c, t: env_step(params, c, t), carry, jnp.arange(T, dtype=jnp.int32)
-        )
-        return carry, traj
-
-    # ---- learning -------------------------------------------------------------------------------
-    def learn(rs: RunnerState, traj: Transition, last: RolloutCarry, key) -> tuple[RunnerState, dict]:
-        metrics = rollout_metrics(traj, num_actions, roles)
-        lam = rs.lagrange.multiplier
-        extra: dict[str, Any] = {"kl": jnp.zeros(()), "policy_loss": jnp.zeros(()), "value_loss": jnp.zeros(())}
-        params, opt_state = rs.params, rs.opt_state
-        if algo in LEARNED:
-            reward = traj.reward
-            if config.queries.enabled:
-                reward = reward - lam * query_cost(traj.queries, roles)
-            # Steps after an episode ended are terminal too, so nothing leaks across the boundary.
-            done = traj.done | (traj.valid == 0)
-            last_value = network.apply(params, last.obs, method="value") * last.alive
-            adv, targets = gae(reward, traj.value, done, last_value, config.gamma, config.gae_lambda)
-            if algo == "trpo":
-                # The reference regresses its critic on discounted returns, not GAE targets.
-                targets = discounted_returns(reward, done, last_value, config.gamma)
-            if config.normalize_advantages:
-                adv = normalize(adv, traj.valid)
-            flat = lambda x: x.reshape((T * N,) + x.shape[2:])  # noqa: E731
-            batch = Batch(
-                obs=flat(traj.obs), actions=flat(traj.action), advantages=flat(adv), targets=flat(targets),
-                weights=flat(traj.valid), old_logits=flat(traj.logits), old_values=flat(traj.value),
-                action_mask=flat(traj.action_mask),
-            )
-            if algo == "trpo":
-                params, learner = trpo_update(network, params, batch, config.trpo)
-            else:
-                params, opt_state, learner = ppo_update(network, params, opt_state, tx, batch, key, config.ppo)
-            extra.update(learner)
-        lagrange = rs.lagrange
-        if config.queries.enabled:
-            lagrange = lagrange_step(lag_tx, lagrange, metrics["cost"], config.queries.budget)
-        metrics.update(extra)
-        metrics["lagrange"] = lam
-        new = RunnerState(params=params, opt_state=opt_state, lagrange=lagrange, key=rs.key, update=rs.update + 1)
-        return new, metrics
+    def init(key, env_params) -> RunnerState:
+        key, k_net = jax.random.split(key)
+        params, opt_state = algo.init(k_net, int(env.observation_size(env_params)))
+        return RunnerState(params=params, opt_state=opt_state, lagrange=lag0, key=key,
+                           update=jnp.zeros((), jnp.int32))
 
     def split_keys(rs: RunnerState):
         key, k_roll, k_learn = jax.random.split(rs.key, 3)
         return rs.replace(key=key), k_roll, k_learn
 
-    def update_step(rs: RunnerState, _=None):
+    def learn(rs: RunnerState, traj: Transition, last: RolloutCarry, key) -> tuple[RunnerState, dict]:
+        metrics = rollout_metrics(traj, num_actions, roles)
+        lam = rs.lagrange.multiplier
+        params, opt_state, extra = algo.learn(rs.params, rs.opt_state, traj, last, lam, key)
+        lagrange = rs.lagrange
+        if config.queries.enabled:
+            lagrange = lagrange_step(lag_tx, lagrange, metrics["cost"], config.queries.budget)
+        metrics.update(extra)
+        metrics["lagrange"] = lam
+        return RunnerState(params=params, opt_state=opt_state, lagrange=lagrange, key=rs.key,
+                           update=rs.update + 1), metrics
+
+    def update_scan(rs: RunnerState, env_params, seeds):
         rs, k_roll, k_learn = split_keys(rs)
-        last, traj = rollout_scan(rs.params, k_roll)
+        last, traj = rollout(rs.params, k_roll, env_params, seeds)
         rs, metrics = learn(rs, traj, last, k_learn)
         if on_update is not None and config.loop == "jit":
             jax.debug.callback(lambda i, m: on_update(int(np.asarray(i).reshape(-1)[0]) - 1, m), rs.update, metrics)
         return rs, metrics
 
-    def init(key) -> RunnerState:
-        key, k_net = jax.random.split(key)
-        params = init_params(network, k_net, obs_dim) if algo in LEARNED else {}
-        opt_state = tx.init(params) if tx is not None else None
-        return RunnerState(params=params, opt_state=opt_state, lagrange=lag0, key=key,
-                           update=jnp.zeros((), jnp.int32))
+    if config.loop == "jit":
+        def run(rs, env_params, seeds, num):
+            return jax.lax.scan(lambda r, _: update_scan(r, env_params, seeds), rs, None, num)
 
-    # ---- loops ----------------------------------------------------------------------------------
-    def train_jit(key):
-        """Whole training as one traceable function: init, then ``lax.scan`` over updates."""
-        rs = init(key)
-        return jax.lax.scan(update_step, rs, None, config.num_updates)
+        return Trainer(init, update_scan, run)
 
-    def train_host(key):
-        """Python loop over updates around jitted pieces; metrics come back stacked as numpy."""
-        rs = init(key)
+    if config.host_rollout == "scan":
+        update = jax.jit(update_scan)
+    else:
+        reset_j, step_j, learn_j = jax.jit(reset), jax.jit(env_step), jax.jit(learn)
+
+        def update(rs, env_params, seeds):
+            rs, k_roll, k_learn = split_keys(rs)
+            carry, steps = reset_j(k_roll, env_params, seeds), []
+            for t in range(T):
+                carry, tr = step_j(rs.params, carry, jnp.asarray(t, jnp.int32), env_params)
+                steps.append(tr)
+                if not bool(jnp.any(carry.alive > 0)):
+                    break  # every episode is over: skip the remaining (expensive) env steps
+            return learn_j(rs, pad_steps(steps, T), carry, k_learn)
+
+    def run_host(rs, env_params, seeds, num):
         history = []
-        if config.host_rollout == "scan":
-            step_fn = jax.jit(update_step)
-        else:
-            reset_j = jax.jit(reset)
-            env_step_j = jax.jit(env_step)
-            learn_j = jax.jit(learn)
-
-            def step_fn(rs):
-                rs, k_roll, k_learn = split_keys(rs)
-                carry, steps = reset_j(k_roll), []
-                for t in range(T):
-                    carry, tr = env_step_j(rs.params, carry, jnp.asarray(t, jnp.int32))
-                    steps.append(tr)
-                    if not bool(jnp.any(carry.alive > 0)):
-                        break  # every episode is over: skip the remaining (expensive) env steps
-                # Pad to the fixed length T with invalid copies so `learn` compiles once.
-                last_tr = steps[-1]
-                pad = last_tr.replace(valid=jnp.zeros_like(last_tr.valid), reward=jnp.zeros_like(last_tr.reward),
-                                      queries=jax.tree_util.tree_map(jnp.zeros_like, last_tr.queries))
-                steps += [pad] * (T - len(steps))
-                traj = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *steps)
-                return learn_j(rs, traj, carry, k_learn)
-
-        for i in range(config.num_updates):
-            rs, metrics = step_fn(rs)
+        for _ in range(num):
+            rs, metrics = update(rs, env_params, seeds)
             metrics = jax.device_get(metrics)
             history.append(metrics)
             if on_update is not None:
-                on_update(i, metrics)
-        stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *history)
-        return rs, stacked
+                on_update(int(rs.update) - 1, metrics)
+        return rs, jax.tree_util.tree_map(lambda *xs: np.stack(xs), *history)
 
-    return train_jit if config.loop == "jit" else train_host
+    return Trainer(init, update, run_host)
+
+
+def make_train(config: PolicyConfig, env, *, on_update: Callable[[int, dict], None] | None = None
+               ) -> Callable[..., tuple[RunnerState, dict]]:
+    """Build ``train(key, env_params, seeds=None) -> (runner_state, metrics)`` (see module docstring).
+
+    Args:
+      config: a validated :class:`PolicyConfig`.
+      env: gymnax-style env (``reset``/``step`` or ``reset_batch``/``step_batch``, ``num_actions``,
+        ``observation_size(params)``; optional ``action_mask(state, params) -> bool [A]``).
+      on_update: optional ``fn(update_index, metrics)`` called after each update (host callback
+        under ``loop="jit"``; metrics as numpy).
+    ``train``'s ``seeds`` is the env's seed pytree, passed unbatched to every reset.
+    """
+    trainer = make_trainer(config, env, on_update=on_update)
+
+    def train(key, env_params, seeds=None):
+        rs = trainer.init(key, env_params)
+        return trainer.run(rs, env_params, seeds, config.num_updates)
+
+    return train
 
 
 def policy_action(

@@ -279,3 +279,23 @@ def trpo_update(network, params: Any, batch: Batch, cfg: TRPOConfig) -> tuple[An
         "surrogate_improvement": loss0 - ls.loss,
     }
     return new_params, metrics
+
+
+def make_trpo(config, network):
+    """TRPO as an :class:`~teams_rl_jax.rl.algorithm.Algorithm`: sample from the policy, one
+    :func:`trpo_update` per rollout (critic on discounted returns, as the reference)."""
+    from teams_rl_jax.rl.algorithm import Algorithm, actor_critic_batch, init_params
+
+    def init(key, obs_dim):
+        return init_params(network, key, obs_dim), ()
+
+    def act(params, key, obs, t, mask):
+        logits, value = network.apply(params, obs, mask)
+        return P.sample(key, logits), logits, value
+
+    def learn(params, opt_state, traj, last, multiplier, key):
+        batch = actor_critic_batch(config, network, params, traj, last, multiplier, returns_targets=True)
+        params, metrics = trpo_update(network, params, batch, config.trpo)
+        return params, opt_state, metrics
+
+    return Algorithm(init, act, learn)
