@@ -11,7 +11,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from helpers import rng as seeded_rng
+from helpers import seed as record_seed
 
 from teams_rl_jax import config as cfglib
 from teams_rl_jax.data import Example, pack_rows, tokenize_dataset, unpacked_rows
@@ -35,7 +38,8 @@ def _seqs(rng, n, vocab=512):
 
 
 def test_packed_equals_unpacked_summed_loss():
-    rng = np.random.default_rng()
+    """Catches: attention or loss crossing segment boundaries of a packed row (packed != unpacked)."""
+    rng = seeded_rng(11)
     lm = init(TINY, jax.random.key(int(rng.integers(1 << 30))))
     seqs = _seqs(rng, 12)
     packed, plain = pack_rows(seqs, 64), unpacked_rows(seqs, 64)
@@ -47,7 +51,8 @@ def test_packed_equals_unpacked_summed_loss():
 
 
 def test_grad_accumulation_equals_big_batch():
-    rng = np.random.default_rng()
+    """Catches: micro-batch losses averaged per micro-batch instead of over all loss tokens."""
+    rng = seeded_rng(12)
     lm = init(TINY, jax.random.key(int(rng.integers(1 << 30))))
     batch = unpacked_rows(_seqs(rng, 8), 32)
     opt = make_optimizer(OptimSection(lr=1e-2, warmup_steps=0, eps=1e-3), 10)  # eps: Adam maps any g~0 to +-lr
@@ -56,6 +61,43 @@ def test_grad_accumulation_equals_big_batch():
     np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(four.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_step_loss_counts_only_response_tokens():
+    """The step's loss and gradient are the cross-entropy of the response tokens only (loss_mask == 1),
+    computed here independently from the model's logits.
+
+    Catches: the step ignoring ``loss_mask`` (prompt tokens counted in the loss), targets not shifted by
+    one, or the loss divided by the wrong token count.
+    """
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    rng = seeded_rng(15)
+    exs = [Example(f"say {' '.join(rng.choice(words, int(k)))}", " ".join(rng.choice(words, 4)))
+           for k in rng.integers(3, 12, 6)]
+    tok = build_word_tokenizer([e.instruction + " " + e.output for e in exs] +
+                               ["Below is an instruction that describes a task. Write a response that appropriately "
+                                "completes the request. ### Instruction: ### Response:"], 512)
+    seqs, _ = tokenize_dataset(exs, tok, "alpaca", 96)
+    batch = unpacked_rows(seqs, 96)
+    lm = init(TINY, jax.random.key(record_seed(16, "init")))
+    ids, mask, seg = batch["input_ids"], batch["loss_mask"], batch["segment_ids"]
+    # The prompt is most of each row: counting it would move the loss a lot (asserted below).
+    assert mask.sum() < 0.5 * (seg > 0).sum()
+
+    def reference(params, weights):
+        logp = jax.nn.log_softmax(lm.apply(params, ids, seg).astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp[:, :-1], jnp.asarray(ids[:, 1:, None]), axis=-1)[..., 0]
+        return jnp.sum(nll * weights[:, 1:]) / jnp.sum(weights[:, 1:])
+
+    ref_fn = jax.jit(jax.value_and_grad(reference))
+    want, want_grad = ref_fn(lm.params, jnp.asarray(mask, jnp.float32))
+    every, _ = ref_fn(lm.params, jnp.asarray(seg > 0, jnp.float32))  # what a mask-ignoring step computes
+    assert abs(float(every) - float(want)) > 0.05, (float(every), float(want))
+    opt = make_optimizer(OptimSection(lr=1e-3, warmup_steps=0, clip_norm=None), 10)
+    _, m = jax.jit(make_train_step(lm, opt))(init_state(lm, opt, 0), batch)
+    assert float(m["loss_tokens"]) == mask[:, 1:].sum()
+    np.testing.assert_allclose(float(m["loss"]), float(want), rtol=1e-5)
+    np.testing.assert_allclose(float(m["grad_norm"]), float(optax.global_norm(want_grad)), rtol=1e-4)
 
 
 def test_schedule_and_decay_mask():
@@ -72,7 +114,7 @@ def test_schedule_and_decay_mask():
 
 
 def test_mixed_precision_keeps_float32_master_weights():
-    rng = np.random.default_rng()
+    rng = seeded_rng(13)
     lm = init(TINY, jax.random.key(int(rng.integers(1 << 30))), dtype="float32", compute_dtype="bfloat16")
     batch = unpacked_rows(_seqs(rng, 4), 32)
     opt = make_optimizer(OptimSection(lr=1e-3, warmup_steps=0), 10)
@@ -103,13 +145,18 @@ def test_tiny_model_overfits_16_examples():
 
 
 def test_sharded_step_equals_unsharded(tmp_path):
+    """One step on a (data=2, fsdp=2, tensor=2) mesh of 8 simulated devices equals the unsharded step; the
+    worker asserts each param's and Adam moment's NamedSharding spec and per-device shard shape.
+
+    Catches: moments left replicated (or laid out unlike their params), a param rule mapped to the wrong mesh
+    axis, a sharded step that computes something else.
+    """
     out = tmp_path / "r.npz"
     p = subprocess.run([sys.executable, str(HERE / "sft_worker.py"), "sharded", str(out)], capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     r = np.load(out)
     assert float(r["param_diff"]) <= 1e-5 and float(r["loss_diff"]) <= 1e-5, dict(r)
-    assert int(r["mu_sharded"]) == 8  # Adam moments are sharded like the params
 
 
 def _run(run_dir, nproc=1, pid=0, port=0, env=None):
@@ -193,7 +240,7 @@ def test_finetune_local_checkpoint_exports_for_transformers(tmp_path):
     from teams_rl_jax.sft.loop import DEMO_DATA, train
 
     base = tmp_path / "base"
-    lm0 = init(TINY, jax.random.key(int(np.random.default_rng().integers(1 << 30))))
+    lm0 = init(TINY, jax.random.key(record_seed(14, "init")))
     save_pretrained(lm0, base)
     build_word_tokenizer(DEMO_DATA.read_text().splitlines(), 512, save_dir=base)
     cfg = cfglib.from_dict(SFTConfig, {"model": {"path": str(base)}, "max_steps": 2, "global_batch": 2,
