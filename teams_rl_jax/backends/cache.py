@@ -35,6 +35,8 @@ CREATE TABLE IF NOT EXISTS responses (
     backend TEXT NOT NULL,
     model TEXT NOT NULL,
     kind TEXT NOT NULL,
+    role TEXT NOT NULL,
+    tag TEXT NOT NULL,
     request TEXT NOT NULL,
     response TEXT NOT NULL,
     created REAL NOT NULL
@@ -80,15 +82,22 @@ class ResponseCache:
                     out[k] = json.loads(v)
         return out
 
-    def put_many(self, rows: Sequence[tuple[str, str, str, str, dict, Any]]) -> None:
-        """Store ``(key, backend, model, kind, request, response)`` rows in one committed transaction."""
+    def put_many(self, rows: Sequence[tuple[str, str, str, str, str, str, dict, Any]]) -> None:
+        """Store ``(key, backend, model, kind, role, tag, request, response)`` rows in one committed transaction."""
         now = time.time()
         with self._lock:
             self._db.executemany(
-                "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(k, b, m, kind, json.dumps(req, ensure_ascii=False), json.dumps(resp, ensure_ascii=False), now)
-                 for k, b, m, kind, req, resp in rows])
+                "INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(k, b, m, kind, role, tag, json.dumps(req, ensure_ascii=False), json.dumps(resp, ensure_ascii=False),
+                  now) for k, b, m, kind, role, tag, req, resp in rows])
             self._db.commit()
+
+    def paid_by_role(self, tag: str) -> dict[str, int]:
+        """Queries paid (= rows stored) under ``tag``, by role: exact even across kill -9s, since a
+        row is committed with its answer."""
+        with self._lock:
+            q = "SELECT role, COUNT(*) FROM responses WHERE tag = ? GROUP BY role"
+            return {r: int(n) for r, n in self._db.execute(q, (tag,))}
 
     def __len__(self) -> int:
         with self._lock:
@@ -102,13 +111,14 @@ class ResponseCache:
 class CachedBackend:
     """A :class:`Backend` that replays cached answers and pays the inner backend only for misses.
 
-    ``stats()`` -> ``{"paid": n, "replayed": n}`` for this role; the inner backend's own counter
+    ``stats()`` -> ``{"paid": n, "replayed": n}`` for this role in this process; the inner backend's own counter
     counts only what it was actually asked (the paid queries). ``counter`` here counts every query
     (paid + replayed): what the run asked for.
     """
 
-    def __init__(self, inner: Any, cache: ResponseCache, counter: QueryCounter | None = None):
+    def __init__(self, inner: Any, cache: ResponseCache, counter: QueryCounter | None = None, tag: str = ""):
         self.inner = inner
+        self.tag = tag  # who paid (e.g. the generate output dir), for ResponseCache.paid_by_role
         self.cache = cache
         self.role = inner.role
         self.model = inner.model
@@ -148,7 +158,7 @@ class CachedBackend:
                 resp = {"text": c.text, "token_ids": list(c.token_ids) if c.token_ids is not None else None,
                         "finish_reason": c.finish_reason}
                 hits[keys[i]] = resp
-                rows.append((keys[i], self.kind, self.model, "complete", reqs[i], resp))
+                rows.append((keys[i], self.kind, self.model, "complete", self.role, self.tag, reqs[i], resp))
             self.cache.put_many(rows)
         self._tally(len(miss), len(prompts) - len(miss))
         out = []
@@ -169,7 +179,7 @@ class CachedBackend:
             rows = []
             for i, v in zip(miss, got):
                 hits[keys[i]] = float(v)
-                rows.append((keys[i], self.kind, self.model, "score", reqs[i], float(v)))
+                rows.append((keys[i], self.kind, self.model, "score", self.role, self.tag, reqs[i], float(v)))
             self.cache.put_many(rows)
         self._tally(len(miss), len(prompts) - len(miss))
         return [float(hits[k]) for k in keys]

@@ -1,0 +1,15 @@
+"""The generate stage: the trained policy steers LLM roles over seed instructions into an SFT dataset.
+
+(Named ``evolve`` because ``teams_rl_jax.generate`` is already the LM decode function.)
+
+``run_generate_stage(GenerateConfig, run_dir, roles)`` -> ``run_dir/data/generated.jsonl`` +
+``summary.json``. Modules: ``config`` (:class:`GenerateConfig`), ``records`` (seeds, crash-safe
+JSONL), ``selectors`` (policy / random / fixed / paper), ``operators`` (LLM role or token edit),
+``filters`` (elimination rules, duplicates), ``stage``.
+"""
+
+from teams_rl_jax.evolve.config import GenerateConfig
+from teams_rl_jax.evolve.records import Seed, read_seeds
+from teams_rl_jax.evolve.stage import outputs_complete, run_generate_stage
+
+__all__ = ["GenerateConfig", "Seed", "outputs_complete", "read_seeds", "run_generate_stage"]

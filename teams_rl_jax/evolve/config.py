@@ -1,0 +1,68 @@
+"""``GenerateConfig``: the generate stage's settings (the ``generate:`` section of the pipeline YAML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from teams_rl_jax.errors import ConfigError
+
+SELECTORS = ("policy", "random", "fixed", "paper")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Which seeds, who picks the operations, who carries them out, what is kept, and the budgets.
+
+    ``selector``: ``policy`` (the policy stage's ``run/policy`` checkpoint), ``random`` (WizardLM's
+    Evol-Instruct: uniform over the operations), ``fixed`` (``schedule``), ``paper`` (the schedule the
+    TeaMs-RL reference generator ran). ``operator_role``: the LLM role that rewrites (``instructor``,
+    or ``expert`` as in the paper's single-model setting), or ``token_edit`` for the LLM-free
+    token-edit operator of the env (the offline default). ``baselines``: selectors also run over the
+    same seeds with the same query budget, into ``run/data/baselines/<name>/``.
+    """
+
+    seeds: str | None = None  # Alpaca JSON/JSONL (instruction, input, optional id/domain); None = bundled
+    max_seeds: int | None = None
+    selector: Literal["policy", "random", "fixed", "paper"] = "policy"
+    schedule: tuple[str, ...] = ("add_constraints",)  # for selector: fixed (last op repeats)
+    policy_dir: str | None = None  # default: run_dir/policy
+    greedy: bool = False  # policy: argmax instead of sampling
+    steps: int = 6  # the paper's six evolutions per seed
+    keep: Literal["all", "final"] = "all"  # every step's instruction (paper) or only the last
+    operator_role: Literal["instructor", "expert", "token_edit"] = "instructor"
+    judge: bool = True  # ask the reviewer (when configured) "Equal"/"Not Equal" for rule 1
+    near_dup_threshold: float | None = 0.95  # MiniLM cosine at or above it = near-duplicate; null = off
+    encoder: str | None = None  # local HF BERT dir; None = the packaged all-MiniLM-L6-v2
+    max_new_tokens: int = 256  # for a rewrite (cut by it = eliminated)
+    answer_max_new_tokens: int = 512  # for the expert's answer
+    temperature: float = 0.7
+    top_p: float = 0.95
+    batch_seeds: int = 32  # seeds evolved together: one batched call per role per step
+    max_queries: int | None = None  # stop starting new batches once this many queries were made
+    baselines: tuple[str, ...] = ("random",)
+    cache: bool = True  # SQLite response cache under run_dir/cache
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Ranges and names."""
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_seeds < 1:
+            raise ConfigError(f"batch_seeds must be >= 1, got {self.batch_seeds}")
+        if self.max_seeds is not None and self.max_seeds < 1:
+            raise ConfigError(f"max_seeds must be >= 1, got {self.max_seeds}")
+        if self.near_dup_threshold is not None and not 0.0 < self.near_dup_threshold <= 1.0:
+            raise ConfigError(f"near_dup_threshold must be in (0, 1] or null, got {self.near_dup_threshold}")
+        if self.max_new_tokens < 1 or self.answer_max_new_tokens < 1:
+            raise ConfigError("max_new_tokens and answer_max_new_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("need temperature >= 0 and 0 < top_p <= 1")
+        for b in self.baselines:
+            if b not in SELECTORS or b == "policy":
+                raise ConfigError(f"baselines: unknown baseline {b!r} (valid: random, fixed, paper)")
+        if self.selector == "fixed" or "fixed" in self.baselines:
+            from teams_rl_jax.rl.config import validate_schedule
+
+            validate_schedule(self.schedule, "schedule")

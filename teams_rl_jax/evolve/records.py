@@ -1,0 +1,170 @@
+"""Seed reading and crash-safe record files of the generate stage.
+
+Two append-only JSONL files per process shard: ``generated.jsonl`` (Alpaca records with ``meta``)
+and ``progress.jsonl`` (one line per *finished* seed: its eliminations, duplicates and queries).
+A seed's records are written, flushed and fsynced one by one, and only then its progress line, so
+after a ``kill -9`` at any instant :func:`recover` can restore the invariant "every seed's records
+appear exactly once": a half-written last line is cut, and records of seeds without a progress line
+(always the tail of the file) are dropped; those seeds are evolved again (their paid answers replay
+from the response cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+from teams_rl_jax.errors import DataError
+
+BUNDLED_SEEDS = "evolve_seeds.jsonl"  # package data of teams_rl_jax.data (our own ~100 seeds)
+
+
+@dataclass(frozen=True)
+class Seed:
+    """One seed instruction: a stable ``id``, ``instruction``, optional ``input`` and ``domain``."""
+
+    id: str
+    instruction: str
+    input: str = ""
+    domain: str | None = None
+
+    @property
+    def text(self) -> str:
+        """What gets evolved: the instruction with its input folded in (as WizardLM does)."""
+        return self.instruction if not self.input else f"{self.instruction}\n{self.input}"
+
+
+def read_seeds(path: str | Path | None = None, limit: int | None = None) -> list[Seed]:
+    """Seeds from an Alpaca JSON list or JSONL file (``None``: the bundled set). Errors name file:line."""
+    if path is None:
+        text = resources.files("teams_rl_jax.data").joinpath(BUNDLED_SEEDS).read_text(encoding="utf-8")
+        where = f"teams_rl_jax/data/{BUNDLED_SEEDS}"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"seed file not found: {p}")
+        text, where = p.read_text(encoding="utf-8"), str(p)
+    rows: list[tuple[int, Any]] = []
+    if text.lstrip().startswith("["):
+        try:
+            rows = list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}:{e.lineno}: invalid JSON ({e.msg})") from None
+        line_word = "record"
+    else:
+        line_word = "line"
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}:{n}: invalid JSON ({e.msg})") from None
+    seeds: list[Seed] = []
+    seen: set[str] = set()
+    for n, rec in rows:
+        at = f"{where}:{n}" if line_word == "line" else f"{where} record {n}"
+        if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str) or not rec["instruction"].strip():
+            raise DataError(f"{at}: missing or empty string field 'instruction'")
+        inp = rec.get("input") or ""
+        if not isinstance(inp, str):
+            raise DataError(f"{at}: field 'input' must be a string")
+        sid = str(rec.get("id", f"seed-{len(seeds):05d}"))
+        if sid in seen:
+            raise DataError(f"{at}: duplicate seed id {sid!r}")
+        seen.add(sid)
+        dom = rec.get("domain")
+        seeds.append(Seed(sid, rec["instruction"].strip(), inp.strip(), str(dom) if dom is not None else None))
+        if limit is not None and len(seeds) >= limit:
+            break
+    if not seeds:
+        raise DataError(f"{where}: no seed instructions")
+    return seeds
+
+
+def _read_lines(path: Path) -> tuple[list[dict], int]:
+    """Complete JSON lines of ``path`` and the byte length they span (a torn tail is not counted)."""
+    if not path.exists():
+        return [], 0
+    data = path.read_bytes()
+    out, good = [], 0
+    pos = 0
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            break  # half-written last line (no newline yet)
+        try:
+            out.append(json.loads(data[pos:nl]))
+        except json.JSONDecodeError:
+            break  # torn write; everything after it is dropped too
+        pos = good = nl + 1
+    return out, good
+
+
+def _truncate(path: Path, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def recover(records_path: Path, progress_path: Path) -> tuple[list[dict], list[dict]]:
+    """Repair both files after a crash; returns ``(records, progress)`` of the finished seeds."""
+    progress, size = _read_lines(progress_path)
+    if progress_path.exists() and size != progress_path.stat().st_size:
+        _truncate(progress_path, size)
+    done = {p["seed_id"] for p in progress}
+    records, size = _read_lines(records_path)
+    keep = [r for r in records if r.get("meta", {}).get("seed_id") in done]
+    if len(keep) != len(records) or (records_path.exists() and size != records_path.stat().st_size):
+        tmp = records_path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, records_path)
+    return keep, progress
+
+
+class AppendLog:
+    """Append JSON lines with flush + fsync per line (durable before the next line starts)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def write_partial(self, row: dict) -> None:
+        """Test hook: the first half of a line, as a crash mid-write leaves it."""
+        line = json.dumps(row, ensure_ascii=False)
+        self.f.write(line[: len(line) // 2])
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
+    """Write ``rows`` to ``path`` via a temp file + rename (readers never see a partial file)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON via a temp file + rename."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)

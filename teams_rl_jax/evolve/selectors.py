@@ -1,0 +1,178 @@
+"""Who picks each seed's next operation: the trained policy, or a baseline (random, fixed, paper).
+
+``choose(seed_ids, texts, prev_ops, t) -> op names``. Randomness is keyed per seed and step
+(``fold_in(seed, crc32(seed_id), t)``), never by batch position, so a resumed run that batches the
+remaining seeds differently makes the same choices (and replays its cached queries).
+
+The policy sees what it saw in training: :func:`observation_env` rebuilds the policy stage's env from
+``policy.json`` (its tokenizer, embedding and episode length), and each current instruction *text*
+is re-tokenized with that env's tokenizer and described by the env's own ``describe`` /
+``observation`` (embedding, one-hot previous action, step fraction). So a policy trained on the
+token-edit env can drive an LLM operator, and one trained in the LLM env can drive this stage.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from teams_rl_jax.env.operations import OPERATIONS
+from teams_rl_jax.errors import ConfigError
+
+STOP = "stop"  # the policy's "end this episode" action, where the env has one
+
+
+def seed_key(base: int, seed_id: str, t: int) -> jax.Array:
+    """PRNG key of (run seed, seed id, step): independent of batching."""
+    k = jax.random.fold_in(jax.random.PRNGKey(base), zlib.crc32(seed_id.encode()) & 0x7FFFFFFF)
+    return jax.random.fold_in(k, t)
+
+
+class RandomSelector:
+    """WizardLM's Evol-Instruct: an operation uniformly at random at every step."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0, operations: Sequence[str] = OPERATIONS):
+        self.seed = seed
+        self.operations = tuple(operations)
+
+    def choose(self, seed_ids: Sequence[str], texts: Sequence[str], prev_ops: Sequence[int], t: int) -> list[str]:
+        n = len(self.operations)
+        return [self.operations[int(jax.random.randint(seed_key(self.seed, s, t), (), 0, n))] for s in seed_ids]
+
+
+class ScheduleSelector:
+    """A fixed per-step schedule (``fixed``: the config's; ``paper``: the reference generator's)."""
+
+    def __init__(self, schedule: Sequence[str], steps: int, name: str = "fixed"):
+        from teams_rl_jax.rl.baselines import schedule_ops
+
+        self.name = name
+        self.ops = schedule_ops(tuple(schedule), steps)
+        self.operations = OPERATIONS
+
+    def choose(self, seed_ids, texts, prev_ops, t) -> list[str]:
+        return [self.ops[min(t, len(self.ops) - 1)]] * len(seed_ids)
+
+
+def observation_env(policy_config: Any, roles: Any = None):
+    """``(env, env_params)`` whose observation equals the policy stage's env's.
+
+    The observation depends on the env's tokenizer, embedding and episode length, not on its
+    operator, so an LLM-env policy gets the token-edit build of the same settings (its tokenizer:
+    ``env_kwargs.tokenizer``, else the instructor's flax checkpoint dir).
+    """
+    from teams_rl_jax import env as env_pkg
+
+    kind = policy_config.env
+    kwargs = dict(policy_config.env_kwargs)
+    if kind == "token_edit":
+        return env_pkg.make("token_edit", **kwargs)
+    if kind == "llm":
+        kwargs.pop("operator", None)
+        if "tokenizer" not in kwargs:
+            inst = getattr(roles, "instructor", None) if roles is not None else None
+            if inst is None or getattr(inst, "backend", None) != "flax":
+                raise ConfigError("generate: the policy was trained in the LLM env; its observation needs the "
+                                  "env's tokenizer (set policy.env_kwargs.tokenizer or a flax roles.instructor)")
+            kwargs["tokenizer"] = inst.checkpoint
+        ops = [op for op in kwargs.get("operations", OPERATIONS) if op != STOP]
+        kwargs["operations"] = tuple(ops)
+        return env_pkg.make("token_edit", **kwargs)
+    raise ConfigError(f"generate: cannot rebuild the observation of policy env {kind!r} (token_edit or llm)")
+
+
+class PolicySelector:
+    """The policy stage's trained actor, fed the env's own observation of each current text."""
+
+    name = "policy"
+
+    def __init__(self, policy_dir: str | Path, *, roles: Any = None, seed: int = 0, greedy: bool = False,
+                 batch: int = 32):
+        from teams_rl_jax import config as cfglib
+        from teams_rl_jax.env.environment import EnvState
+        from teams_rl_jax.rl.config import PolicyConfig
+        from teams_rl_jax.rl.stage import load_policy
+        from teams_rl_jax.rl.train import static_action_mask
+
+        network, params, meta = load_policy(policy_dir)
+        config = cfglib.from_dict(PolicyConfig, meta["config"])
+        self.operations = tuple(meta["operations"])
+        self.env, self.env_params = observation_env(config, roles)
+        num_actions = int(meta["num_actions"])
+        obs_dim = self.env.embedding_size(self.env_params) + num_actions + 1
+        if obs_dim != int(meta["obs_dim"]):
+            raise ConfigError(f"generate: the rebuilt observation has {obs_dim} features but the policy in "
+                              f"{policy_dir} was trained on {meta['obs_dim']}")
+        self.seed, self.greedy, self.batch = seed, greedy, batch
+        self.params = params
+        mask = jnp.asarray(static_action_mask(config, self.operations))
+        env = self.env
+        self.max_len = self.env_params.max_len
+        length = float(self.env_params.episode_length)
+
+        def observe(env_params, tokens, lengths, prev, t):
+            def one(tok, n, p, tt):
+                state = EnvState(instruction=env.describe(env_params, tok, n), seed=jnp.int32(-1),
+                                 domain=jnp.int32(-1), prev_action=p, t=tt, done=jnp.asarray(False))
+                if env.num_actions == num_actions:
+                    return env.observation(state, env_params)  # the env's own observation code
+                prev_hot = jax.nn.one_hot(p, num_actions) * (p >= 0)
+                frac = jnp.reshape(tt / length, (1,))
+                # env.observation sizes the one-hot by env.num_actions; the policy's action list may
+                # be longer (a "stop" action), so assemble it the same way at the policy's width.
+                return jnp.concatenate([state.instruction.embedding, prev_hot, frac]).astype(jnp.float32)
+            return jax.vmap(one)(tokens, lengths, prev, t)
+
+        def act(net_params, env_params, keys, tokens, lengths, prev, t):
+            obs = observe(env_params, tokens, lengths, prev, t)
+            logits = network.apply(net_params, obs, mask, method="logits")
+            if greedy:
+                return jnp.argmax(logits, -1).astype(jnp.int32), obs
+            return jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(keys, logits).astype(jnp.int32), obs
+
+        # Weights and env params are arguments of the jitted function, never baked-in constants.
+        self._act = jax.jit(act)
+        self._observe = jax.jit(observe)
+
+    def _encode(self, texts: Sequence[str]):
+        from teams_rl_jax.env.seeds import seeds_from_texts
+
+        return seeds_from_texts(list(texts), self.env.tokenizer, self.max_len, on_long="truncate")
+
+    def observations(self, texts: Sequence[str], prev_ops: Sequence[int], t: int) -> np.ndarray:
+        """The observation vectors the policy sees (for tests and debugging)."""
+        b = self._encode(texts)
+        n = len(texts)
+        return np.asarray(self._observe(self.env_params, b.tokens, b.lengths, jnp.asarray(prev_ops, jnp.int32),
+                                        jnp.full((n,), t, jnp.int32)))
+
+    def choose(self, seed_ids, texts, prev_ops, t) -> list[str]:
+        n = len(seed_ids)
+        rows = max(self.batch, n)  # fixed row count: one compilation for every batch
+        b = self._encode(list(texts) + [texts[0]] * (rows - n))
+        keys = jnp.stack([seed_key(self.seed, s, t) for s in seed_ids] + [jax.random.PRNGKey(0)] * (rows - n))
+        prev = jnp.asarray(list(prev_ops) + [-1] * (rows - n), jnp.int32)
+        acts, _ = self._act(self.params, self.env_params, keys, b.tokens, b.lengths, prev,
+                            jnp.full((rows,), t, jnp.int32))
+        return [self.operations[int(a)] for a in np.asarray(acts)[:n]]
+
+
+def make_selector(name: str, cfg: Any, run_dir: Path, roles: Any = None):
+    """The selector called ``name`` for ``GenerateConfig`` ``cfg``."""
+    if name == "policy":
+        path = Path(cfg.policy_dir) if cfg.policy_dir else Path(run_dir) / "policy"
+        return PolicySelector(path, roles=roles, seed=cfg.seed, greedy=cfg.greedy, batch=cfg.batch_seeds)
+    if name == "random":
+        return RandomSelector(cfg.seed)
+    if name == "paper":
+        return ScheduleSelector(("paper",), cfg.steps, name="paper")
+    if name == "fixed":
+        return ScheduleSelector(cfg.schedule, cfg.steps, name="fixed")
+    raise ConfigError(f"generate: unknown selector {name!r}")

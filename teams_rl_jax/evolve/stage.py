@@ -1,0 +1,353 @@
+"""The generate stage runner: seeds -> evolved, filtered, answered Alpaca records.
+
+``run_generate_stage(cfg, run_dir, roles)`` writes ``run_dir/data/``:
+
+* ``generated.jsonl``: ``{"instruction", "input", "output", "meta": {"seed_id", "selector", "ops",
+  "step", "judge", "queries": {role: n}, "answer_finish"}}`` (``queries``: what that seed had cost
+  when the record was made).
+* ``summary.json``: kept, eliminations by rule, duplicates dropped, queries by role (paid + replayed),
+  paid and replayed separately, queries per kept instruction, operation histogram.
+* ``baselines/<name>/``: the same for each baseline selector, over the same seeds and query budget.
+* ``shards/``: per-process record and progress files (merged into ``generated.jsonl`` at the end).
+
+Per batch of ``batch_seeds`` seeds and per step: the selector picks each live seed's operation; the
+operator role rewrites (one batched ``complete``); the reviewer judges (one batched call); rules 1/4
+and duplicates filter; the expert answers the survivors (one batched call); rules 2-3 filter the
+answers. An eliminated evolution is dropped and the seed continues from its previous instruction
+(as in the env, ``revert_eliminated``). Multi-host: seed ``i`` belongs to process ``i % count``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from teams_rl_jax.backends.base import QueryCounter
+from teams_rl_jax.errors import ConfigError
+from teams_rl_jax.evolve import filters as F
+from teams_rl_jax.evolve.config import GenerateConfig
+from teams_rl_jax.evolve.records import (AppendLog, Seed, _read_lines, read_seeds, recover, write_json_atomic,
+                                         write_jsonl_atomic)
+from teams_rl_jax.evolve.selectors import STOP, make_selector
+
+ROLES = ("instructor", "reviewer", "expert")
+
+
+def outputs_complete(out: Path) -> bool:
+    """Whether a generate output dir holds a finished run (its summary is written last)."""
+    return (out / "generated.jsonl").is_file() and (out / "summary.json").is_file()
+
+
+def needed_roles(cfg: GenerateConfig, roles: Any) -> tuple[str, ...]:
+    """Roles the stage calls: the operator role (unless token_edit), the expert, the reviewer if set."""
+    need = ["expert"]
+    if cfg.operator_role != "token_edit":
+        need.append(cfg.operator_role)
+    if cfg.judge and roles is not None and getattr(roles, "reviewer", None) is not None:
+        need.append("reviewer")
+    return tuple(dict.fromkeys(need))
+
+
+def build_backends(cfg: GenerateConfig, roles: Any, run_dir: Path, backends: dict | None = None,
+                   tag: str = "data") -> dict:
+    """``{role: backend}`` for the roles this stage calls, each wrapped in the response cache when
+    ``cfg.cache`` (``backends`` given = use those, e.g. tests' counting backends)."""
+    import dataclasses
+
+    from teams_rl_jax.backends import build_roles
+    from teams_rl_jax.backends.cache import CachedBackend, ResponseCache
+
+    wrap = None
+    if cfg.cache:
+        store = ResponseCache(Path(run_dir) / "cache" / "responses.sqlite")
+        wrap = lambda b: CachedBackend(b, store, tag=tag)  # noqa: E731
+    if backends is not None:
+        return {r: wrap(b) if wrap else b for r, b in backends.items()}
+    need = needed_roles(cfg, roles)
+    for role in need:
+        if roles is None or getattr(roles, role, None) is None:
+            raise ConfigError(f"roles.{role}: the generate stage needs this role (a flax checkpoint dir or an "
+                              f"openai endpoint)")
+    only = dataclasses.replace(roles, **{r: None for r in ROLES if r not in need})
+    return build_roles(only, QueryCounter(), cache=wrap)
+
+
+def _process() -> tuple[int, int]:
+    try:
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    except Exception:  # noqa: BLE001 - no backend initialised: single process
+        return 0, 1
+
+
+class _Batch:
+    """Mutable state of the seeds evolved together."""
+
+    def __init__(self, seeds: list[Seed], rows: list[int]):
+        n = len(seeds)
+        self.seeds, self.rows = seeds, rows
+        self.cur = [s.text for s in seeds]
+        self.prev = [-1] * n
+        self.alive = [True] * n
+        self.chain: list[list[str]] = [[] for _ in range(n)]
+        self.queries: list[dict[str, int]] = [dict.fromkeys(ROLES, 0) for _ in range(n)]
+        self.elim: list[dict[str, int]] = [dict.fromkeys(F.RULES, 0) for _ in range(n)]
+        self.dups: list[dict[str, int]] = [{"exact": 0, "near": 0} for _ in range(n)]
+        self.records: list[list[dict]] = [[] for _ in range(n)]
+        self.judge: list[float | None] = [None] * n
+        self.stopped = [False] * n
+
+    def charge(self, i: int, q: dict[str, int]) -> None:
+        for r, n in q.items():
+            self.queries[i][r] = self.queries[i].get(r, 0) + n
+
+
+def _answer(bk: dict, cfg: GenerateConfig, batch: _Batch, items: list[tuple[int, str, int]]) -> list[tuple[int, str, int, str, str]]:
+    """Expert answers for ``(i, instruction, step)``; returns survivors of rules 2-3 with answer + finish."""
+    if not items:
+        return []
+    expert = bk["expert"]
+    got = expert.complete([[{"role": "user", "content": x}] for _, x, _ in items],
+                          max_new_tokens=cfg.answer_max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                          seed=cfg.seed)
+    out = []
+    for (i, text, step), c in zip(items, got):
+        batch.charge(i, {"expert": 1})
+        flags = F.answer_flags(c.text)
+        hit = [r for r in F.ANSWER_RULES if flags[r]]
+        if hit:
+            batch.elim[i][hit[0]] += 1
+            continue
+        out.append((i, text, step, c.text.strip(), c.finish_reason))
+    return out
+
+
+def _record(batch: _Batch, i: int, text: str, step: int, answer: str, finish: str, selector: str) -> dict:
+    return {"instruction": text, "input": "", "output": answer,
+            "meta": {"seed_id": batch.seeds[i].id, "selector": selector, "ops": list(batch.chain[i]), "step": step,
+                     "judge": batch.judge[i], "queries": {r: n for r, n in batch.queries[i].items() if n},
+                     "answer_finish": finish}}
+
+
+def _evolve_batch(cfg: GenerateConfig, batch: _Batch, selector, operator, bk: dict, dedup: F.Deduper) -> None:
+    reviewer = bk.get("reviewer")
+    name = selector.name
+    for t in range(cfg.steps):
+        live = [i for i, a in enumerate(batch.alive) if a]
+        if not live:
+            break
+        ops = selector.choose([batch.seeds[i].id for i in live], [batch.cur[i] for i in live],
+                              [batch.prev[i] for i in live], t)
+        act = []
+        for i, op in zip(live, ops):
+            if op == STOP:  # the policy ends the episode: no queries, current instruction kept
+                batch.alive[i] = False
+                batch.stopped[i] = True
+            else:
+                act.append((i, op))
+        if not act:
+            break
+        idx = [i for i, _ in act]
+        new = operator.apply([batch.cur[i] for i in idx], [op for _, op in act], [batch.rows[i] for i in idx],
+                             [batch.seeds[i].id for i in idx], t)
+        for i, (_, _, q) in zip(idx, new):
+            batch.charge(i, q)
+        verdict: dict[int, float | None] = {}
+        if reviewer is not None:
+            from teams_rl_jax.env.judge import JUDGE_INSTRUCTION, parse_judgement
+
+            msgs = [[{"role": "user", "content": JUDGE_INSTRUCTION.format(old=batch.cur[i].strip(), new=x.strip())}]
+                    for i, (x, _, _) in zip(idx, new)]
+            got = reviewer.complete(msgs, max_new_tokens=8, temperature=0.0, top_p=1.0, seed=cfg.seed)
+            for i, c in zip(idx, got):
+                batch.charge(i, {"reviewer": 1})
+                verdict[i] = parse_judgement(c.text)
+        accepted = []
+        for (i, op), (text, truncated, _) in zip(act, new):
+            judge = verdict.get(i)
+            flags = F.instruction_flags(batch.cur[i], text, judge_equal=(judge == 0.0) if judge is not None else None,
+                                        truncated=truncated)
+            hit = [r for r in ("truncated", "no_gain", "template_copy") if flags[r]]
+            op_id = list(selector.operations).index(op) if op in selector.operations else -1
+            batch.prev[i] = op_id
+            if hit:
+                batch.elim[i][hit[0]] += 1  # dropped: the seed continues from its previous instruction
+                continue
+            accepted.append((i, op, text, judge))
+        if cfg.keep == "all":
+            fresh = dedup.filter([text for _, _, text, _ in accepted])
+            todo = []
+            for (i, op, text, judge), dup in zip(accepted, fresh):
+                batch.chain[i].append(op)
+                batch.cur[i], batch.judge[i] = text, judge
+                if dup:
+                    batch.dups[i][dup] += 1
+                else:
+                    todo.append((i, text, t + 1))
+            for i, text, step, answer, finish in _answer(bk, cfg, batch, todo):
+                batch.records[i].append(_record(batch, i, text, step, answer, finish, name))
+        else:
+            for i, op, text, judge in accepted:
+                batch.chain[i].append(op)
+                batch.cur[i], batch.judge[i] = text, judge
+    if cfg.keep == "final":
+        cand = [i for i in range(len(batch.seeds)) if batch.chain[i]]
+        fresh = dedup.filter([batch.cur[i] for i in cand])
+        todo = []
+        for i, dup in zip(cand, fresh):
+            if dup:
+                batch.dups[i][dup] += 1
+            else:
+                todo.append((i, batch.cur[i], len(batch.chain[i])))
+        for i, text, step, answer, finish in _answer(bk, cfg, batch, todo):
+            batch.records[i].append(_record(batch, i, text, step, answer, finish, name))
+
+
+def summarize(progress: list[dict], paid_by_role: dict[str, int] | None, selector: str, total_seeds: int) -> dict:
+    """The stage summary from per-seed progress lines and the cache's paid rows (None: no cache)."""
+    kept = sum(p["records"] for p in progress)
+    queries = {r: sum(p["queries"].get(r, 0) for p in progress) for r in ROLES}
+    # Paid = answers stored by this output dir (work of seeds killed mid-way included: it was paid);
+    # replayed = queries answered from the cache.
+    paid = dict(queries) if paid_by_role is None else {r: int(paid_by_role.get(r, 0)) for r in ROLES}
+    replayed = {r: max(queries[r] - paid[r], 0) for r in ROLES}
+    hist: dict[str, int] = {}
+    for p in progress:
+        for op in p["ops"]:
+            hist[op] = hist.get(op, 0) + 1
+    total = sum(queries.values())
+    return {
+        "selector": selector,
+        "seeds": total_seeds,
+        "seeds_done": len(progress),
+        "kept": kept,
+        "eliminated": {r: sum(p["eliminated"].get(r, 0) for p in progress) for r in F.RULES},
+        "duplicates": {k: sum(p["duplicates"][k] for p in progress) for k in ("exact", "near")},
+        "queries": queries,
+        "queries_total": total,
+        "paid": paid,
+        "replayed": replayed,
+        "queries_per_kept": total / kept if kept else None,
+        "stopped_early": sum(bool(p.get("stopped")) for p in progress),
+        "op_histogram": dict(sorted(hist.items())),
+    }
+
+
+def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = None, *, backends: dict | None = None,
+                       log: Callable[[str], None] = print, selector: str | None = None,
+                       out_dir: str | Path | None = None, max_queries: int | None = None,
+                       run_baselines: bool = True) -> dict:
+    """Run the stage (resuming a killed run); returns the summary. See the module docstring."""
+    cfg.validate()
+    run_dir = Path(run_dir)
+    name = selector or cfg.selector
+    out = Path(out_dir) if out_dir is not None else run_dir / "data"
+    budget = max_queries if max_queries is not None else cfg.max_queries
+    seeds = read_seeds(cfg.seeds, cfg.max_seeds)
+    proc, count = _process()
+    mine = [(i, s) for i, s in enumerate(seeds) if i % count == proc]
+    shards = out / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    rec_path = shards / f"generated.{proc:05d}.jsonl"
+    prog_path = shards / f"progress.{proc:05d}.jsonl"
+    kept, progress = recover(rec_path, prog_path)
+    done = {p["seed_id"] for p in progress}
+    todo = [(i, s) for i, s in mine if s.id not in done]
+
+    tag = str(out.relative_to(run_dir)) if out.is_relative_to(run_dir) else str(out)
+    bk = build_backends(cfg, roles, run_dir, backends, tag=tag)
+    sel = make_selector(name, cfg, run_dir, roles)
+    if cfg.operator_role == "token_edit":
+        from teams_rl_jax.evolve.operators import TokenEditOperator
+
+        operator = TokenEditOperator(seeds, seed=cfg.seed, batch=cfg.batch_seeds)
+    else:
+        from teams_rl_jax.evolve.operators import LLMOperator
+
+        operator = LLMOperator(bk[cfg.operator_role], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                               top_p=cfg.top_p, seed=cfg.seed)
+    dedup = F.Deduper(cfg.near_dup_threshold, cfg.encoder)
+    dedup.add([r["instruction"] for r in kept])
+    if todo:
+        log(f"[generate:{name}] {len(todo)} of {len(mine)} seeds to evolve ({len(done)} done before), "
+            f"{cfg.steps} steps, operator {cfg.operator_role}, roles {', '.join(bk) or 'none'}")
+
+    records, prog = AppendLog(rec_path), AppendLog(prog_path)
+    used = sum(sum(p["queries"].values()) for p in progress)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"generate:{name}", unit="seed",
+               dynamic_ncols=True, disable=None if cfg.progress else True)
+    t0, asked = time.perf_counter(), 0
+    try:
+        for start in range(0, len(todo), cfg.batch_seeds):
+            if budget is not None and used >= budget:
+                log(f"[generate:{name}] query budget {budget} reached after {used} queries; stopping")
+                break
+            chunk = todo[start:start + cfg.batch_seeds]
+            batch = _Batch([s for _, s in chunk], [i for i, _ in chunk])
+            _evolve_batch(cfg, batch, sel, operator, bk, dedup)
+            for i, s in enumerate(batch.seeds):
+                for r in batch.records[i]:
+                    records.write(r)
+                prog.write({"seed_id": s.id, "records": len(batch.records[i]), "eliminated": batch.elim[i],
+                            "duplicates": batch.dups[i], "queries": batch.queries[i], "ops": batch.chain[i],
+                            "stopped": batch.stopped[i]})
+                q = sum(batch.queries[i].values())
+                used += q
+                asked += q
+            bar.update(len(chunk))
+            bar.set_postfix(q_per_s=f"{asked / max(time.perf_counter() - t0, 1e-9):.1f}")
+    finally:
+        bar.close()
+        records.close()
+        prog.close()
+
+    _merge(out, count, proc)
+    progress_all = [p for k in range(count) for p in _read_lines(shards / f"progress.{k:05d}.jsonl")[0]]
+    caches = [b.cache for b in bk.values() if hasattr(b, "cache")]
+    summary = summarize(progress_all, caches[0].paid_by_role(tag) if caches else None, name, len(seeds))
+    if proc == 0:
+        write_json_atomic(out / "summary.json", summary)
+        log(f"[generate:{name}] kept {summary['kept']} instructions from {summary['seeds_done']} seeds; "
+            f"eliminated {sum(summary['eliminated'].values())}, duplicates {sum(summary['duplicates'].values())}; "
+            f"queries {summary['queries_total']} (paid {sum(summary['paid'].values())}, replayed "
+            f"{sum(summary['replayed'].values())}) -> {out / 'generated.jsonl'}")
+
+    if run_baselines and out_dir is None:
+        for b in cfg.baselines:
+            if b == name:
+                continue
+            bout = out / "baselines" / b
+            if outputs_complete(bout):
+                continue
+            run_generate_stage(cfg, run_dir, roles, backends=backends, log=log, selector=b, out_dir=bout,
+                               max_queries=summary["queries_total"] or None, run_baselines=False)
+    return summary
+
+
+def _merge(out: Path, count: int, proc: int) -> None:
+    """Process 0 merges the shard files into ``generated.jsonl`` (exact duplicates across shards dropped)."""
+    if count > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("teams_rl_jax.generate.merge")
+    if proc != 0:
+        return
+    seen: set[str] = set()
+    rows = []
+    for k in range(count):
+        for r in _read_lines(out / "shards" / f"generated.{k:05d}.jsonl")[0]:
+            key = F.normalize(r["instruction"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    write_jsonl_atomic(out / "generated.jsonl", rows)
+
+
+def read_summary(out: Path) -> dict:
+    """``summary.json`` of a finished generate output dir."""
+    return json.loads((out / "summary.json").read_text())
