@@ -38,13 +38,23 @@ def concat_left_padded(pieces: Sequence[tuple[jax.Array, jax.Array]], width: int
     return ids.astype(jnp.int32), mask
 
 
-def cut_at_eos(tokens: jax.Array, eos_ids: jax.Array, width: int, pad_id: int = 0):
-    """Generated ``tokens [B, N]`` -> right-padded ``[B, width]`` up to (excluding) the first EOS, and lengths."""
-    is_eos = jnp.any(tokens[..., None] == eos_ids, axis=-1) | (tokens == pad_id)
-    n = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1), tokens.shape[1])
-    n = jnp.minimum(n, width).astype(jnp.int32)
+def cut_at_eos(tokens: jax.Array, eos_ids: jax.Array, width: int, pad_id: int, *, return_truncated: bool = False):
+    """Generated ``tokens [B, N]`` -> right-padded ``[B, width]`` up to (excluding) the first EOS, and lengths.
+
+    Only ``eos_ids`` end a row: the pad id is not an end marker (``generate`` writes pad only *after* an
+    EOS, and a pad id may be a real token: id 0 is "!" in Llama-3). With ``return_truncated`` also
+    ``truncated bool [B]``: no EOS in the ``N`` generated tokens (cut by ``max_new_tokens``), or more
+    tokens before it than fit in ``width``.
+    """
+    eos_ids = jnp.asarray(eos_ids, jnp.int32).reshape(-1)
+    is_eos = jnp.any(tokens[..., None] == eos_ids, axis=-1)
+    found = is_eos.any(axis=1)
+    full = jnp.where(found, jnp.argmax(is_eos, axis=1), tokens.shape[1])
+    n = jnp.minimum(full, width).astype(jnp.int32)
     if tokens.shape[1] < width:
         tokens = jnp.pad(tokens, ((0, 0), (0, width - tokens.shape[1])), constant_values=pad_id)
     out = tokens[:, :width]
     out = jnp.where(jnp.arange(width)[None, :] < n[:, None], out, pad_id)
+    if return_truncated:
+        return out.astype(jnp.int32), n, ~found | (full > width)
     return out.astype(jnp.int32), n

@@ -4,12 +4,25 @@
    (``judge_equal=True``) or the two instructions are the same words and punctuation. Buffers: the
    token buffers are identical, or the reviewer judge (the reward term with ``role="reviewer"``,
    read as ``P(Not Equal)``) scored below 0.5.
-2. ``sorry_short``: the new text contains "sorry" and has fewer than ``sorry_max_words`` (80) words.
-3. ``stopwords_only``: the new text is only punctuation and stop words (or empty).
+2. ``sorry_short``: contains "sorry" and has fewer than ``sorry_max_words`` (80) words.
+3. ``stopwords_only``: only punctuation and stop words (or empty).
 4. ``template_copy``: the new text copies prompt-template words ("given prompt", "rewritten
-   prompt", "#Rewritten Prompt#", our own markers ...).
+   prompt", "#Rewritten Prompt#", our own markers ...), wherever they stand (after a space, a
+   newline, "#" ...).
 
-:func:`eliminate` ``(old, new) -> reason or None`` is the generate stage's filter. In the env a rule is
+Rules 2 and 3 judge WizardLM's *response*: the expert's answer to the evolved instruction ("the
+evolved instruction makes it difficult for the LLM to generate a response"). The generate stage has
+that answer and applies them to it (:func:`eliminate_text` with ``answer=``). The env has no expert
+answer inside its step (one more LLM query per step), so there rules 2-3 run on the evolved
+*instruction* as a proxy: an instructor that replies "Sorry, I can't" or with filler instead of an
+instruction is what they catch there.
+
+A fifth rule, ``truncated``, is ours: the instructor's rewrite was cut by ``max_new_tokens`` or by the
+buffer (no EOS), so it is not a finished instruction (``LLMOperator.rewrite`` flags it; text backends
+report ``finish_reason == "length"``).
+
+:func:`eliminate` ``(old, new) -> reason or None`` is the generate stage's filter
+(:func:`eliminate_text` gives every rule's verdict). In the env a rule is
 a per-buffer jnp function ``(before, after, tables, aux) -> bool``; vocabulary facts (stop word?
 contains "sorry"? starts a word?) are per-token-id tables built once from the tokenizer
 (:func:`build_vocab_tables`), and phrases are found by token n-gram search. The two versions agree
@@ -72,12 +85,41 @@ def build_vocab_tables(tokenizer, sorry_max_words: int = SORRY_MAX_WORDS,
         sorry[i] = phrases.SORRY_WORD in low
         start[i] = alnum[i] and (raw.startswith(_MARKERS) if marker_style else not raw.startswith("##"))
         marker[i] = marker_style and raw != "" and bare == ""
-    variants = [phrase_variants(tokenizer, p) for p in template_phrases]
+    variants = [template_variants(tokenizer, p) for p in template_phrases]
     sorry_variants = [phrase_variants(tokenizer, phrases.SORRY_WORD)]
     return VocabTables(stop=jnp.asarray(stop), sorry=jnp.asarray(sorry), word_start=jnp.asarray(start),
                        alnum=jnp.asarray(alnum), marker=jnp.asarray(marker), template=build_ngram_set(variants),
                        sorry_phrase=build_ngram_set(sorry_variants),
                        sorry_max_words=jnp.asarray(sorry_max_words, jnp.int32))
+
+
+# Characters a template phrase may follow in an instruction (prompts write "#Rewritten Prompt#", a
+# phrase on a new line, "**Rewritten instruction:**" ...).
+_PHRASE_CONTEXTS = ("Note ", "Note\n", "Note\n\n", "Note #", "Note \"", "Note (", "Note *", "Note: ", "Note:\n")
+
+
+def template_variants(tokenizer, phrase: str) -> list[list[int]]:
+    """Token-id variants of ``phrase`` as it is tokenized in context: alone, and after each of
+    ``_PHRASE_CONTEXTS`` (a word, a newline, "#", a quote ...), in lower/Title/Capitalized/UPPER case.
+
+    Subword vocabularies mark word starts (``▁word``, ``Ġword``) and drop the mark after a newline or
+    "#", so the variant tokenized alone misses "\n#Rewritten Prompt#" (issue 7, defect 6). A context
+    whose last token merges with the phrase's first is skipped (no clean boundary to cut at).
+    """
+    from teams_rl_jax.env.buffers import encode
+
+    out = phrase_variants(tokenizer, phrase)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    cases = dict.fromkeys([phrase, phrase.lower(), phrase.title(), phrase[:1].upper() + phrase[1:], phrase.upper()])
+    for ctx in _PHRASE_CONTEXTS:
+        pre = encode(tokenizer, ctx)
+        for t in cases:
+            full = encode(tokenizer, ctx + t)
+            if len(full) > len(pre) and full[: len(pre)] == pre:
+                ids = full[len(pre):]
+                if ids not in out and (unk is None or unk not in ids):
+                    out.append(ids)
+    return out
 
 
 def word_count(tokens: jax.Array, length: jax.Array, tables: VocabTables) -> jax.Array:
@@ -124,8 +166,13 @@ def text_stopwords_only(old: str, new: str) -> bool:
 
 
 def text_template_copy(old: str, new: str) -> bool:
-    """Copies a template marker phrase (case-insensitive)."""
+    """Copies a template marker phrase (case-insensitive; after any character: "#Rewritten Prompt#")."""
     return any(r.search(new) for r in _TEMPLATE_RES)
+
+
+def text_truncated(old: str, new: str, truncated: bool = False) -> bool:
+    """The rewrite was cut by the token limit (``finish_reason == "length"``), not finished."""
+    return bool(truncated)
 
 
 # --------------------------------------------------------------------------------------- buffer rules
@@ -151,8 +198,14 @@ def tokens_stopwords_only(before: Instruction, after: Instruction, tables: Vocab
 
 
 def tokens_template_copy(before: Instruction, after: Instruction, tables: VocabTables, aux: dict) -> jax.Array:
-    """A tokenization variant of a template phrase occurs in the buffer."""
+    """A tokenization variant of a template phrase occurs in the buffer (variants in several contexts:
+    alone, after a word, a newline, "#", a quote ...; see :func:`template_variants`)."""
     return ngram_any(after.tokens, after.length, tables.template)
+
+
+def tokens_truncated(before: Instruction, after: Instruction, tables: VocabTables, aux: dict) -> jax.Array:
+    """The operator flagged the rewrite as cut by ``max_new_tokens`` or the buffer (``aux["truncated"]``)."""
+    return jnp.asarray(aux.get("truncated", False), bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +229,10 @@ register_rule("no_gain", text_no_gain, tokens_no_gain)
 register_rule("sorry_short", text_sorry_short, tokens_sorry_short)
 register_rule("stopwords_only", text_stopwords_only, tokens_stopwords_only)
 register_rule("template_copy", text_template_copy, tokens_template_copy)
+register_rule("truncated", text_truncated, tokens_truncated)
 
+WIZARDLM_RULES = ("no_gain", "sorry_short", "stopwords_only", "template_copy")
+RESPONSE_RULES = ("sorry_short", "stopwords_only")  # WizardLM applies these to the expert's answer
 DEFAULT_RULES = ELIMINATION_RULES.names()
 
 
@@ -197,6 +253,30 @@ def eliminate(old: str, new: str, rules: Sequence[str] | None = None, *, judge_e
         if hit:
             return name
     return None
+
+
+def eliminate_text(old: str, new: str, answer: str | None = None, *, judge_equal: bool | None = None,
+                   truncated: bool = False, sorry_max_words: int = SORRY_MAX_WORDS,
+                   rules: Sequence[str] | None = None) -> dict[str, bool]:
+    """Every rule's verdict ``{rule: bool}`` for evolving ``old`` into ``new`` (True = eliminate).
+
+    ``answer``: the expert's response to ``new``; rules 2-3 (``sorry_short``, ``stopwords_only``) judge
+    it, as in WizardLM. Without it they judge ``new`` itself (the env's proxy). ``judge_equal``: the
+    reviewer's verdict (True = "Equal"); ``truncated``: the rewrite hit the token limit.
+    """
+    out = {}
+    for name in rules if rules is not None else DEFAULT_RULES:
+        rule = ELIMINATION_RULES.get(name)
+        target = answer if (answer is not None and name in RESPONSE_RULES) else new
+        if name == "no_gain":
+            out[name] = bool(rule.text(old, new, judge_equal=judge_equal))
+        elif name == "sorry_short":
+            out[name] = bool(rule.text(old, target, max_words=sorry_max_words))
+        elif name == "truncated":
+            out[name] = bool(rule.text(old, new, truncated=truncated))
+        else:
+            out[name] = bool(rule.text(old, target))
+    return out
 
 
 def eliminated_tokens(before: Instruction, after: Instruction, tables: VocabTables, rules: Sequence[str],

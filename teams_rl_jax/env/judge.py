@@ -8,59 +8,73 @@ rule). We keep the decision but make it dense and parse-free for a local reviewe
 
 read from the reviewer's next-token distribution after the prompt, in one batched forward pass. At 0.5
 it makes the same decision as the text judge. :func:`parse_judgement` is the text judge for API
-backends that only return text.
+backends that only return text (send :func:`judge_messages`).
+
+The prompt is in the reviewer's own chat format (its chat template, else Vicuna v1.1). The answer
+token ids are read in context: the first token of prompt + answer after the prompt (``▁Equal``
+after ``ASSISTANT:`` in a Llama-2 vocabulary; ``Equal`` after Llama-3's ``<|end_header_id|>\n\n``),
+and the prompt's fixed pieces likewise (``env.pieces``), verified token for token against the full
+prompt's encoding.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from teams_rl_jax.errors import ConfigError
 
-# Our wording of the paper's comparison prompt (WizardLM's equality check), Vicuna chat format.
+# Our wording of the paper's comparison prompt (WizardLM's equality check); each instruction on its own
+# line. Rendered with the reviewer's chat template when it has one, else Vicuna v1.1 (data.chat).
 JUDGE_INSTRUCTION = (
     "Here are two instructions written for an AI assistant. Decide whether they are equal, meaning that "
     "they have the same constraints and requirements, and the same depth and breadth of inquiry.\n"
-    "First instruction: {old}\n"
-    "Second instruction: {new}\n"
+    "First instruction:\n{old}\n"
+    "Second instruction:\n{new}\n"
     "Answer with exactly one of: Equal, Not Equal. Do not explain."
 )
 ANSWERS = (" Equal", " Not Equal")  # index 1 = information gain = reward
 
 
-def judge_prompt(old: str, new: str, template: str = "vicuna") -> str:
-    """The full reviewer prompt comparing ``old`` and ``new`` (Vicuna chat format by default)."""
-    from teams_rl_jax.data.templates import format_prompt
-
-    return format_prompt(template, JUDGE_INSTRUCTION.format(old=old.strip(), new=new.strip()))
+def judge_messages(old: str, new: str, *, instruction: str = JUDGE_INSTRUCTION) -> list[dict[str, str]]:
+    """Chat messages asking the reviewer whether ``new`` gains over ``old`` (text / HTTP backends)."""
+    return [{"role": "user", "content": instruction.format(old=old.strip(), new=new.strip())}]
 
 
-def judge_prompt_pieces(template: str = "vicuna") -> tuple[str, str, str]:
-    """The prompt split around the two instructions: ``(before_old, between, after_new)``."""
-    marker_old, marker_new = "\x00OLD\x00", "\x00NEW\x00"
-    full = judge_prompt(marker_old, marker_new, template)
-    before, rest = full.split(marker_old)
-    between, after = rest.split(marker_new)
-    return before, between, after
+def judge_prompt(old: str, new: str, tokenizer=None) -> str:
+    """The full reviewer prompt text in ``tokenizer``'s chat format (None: Vicuna v1.1 wording)."""
+    from teams_rl_jax.data.chat import render_chat
+
+    return render_chat(tokenizer, judge_messages(old, new))
+
+
+def judge_template_ids(tokenizer, *, instruction: str = JUDGE_INSTRUCTION, chat: bool = True):
+    """Verified in-context ids of the judge prompt's three fixed pieces and of the two answers'
+    first tokens (:func:`teams_rl_jax.env.pieces.template_ids`)."""
+    from teams_rl_jax.data.chat import render_chat
+    from teams_rl_jax.env.pieces import place_slots, template_ids
+
+    def render(values, seps):
+        content = place_slots(instruction, ("old", "new"), seps)
+        content = content.replace("{old}", "\x01").replace("{new}", "\x02")
+        content = content.replace("\x01", values[0]).replace("\x02", values[1])
+        return render_chat(tokenizer if chat else None, [{"role": "user", "content": content}])
+
+    return template_ids(tokenizer, render, 2, answers=ANSWERS, what="judge prompt")
 
 
 def answer_token_ids(tokenizer) -> tuple[int, int]:
-    """First token ids of the two answers (``" Equal"``, ``" Not Equal"``) for ``tokenizer``.
+    """First token ids of the answers ``"Equal"`` / ``"Not Equal"`` where the reviewer would write them:
+    from the encoding of the judge prompt + answer, minus the prompt (not the answer tokenized alone,
+    which with a Llama-2 ``tokenizer.json`` starts with a lone ``▁`` piece).
 
     Raises ConfigError if they coincide (the next-token judge would be undefined).
     """
-    ids = []
-    for ans in ANSWERS:
-        toks = tokenizer(ans, add_special_tokens=False)["input_ids"]
-        if not toks:
-            raise ConfigError(f"reviewer tokenizer produces no token for {ans!r}")
-        ids.append(int(toks[0]))
-    if ids[0] == ids[1]:
-        raise ConfigError(f"reviewer tokenizer gives the same first token for {ANSWERS[0]!r} and {ANSWERS[1]!r}")
-    return ids[0], ids[1]
+    ids = judge_template_ids(tokenizer).answers
+    return int(ids[0]), int(ids[1])
 
 
 def not_equal_probability(logits_last: jax.Array, answer_ids: tuple[int, int] | jax.Array) -> jax.Array:
@@ -78,6 +92,19 @@ def judge_reward(lm, params, prompt_ids: jax.Array, prompt_mask: jax.Array, answ
 
 def _positions(mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+
+
+_NOT_EQUAL = re.compile(r"\bnot\s+equal\b|\bunequal\b|\bdifferent\b", re.IGNORECASE)
+_EQUAL = re.compile(r"\bequal\b|\bsame\b", re.IGNORECASE)
+
+
+def parse_judgement(text: str) -> float | None:
+    """Text judge: 1.0 for "Not Equal", 0.0 for "Equal", ``None`` when the reply says neither."""
+    if _NOT_EQUAL.search(text):
+        return 1.0
+    if _EQUAL.search(text):
+        return 0.0
+    return None
 
 
 _NOT_EQUAL = re.compile(r"\bnot\s+equal\b|\bunequal\b|\bdifferent\b", re.IGNORECASE)
@@ -121,3 +148,63 @@ def reviewer_term(lm, tokenizer, *, template: str = "vicuna", name: str = "revie
         return judge_reward(lm, aux["params"], ids, mask, answers)
 
     return RewardTerm(name, fn, role="reviewer", cost=1.0), lm.params
+
+
+def reviewer_term(lm, tokenizer, *, env_tokenizer=None, name: str = "reviewer", chat: bool = True):
+    """The judge as an env reward term: ``(RewardTerm, term_params)`` for ``env.make(reward_terms=...)``.
+
+    The prompt is assembled inside the jitted step from the old and new instruction buffers
+    (``env.assemble``) and the judge template's in-context piece ids (``judge_template_ids``); one
+    reviewer query per call. ``term_params`` is the reviewer's weights, so pass
+    ``term_params={name: params}`` to ``make`` and weight ``name`` in ``reward_weights``.
+
+    ``env_tokenizer``: the env's tokenizer. The buffers hold the env's ids and are fed to the reviewer
+    as they are, so the two tokenizers must be the same; a different one raises ConfigError (compare
+    with ``check_role_tokenizers`` in ``make``; the text path of the host env handles differing ones).
+    """
+    from teams_rl_jax.data.tokenizer import check_same_tokenizer, choose_pad_id, eos_token_ids, tokenizer_fingerprint
+    from teams_rl_jax.env.rewards import RewardTerm
+
+    if env_tokenizer is not None:
+        check_same_tokenizer(env_tokenizer, tokenizer, "env and reviewer")
+    ids = judge_template_ids(tokenizer, chat=chat)
+    answers = ids.answers
+    pad = choose_pad_id(tokenizer, eos_token_ids(tokenizer))
+
+    def fn(key, old, new, aux):
+        prompt, mask = judge_prompt_ids(ids.pieces, old.tokens, old.length, new.tokens, new.length, pad)
+        return judge_reward(lm, aux["params"], prompt, mask, answers)
+
+    fn.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+    return RewardTerm(name, fn, role="reviewer", cost=1.0), lm.params
+
+
+def judge_prompt_ids(pieces, old_tokens, old_len, new_tokens, new_len, pad_id: int):
+    """Left-padded reviewer prompts ``(ids, mask) [B, W]``: ``pieces[0] + old + pieces[1] + new + pieces[2]``
+    (``pieces`` from :func:`judge_template_ids`; buffers right-padded ``[B, L]`` with lengths ``[B]``)."""
+    from teams_rl_jax.env.assemble import concat_left_padded
+
+    B = old_tokens.shape[0]
+
+    def const(piece):
+        piece = jnp.asarray(piece, jnp.int32).reshape(-1)
+        return jnp.broadcast_to(piece, (B, piece.shape[0])), jnp.full((B,), piece.shape[0], jnp.int32)
+
+    before, between, after = (const(p) for p in pieces)
+    width = sum(len(p) for p in pieces) + old_tokens.shape[1] + new_tokens.shape[1]
+    return concat_left_padded([before, (old_tokens, old_len), between, (new_tokens, new_len), after], width, pad_id)
+
+
+def check_role_tokenizers(env_tokenizer, operator=None, terms: Sequence = ()) -> None:
+    """Raise ConfigError when the instructor operator or a reward term (the reviewer) was built with a
+    tokenizer other than the env's (their ``tokenizer_fingerprint``): ids would be mixed up silently."""
+    from teams_rl_jax.data.tokenizer import tokenizer_fingerprint
+
+    want = tokenizer_fingerprint(env_tokenizer)
+    parts = [("instructor operator", getattr(operator, "tokenizer_fingerprint", None))]
+    parts += [(f"reward term {getattr(t, 'name', '?')!r}", getattr(getattr(t, "fn", None), "tokenizer_fingerprint", None))
+              for t in terms]
+    for what, fp in parts:
+        if fp is not None and fp != want:
+            raise ConfigError(f"env and {what}: tokenizers differ (vocabulary, merges or normalizer); their token ids "
+                              "cannot be mixed in the jitted env: use one tokenizer, or the host (text) env path")

@@ -5,7 +5,13 @@ instruction) begins. The in-depth operations ask for 10 to 20 added words; bread
 rarer instruction in the same domain. Every template forbids copying its own marker words, which the
 ``template_copy`` elimination rule (``env.elimination``) catches when the instructor does it anyway.
 Split a template with :func:`template_pieces`; ``operation_templates`` feeds
-``LLMOperator.create(lm, tokenizer, templates, ...)``.
+``LLMOperator.create(lm, tokenizer, templates, ...)``, which wraps each in the instructor's chat format.
+
+Text-level builders for HTTP/text backends (the host env loop, the generate stage): each role's
+prompt is a list of chat messages (:func:`instructor_messages`, :func:`expert_messages`,
+``judge.judge_messages``); a backend renders them with the checkpoint's chat template, or sends them
+to ``/v1/chat/completions``. :func:`render_prompt` gives the rendered text for a tokenizer
+(``data.chat.render_chat``: the template when the checkpoint has one, else Vicuna v1.1 wording).
 """
 
 from __future__ import annotations
@@ -70,7 +76,25 @@ def operation_templates(names: Sequence[str]) -> list[tuple[str, str]]:
     return [template_pieces(OPERATION_REGISTRY.get(n).prompt) for n in names]
 
 
-def render_prompt(name: str, instruction: str) -> str:
-    """The full instructor prompt for operation ``name`` applied to ``instruction`` (text backends)."""
+def instructor_content(name: str, instruction: str) -> str:
+    """The instructor's user message for operation ``name`` applied to ``instruction``."""
     prefix, suffix = template_pieces(name)
-    return prefix + instruction.strip() + suffix
+    return (prefix + instruction.strip() + suffix).strip()
+
+
+def instructor_messages(name: str, instruction: str) -> list[dict[str, str]]:
+    """Chat messages asking the instructor to apply operation ``name`` to ``instruction``."""
+    return [{"role": "user", "content": instructor_content(name, instruction)}]
+
+
+def expert_messages(instruction: str, input: str = "") -> list[dict[str, str]]:
+    """Chat messages asking the expert to answer ``instruction`` (its ``input`` after a blank line)."""
+    text = instruction.strip() + (f"\n\n{input.strip()}" if input and input.strip() else "")
+    return [{"role": "user", "content": text}]
+
+
+def render_prompt(name: str, instruction: str, tokenizer=None) -> str:
+    """The full instructor prompt text for ``tokenizer``'s chat format (None: Vicuna v1.1 wording)."""
+    from teams_rl_jax.data.chat import render_chat
+
+    return render_chat(tokenizer, instructor_messages(name, instruction))
