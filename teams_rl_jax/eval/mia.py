@@ -119,6 +119,7 @@ def plot_roc(path: str | Path, attacks: dict[str, dict], title: str = "membershi
     axes[1].set_ylim(1e-3, 1)
     axes[0].legend(loc="lower right", fontsize=8)
     fig.suptitle(title)
+    fig.tight_layout()
     save_figure(fig, path)
 
 

@@ -1,8 +1,16 @@
 """The pipeline's eval stage: ``run_eval_stage(cfg, run_dir)`` -> ``run_dir/eval/`` (report.md, report.json, PNGs).
 
-Reads only earlier stages' artifacts: ``run/data/generated.jsonl`` + ``summary.json`` (and each
-``run/data/baselines/<name>/``), ``run/policy/curves*.jsonl``, and the SFT export ``run/sft/hf``.
-Parts whose inputs are missing are skipped with a log line (e.g. no SFT export -> no MIA).
+Reads only earlier stages' artifacts and skips (with a log line and a note in the report) any part
+whose inputs are missing:
+
+* dataset report: ``run/data/generated.jsonl`` + ``summary.json``, side by side with each
+  ``run/data/baselines/<name>/`` of ``report.compare`` (``random`` = random Evol-Instruct at the same
+  seeds and query budget, ``paper`` = the paper's schedule);
+* policy curves: ``run/policy/curves.jsonl`` and ``curves_<baseline>.jsonl`` (reward vs cumulative
+  queries; vs episodes when the env spends no queries, as the offline token-edit env does);
+* MIA on the SFT export ``run/sft/hf`` (see :class:`~teams_rl_jax.eval.config.MIASection` for the
+  member / non-member choice);
+* benchmarks when ``benchmarks.data_dir`` is set.
 """
 
 from __future__ import annotations
@@ -11,7 +19,79 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from teams_rl_jax.errors import DataError
 from teams_rl_jax.eval.config import EvalConfig
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def policy_curves(policy_dir: Path) -> tuple[dict[str, list[list[float]]], str, dict]:
+    """``({run: [[x, return], ...]}, x label, summary)`` from the policy stage's curves files."""
+    curves: dict[str, list[dict]] = {}
+    if (policy_dir / "curves.jsonl").is_file():
+        curves["policy"] = _read_jsonl(policy_dir / "curves.jsonl")
+    for p in sorted(policy_dir.glob("curves_*.jsonl")):
+        curves[p.stem[len("curves_"):]] = _read_jsonl(p)
+    use_queries = any(r.get("cumulative_queries", 0) > 0 for rows in curves.values() for r in rows)
+    key = "cumulative_queries" if use_queries else "episodes"
+    pts = {k: [[float(r.get(key, i + 1)), float(r["return"])] for i, r in enumerate(rows)] for k, rows in curves.items()}
+    summary = {}
+    if (policy_dir / "summary.json").is_file():
+        s = json.loads((policy_dir / "summary.json").read_text())
+        summary = {"policy": s.get("policy", {}), **{k: v for k, v in (s.get("baselines") or {}).items()}}
+    return pts, ("cumulative queries" if use_queries else "episodes (the env spent no queries)"), summary
+
+
+def dataset_reports(datasets: list[tuple[str, Path, Path | None]], *, encoder: str | None, diversity_max: int,
+                    seed: int, log: Callable[[str], None]) -> list[dict]:
+    """:func:`dataset_stats` of each ``(name, records path, summary path)`` with one shared encoder."""
+    from teams_rl_jax.eval.dataset_report import dataset_stats
+
+    enc = None
+    if encoder != "none":
+        from teams_rl_jax.models.encoder import load_encoder
+
+        enc = load_encoder(encoder)
+    out = []
+    for name, path, summary in datasets:
+        out.append(dataset_stats(path, summary=summary, encoder=enc, diversity_max=diversity_max, seed=seed,
+                                 name=name))
+        log(f"[eval] dataset {name}: {out[-1]['size']} records, {out[-1]['queries_total']} queries")
+    return out
+
+
+def mia_inputs(cfg: EvalConfig, run_dir: Path) -> tuple[list, list, list[str]]:
+    """(members, non-members, notes) for the stage's MIA (see ``MIASection``)."""
+    from teams_rl_jax.data.readers import read_dataset
+    from teams_rl_jax.eval.mia import disjoint
+    from teams_rl_jax.sft.loop import DEMO_DATA
+
+    notes = []
+    if cfg.mia.members != "auto":
+        members = read_dataset(cfg.mia.members)
+        notes.append(f"members: {Path(cfg.mia.members).name}")
+    else:
+        gen = run_dir / "data" / "generated.jsonl"
+        src = gen if gen.is_file() else DEMO_DATA
+        members = read_dataset(src)
+        notes.append(f"members: the SFT training set ({'data/generated.jsonl' if gen.is_file() else 'bundled demo set'})")
+    if cfg.mia.non_members != "auto":
+        non = disjoint(read_dataset(cfg.mia.non_members), members)
+        notes.append(f"non-members: {Path(cfg.mia.non_members).name}")
+    else:
+        non, used = [], []
+        for name in cfg.report.compare:
+            p = run_dir / "data" / "baselines" / name / "generated.jsonl"
+            if p.is_file():
+                non += disjoint(read_dataset(p), members + non)
+                used.append(f"baselines/{name}")
+        if len(non) < 2:
+            non += disjoint(read_dataset(DEMO_DATA), members + non)
+            used.append("bundled demo set")
+        notes.append(f"non-members: records of {', '.join(used)} not in the training set")
+    return members, non, notes
 
 
 def run_eval_stage(cfg: EvalConfig, run_dir: str | Path, log: Callable[[str], None] = print) -> dict:
@@ -19,7 +99,63 @@ def run_eval_stage(cfg: EvalConfig, run_dir: str | Path, log: Callable[[str], No
     run_dir = Path(run_dir)
     out = run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"run_dir": run_dir.name}
-    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    log(f"[eval] wrote {out}")
-    return report
+    rep: dict = {"notes": []}
+
+    if cfg.report.enabled:
+        data = run_dir / "data"
+        sets = []
+        if (data / "generated.jsonl").is_file():
+            sets.append(("generated", data / "generated.jsonl", data / "summary.json"))
+        for name in cfg.report.compare:
+            b = data / "baselines" / name
+            if (b / "generated.jsonl").is_file():
+                sets.append((name, b / "generated.jsonl", b / "summary.json"))
+        if sets:
+            rep["datasets"] = dataset_reports(sets, encoder=cfg.report.encoder, diversity_max=cfg.report.diversity_max,
+                                              seed=cfg.report.seed, log=log)
+            missing = [n for n in cfg.report.compare if n not in {s[0] for s in sets}]
+            if missing:
+                rep["notes"].append(f"no baseline dataset for {', '.join(missing)} in data/baselines/")
+        else:
+            rep["notes"].append("no generated dataset in data/: dataset report skipped")
+        curves, xlabel, psummary = policy_curves(run_dir / "policy")
+        if curves:
+            rep["policy_curves"], rep["policy_curves_x"] = curves, xlabel
+        if psummary:
+            rep["policy_summary"] = psummary
+
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint != "auto" else run_dir / "sft" / "hf"
+    have_ckpt = (checkpoint / "config.json").is_file()
+    if cfg.mia.enabled:
+        if have_ckpt:
+            from teams_rl_jax.eval.mia import run_mia
+
+            members, non, notes = mia_inputs(cfg, run_dir)
+            if not non:
+                raise DataError("membership inference: no non-member records (set eval.mia.non_members)")
+            rep["mia"] = run_mia(checkpoint, members, non, reference=cfg.mia.reference, template=cfg.mia.template,
+                                 max_seq_len=cfg.mia.max_seq_len, max_examples=cfg.mia.max_examples,
+                                 batch_size=cfg.mia.batch_size, log=log)
+            rep["mia"]["notes"] = notes
+        else:
+            rep["notes"].append(f"no checkpoint at {checkpoint.name if cfg.checkpoint == 'auto' else checkpoint}: "
+                                "membership inference skipped")
+    b = cfg.benchmarks
+    if b.data_dir is not None:
+        if not have_ckpt:
+            raise DataError(f"benchmarks: checkpoint not found: {checkpoint} (no config.json)")
+        from teams_rl_jax.eval.multiple_choice import build_mesh, evaluate_checkpoint
+
+        res = evaluate_checkpoint(str(checkpoint), b.data_dir, b.tasks, limit=b.limit, batch_size=b.batch_size,
+                                  max_length=b.max_length, dtype=b.dtype,
+                                  mesh=build_mesh(b.mesh_data, b.mesh_fsdp, b.mesh_tensor), log=log)
+        (out / "benchmarks_per_doc.json").write_text(json.dumps({t: r["docs"] for t, r in res.items()}, sort_keys=True))
+        rep["benchmarks"] = {t: {k: v for k, v in r.items() if k != "docs"} for t, r in res.items()}
+    else:
+        rep["notes"].append("benchmarks skipped (set eval.benchmarks.data_dir to a local benchmark dir)")
+
+    from teams_rl_jax.eval.report import write_report
+
+    write_report(out, rep)
+    log(f"[eval] wrote {out / 'report.md'}")
+    return rep

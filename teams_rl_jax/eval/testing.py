@@ -125,3 +125,61 @@ def overfit(lm, seqs, *, steps: int = 60, lr: float = 3e-3, batch: int = 16, see
         rows = rng.choice(n, size=min(batch, n), replace=False)
         params, state, _ = step(params, state, ids[rows], seg[rows], tgt[rows], tm[rows].astype(bool))
     return params
+
+
+def fake_run_dir(run_dir: str | Path, *, seed: int = 0, n: int = 24, checkpoint: bool = True) -> Path:
+    """A run dir as the earlier stages leave it: data/generated.jsonl + summary.json, data/baselines/random/,
+    policy/curves*.jsonl + summary.json and (``checkpoint``) a tiny random sft/hf export with its tokenizer."""
+    from teams_rl_jax.env import phrases
+    from teams_rl_jax.env.operations import OPERATIONS
+
+    run = Path(run_dir)
+    rng = np.random.default_rng(seed)
+    texts = []
+    for name, k in (("generated", 0), ("random", 1)):
+        recs = alpaca_records(n, seed=seed * 10 + k)
+        for r in recs:
+            ops = [str(o) for o in rng.choice(OPERATIONS, size=int(rng.integers(1, 4)))]
+            for o in ops:  # what the token-edit operator appends (the env's complexity measures count these)
+                if o in ("add_constraints", "increase_reasoning_steps", "deepening") and k == 0:
+                    r["instruction"] += " " + str(rng.choice(phrases.BANKS[o]))
+            r["meta"] = {"seed_id": str(rng.integers(100)), "ops": ops, "step": len(ops),
+                         "queries": {"instructor": len(ops), "reviewer": len(ops), "expert": 1}}
+        hist: dict = {}
+        for r in recs:
+            for o in r["meta"]["ops"]:
+                hist[o] = hist.get(o, 0) + 1
+        summary = {"kept": n, "eliminated": {"no_gain": 3 + k, "sorry_short": k, "stopwords_only": 0,
+                                             "template_copy": 1},
+                   "duplicates": {"exact": 1, "near": k}, "queries": {"instructor": 60 + 9 * k, "reviewer": 60 + 9 * k,
+                                                                      "expert": 30 + k},
+                   "op_histogram": hist}
+        out = run / "data" if name == "generated" else run / "data" / "baselines" / name
+        write_jsonl(out / "generated.jsonl", recs)
+        (out / "summary.json").write_text(json.dumps(summary))
+        texts += [r["instruction"] + " " + r["output"] for r in recs]
+    pol = run / "policy"
+    pol.mkdir(parents=True, exist_ok=True)
+    for fname, slope in (("curves.jsonl", 0.02), ("curves_random.jsonl", 0.0)):
+        rows = [{"update": i + 1, "episodes": 8 * (i + 1), "return": float(slope * i + 0.1 * rng.random()),
+                 "cumulative_queries": 0.0} for i in range(10)]
+        write_jsonl(pol / fname, rows)
+    (pol / "summary.json").write_text(json.dumps({"policy": {"final_return": 0.2, "mean_return": 0.1,
+                                                              "total_queries": 0.0},
+                                                   "baselines": {"random": {"final_return": 0.05, "mean_return": 0.05,
+                                                                            "total_queries": 0.0}}}))
+    if checkpoint:
+        import jax
+
+        from teams_rl_jax.data.tokenizer import build_word_tokenizer
+        from teams_rl_jax.models import init, save_pretrained
+
+        tok = build_word_tokenizer(texts + ["Below is an instruction that describes a task. Write a response that "
+                                            "appropriately completes the request. ### Instruction: ### Response:"],
+                                   vocab_size=512)
+        lm = init(dict(model_type="llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=0), jax.random.key(seed))
+        save_pretrained(lm, run / "sft" / "hf")
+        tok.save_pretrained(str(run / "sft" / "hf"))
+    return run
