@@ -1,15 +1,30 @@
 """Packing: every example intact in one segment, positions restart, attention never crosses segments,
 and a float64 reference model gives the same logits and summed loss packed and unpacked."""
 
+import importlib
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from helpers import make_tokenizer
+from helpers import rng as seeded_rng
 
 from teams_rl_jax.data import Example, tokenize_dataset
 from teams_rl_jax.data import empty_rows, fill_ratio, first_fit, pack_rows, segment_attention_mask, unpacked_rows
+from teams_rl_jax.models import init
+
+# The model's own mask function, reached as a module attribute (as the model calls it), so that
+# ../shared/tools/mutate.py teams_rl_jax.models.llama:attention_mask reaches these tests.
+llama = importlib.import_module("teams_rl_jax.models.llama")
+
+
+def model_mask(segment_ids: np.ndarray, window=None) -> np.ndarray:
+    """``[B, T, T]`` boolean mask from the model's ``attention_mask`` (no cache: slots are 0..T-1)."""
+    seg = jax.numpy.asarray(segment_ids, jax.numpy.int32)
+    slots = jax.numpy.arange(seg.shape[1])
+    return np.asarray(llama.attention_mask(seg, seg, slots, slots, window))[:, 0]
 
 
 def _random_seqs(rng, n, lo=2, hi=30, vocab=50):
@@ -30,7 +45,9 @@ def _segments(rows):
 
 
 def test_packed_rows_hold_each_example_once_intact():
-    rng = np.random.default_rng()
+    """Catches: an example split, dropped or duplicated by packing, positions not restarting, padding
+    carrying loss or tokens."""
+    rng = seeded_rng(40)
     seqs = _random_seqs(rng, 60)
     T, pad = 40, 7
     packed, plain = pack_rows(seqs, T, pad_id=pad), unpacked_rows(seqs, T, pad_id=pad)
@@ -60,18 +77,60 @@ def test_packed_rows_hold_each_example_once_intact():
 
 
 def test_attention_mask_never_crosses_segments():
-    rng = np.random.default_rng()
+    """Property test of the MODEL's mask (``models.llama.attention_mask``) on packed rows.
+
+    Catches: attention across segments of a packed row, attention to padding, a non-causal mask,
+    a sliding window off by one, and the data package's numpy mirror drifting from the model's mask.
+    """
+    rng = seeded_rng(41)
     seqs = _random_seqs(rng, 30)
     packed = pack_rows(seqs, 48)
-    att = segment_attention_mask(packed["segment_ids"])
     seg = packed["segment_ids"]
+    att = model_mask(seg)
+    assert att.shape == (len(seg), 48, 48) and att.dtype == bool
     b, q, k = np.nonzero(att)
     assert (seg[b, q] == seg[b, k]).all() and (k <= q).all() and (seg[b, k] > 0).all()
     # and it is exactly the block-diagonal of each example's own causal mask
     expect = np.zeros_like(att)
+    n_segments = 0
     for r, s, idx in _segments(packed):
         expect[r][np.ix_(idx, idx)] = np.tril(np.ones((len(idx), len(idx)), bool))
+        n_segments += 1
+    assert n_segments > len(seg)  # rows really hold several examples
     assert (att == expect).all()
+    assert (segment_attention_mask(seg) == att).all()  # the numpy mirror used by the data tools agrees
+    # sliding window w: query q sees keys q-w+1 .. q of its own segment
+    win = model_mask(seg, window=3)
+    assert (win == (expect & (np.subtract.outer(np.arange(48), np.arange(48)) < 3)[None])).all()
+
+
+def test_packed_logits_equal_unpacked_through_the_model():
+    """The real model on packed rows gives each example the logits it gets alone in its own row.
+
+    Catches: the model's mask or positions letting a segment see (or be offset by) the previous one.
+    """
+    cfg = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
+    lm = init(cfg, jax.random.key(42))
+    seqs = _random_seqs(seeded_rng(43), 10, lo=3, hi=14, vocab=64)
+    packed, plain = pack_rows(seqs, 32), unpacked_rows(seqs, 32)
+    assert len(packed["input_ids"]) < len(seqs)
+    apply = jax.jit(lm.apply)
+    lp = np.asarray(apply(lm.params, packed["input_ids"], packed["segment_ids"], packed["positions"]))
+    lu = np.asarray(apply(lm.params, plain["input_ids"], plain["segment_ids"], plain["positions"]))
+    by_content = {}
+    for r, s, idx in _segments(packed):
+        by_content.setdefault(packed["input_ids"][r, idx].tobytes(), []).append(lp[r, idx])
+    worst = 0.0
+    for i, (ids, _) in enumerate(seqs):
+        got, want = by_content[ids.tobytes()].pop(), lu[i, :len(ids)]
+        worst = max(worst, float(np.abs(got - want).max()))
+    assert worst <= 1e-5, worst
+    # control: one segment per row (plain causal attention over the packed row) changes the logits
+    leak = np.asarray(apply(lm.params, packed["input_ids"], (packed["segment_ids"] > 0).astype(np.int32),
+                            packed["positions"]))
+    later = (packed["segment_ids"] > 1)  # tokens of the second and later segments of a row
+    assert np.abs(leak[later] - lp[later]).max() > 1e-2
 
 
 def _reference_loss(rows, params):
@@ -96,7 +155,11 @@ def _reference_loss(rows, params):
 
 
 def test_packing_keeps_logits_and_summed_loss():
-    rng = np.random.default_rng()
+    """Float64 reference LM (its mask is ``segment_attention_mask``): packed == unpacked logits and summed loss.
+
+    Catches: a loss target counted across a segment boundary, a layout that changes an example's tokens.
+    """
+    rng = seeded_rng(44)
     V, D, T = 50, 16, 48
     params = [rng.normal(size=s) for s in [(V, D), (T, D), (D, D), (D, D), (D, D), (D, V)]]
     seqs = _random_seqs(rng, 24, vocab=V)
@@ -135,7 +198,7 @@ def test_first_fit_layout():
 
 
 def test_pack_rows_is_deterministic_and_fast_enough():
-    rng = np.random.default_rng(0)
+    rng = seeded_rng(0)
     seqs = _random_seqs(rng, 5000, hi=200)
     a, b = pack_rows(seqs, 512), pack_rows(seqs, 512)
     assert all((a[k] == b[k]).all() for k in a)
