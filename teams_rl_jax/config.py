@@ -24,6 +24,13 @@ from teams_rl_jax.errors import ConfigError
 
 T = TypeVar("T")
 
+
+def _keyed(key: str, msg: str) -> ConfigError:
+    """A ConfigError that remembers the dotted key it is about (so ``load`` can name its source)."""
+    err = ConfigError(msg)
+    err.key = key  # type: ignore[attr-defined]
+    return err
+
 # Keys whose values never reach disk or logs.
 SECRET_KEYS = ("api_key", "token", "password", "secret")
 
@@ -49,41 +56,41 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 return _convert(value, arg, path)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        raise _keyed(path, f"{path}: expected {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"{path}: expected one of {list(args)}, got {value!r}")
+            raise _keyed(path, f"{path}: expected one of {list(args)}, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
+            raise _keyed(path, f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, path)
     if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise _keyed(path, f"{path}: expected a list, got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
-                raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
+                raise _keyed(path, f"{path}: expected {len(args)} items, got {len(value)}")
             return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
         return tuple(_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+            raise _keyed(path, f"{path}: expected a mapping, got {value!r}")
         vt = args[1] if len(args) == 2 else Any
         return {str(k): _convert(v, vt, f"{path}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        raise _keyed(path, f"{path}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        raise _keyed(path, f"{path}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -92,13 +99,13 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+        raise _keyed(path, f"{path}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
+        raise _keyed(path, f"{path}: expected a string, got {value!r}")
     return value
 
 
@@ -115,8 +122,12 @@ def from_dict(cls: type[T], data: dict | None, path: str = "") -> T:
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
         if key not in fields:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f"did you mean '{(path + '.') if path else ''}{close[0]}'? " if close else ""
             choices = ", ".join(sorted(fields))
-            raise ConfigError(f"unknown config key '{full}' (valid keys here: {choices})")
+            raise _keyed(full, f"unknown config key '{full}' ({hint}valid keys here: {choices})")
         kwargs[key] = _convert(value, hints[key], full)
     missing = [
         n for n, f in fields.items()
@@ -124,14 +135,14 @@ def from_dict(cls: type[T], data: dict | None, path: str = "") -> T:
     ]
     if missing:
         full = f"{path}.{missing[0]}" if path else missing[0]
-        raise ConfigError(f"missing required config key '{full}'")
+        raise _keyed(full, f"missing required config key '{full}'")
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         try:
             validate()
         except ConfigError as e:
-            raise ConfigError(f"{path + ': ' if path else ''}{e}") from None
+            raise _keyed(path, f"{path + ': ' if path else ''}{e}") from None
     return obj
 
 
@@ -193,13 +204,33 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def override_source(err: ConfigError, overrides: typing.Sequence[str]) -> str | None:
+    """The ``--set`` item that set the key ``err`` is about (the last one wins), or None."""
+    key = getattr(err, "key", None)
+    if not key:
+        return None
+    bare = key.split("[")[0]
+    for item in reversed(list(overrides)):
+        k = item.split("=", 1)[0].strip()
+        if bare == k or bare.startswith(k + ".") or k.startswith(bare + "."):
+            return item
+    return None
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> T:
-    """Load ``cls`` from an optional YAML file plus ``key=value`` overrides."""
+    """Load ``cls`` from an optional YAML file plus ``key=value`` overrides.
+
+    An error about a key set by an override names the override (``--set a.b=c: ...``), not the file.
+    """
+    overrides = list(overrides)
     data = read_yaml(path) if path is not None else {}
-    data = apply_overrides(data, overrides)
     try:
+        data = apply_overrides(data, overrides)
         return from_dict(cls, data)
     except ConfigError as e:
+        src = override_source(e, overrides)
+        if src is not None:
+            raise ConfigError(f"--set {src}: {e}") from None
         if path is not None:
             raise ConfigError(f"{path}: {e}") from None
         raise

@@ -9,9 +9,10 @@ import pytest
 from teams_rl_jax import config as cfglib
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.sft.config import SFTConfig
-from teams_rl_jax.train import TrainConfig
+from teams_rl_jax.train import STAGES, TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = CONFIGS.parent
 
 
 def test_shipped_configs_load():
@@ -21,7 +22,16 @@ def test_shipped_configs_load():
             return cfglib.load(TrainConfig, CONFIGS / name).sft
         return cfglib.load(SFTConfig, CONFIGS / name)
 
-    cfglib.load(TrainConfig, CONFIGS / "default.yaml")
+    from teams_rl_jax.train import default_config_path
+
+    default = cfglib.load(TrainConfig, default_config_path())
+    assert default.offline_demo and default.policy.env == "token_edit" and default.stages == STAGES
+    for name in sorted(p.name for p in CONFIGS.glob("*.yaml")):  # one shape: every file is a pipeline config
+        cfg = cfglib.load(TrainConfig, CONFIGS / name)
+        assert not cfg.offline_demo, name
+    for name in ("llama2_7b_gpu.yaml", "llama2_7b_tpu_pod.yaml", "openai_endpoint.yaml"):
+        cfg = cfglib.load(TrainConfig, CONFIGS / name)
+        assert cfg.roles.instructor and cfg.roles.expert and cfg.sft.model.path and cfg.generate.steps == 6, name
     for name in ("sft_tiny.yaml", "sft_paper_llama7b.yaml"):
         assert sft_of(name).data.template == "alpaca"
     paper = sft_of("sft_paper_llama7b.yaml")
@@ -51,3 +61,38 @@ def test_train_cli_user_errors_exit_2(tmp_path, args, needle):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stderr
     assert p.stderr.startswith("error: ") and needle in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=cwd or ROOT)
+
+
+def test_config_errors_one_line_and_source(tmp_path):
+    """Unknown key -> the closest valid key; wrong type; missing file; a --set value blamed on --set.
+
+    Catches: no difflib suggestion, a --set error reported as the YAML file's, multi-line tracebacks.
+    """
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("generate:\n  selectr: random\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown config key 'generate.selectr' \(did you mean 'generate.selector'"):
+        cfglib.load(TrainConfig, cfg)
+    cfg.write_text("generate:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"^--set generate.steps=many: generate.steps: expected an integer"):
+        cfglib.load(TrainConfig, cfg, ["generate.steps=many"])
+    with pytest.raises(ConfigError, match=r"^--set sft.optim.lrr=1: unknown config key 'sft.optim.lrr' \(did you mean 'sft.optim.lr'"):
+        cfglib.load(TrainConfig, cfg, ["sft.optim.lrr=1"])
+    cfg.write_text("generate:\n  steps: many\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: generate.steps: expected an integer"):
+        cfglib.load(TrainConfig, cfg, ["sft.optim.lr=1e-4"])  # an unrelated override does not take the blame
+
+
+def test_cli_errors_exit_2(tmp_path):
+    """The train and sft CLIs: one `error:` line and exit 2 for a wrong type, and for a real-model SFT
+    config whose generated dataset is missing (the demo set is for the offline default only)."""
+    p = _cli("teams_rl_jax.train", "--run-dir", str(tmp_path), "--set", "generate.steps=many")
+    assert p.returncode == 2 and p.stderr.startswith("error: --set generate.steps=many") and p.stderr.count("\n") == 1
+    for mod in ("teams_rl_jax.sft", "teams_rl_jax.train"):
+        p = _cli(mod, "--config", "configs/sft_paper_llama7b.yaml", "--run-dir", str(tmp_path / mod))
+        assert p.returncode == 2, (mod, p.stderr[-2000:])
+        assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
+        assert str(tmp_path / mod / "data" / "generated.jsonl") in p.stderr, p.stderr

@@ -10,6 +10,14 @@ JSONL), ``selectors`` (policy / random / fixed / paper), ``operators`` (LLM role
 
 from teams_rl_jax.evolve.config import GenerateConfig
 from teams_rl_jax.evolve.records import Seed, read_seeds
-from teams_rl_jax.evolve.stage import outputs_complete, run_generate_stage
 
 __all__ = ["GenerateConfig", "Seed", "outputs_complete", "read_seeds", "run_generate_stage"]
+
+
+def __getattr__(name):
+    # Lazy: the pipeline's config (GenerateConfig) must not import jax, the env or the encoder.
+    if name in ("run_generate_stage", "outputs_complete"):
+        from teams_rl_jax.evolve import stage
+
+        return getattr(stage, name)
+    raise AttributeError(name)
