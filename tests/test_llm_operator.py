@@ -12,7 +12,7 @@ from teams_rl_jax.env import OPERATIONS, operation_templates
 from teams_rl_jax.env.assemble import concat_left_padded, cut_at_eos
 from teams_rl_jax.env.judge import not_equal_probability, parse_judgement
 from teams_rl_jax.env.llm_operator import LLMOperator, LLMOperatorParams, operation_piece_ids
-from teams_rl_jax.env.prompts import render_prompt
+from teams_rl_jax.env.prompts import instructor_prompt
 from teams_rl_jax.env.seeds import read_seed_records
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.models import init
@@ -213,12 +213,12 @@ def test_operator_prompt_ids_equal_the_rendered_chat_prompt(which, spm_tok, bpe_
         ids, mask = op.prompts(jnp.asarray([a]), jnp.asarray([row + [op.pad_id] * (L - len(row))]),
                                jnp.asarray([len(row)]), params)
         got = np.asarray(ids[0])[np.asarray(mask[0]) == 1].tolist()
-        full = render_prompt(OPERATIONS[a], text, tok)
+        full = instructor_prompt(OPERATIONS[a], text, tok)
         if which == "bpe":
             assert full.startswith("<|begin_of_text|><|start_header_id|>user")
         else:
             assert full.startswith("A chat between") and full.endswith(" ASSISTANT:")
-        # The text the ids encode: render_prompt's words, only the whitespace around the slot normalised.
+        # The text the ids encode: instructor_prompt's words, only the whitespace around the slot normalised.
         want_text = tids[a].text_pieces[0] + text + tids[a].text_pieces[1]
         assert want_text.split() == full.split(), (want_text, full)
         want = tok(want_text, add_special_tokens=False)["input_ids"]

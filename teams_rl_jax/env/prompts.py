@@ -10,8 +10,9 @@ Split a template with :func:`template_pieces`; ``operation_templates`` feeds
 Text-level builders for HTTP/text backends (the host env loop, the generate stage): each role's
 prompt is a list of chat messages (:func:`instructor_messages`, :func:`expert_messages`,
 ``judge.judge_messages``); a backend renders them with the checkpoint's chat template, or sends them
-to ``/v1/chat/completions``. :func:`render_prompt` gives the rendered text for a tokenizer
-(``data.chat.render_chat``: the template when the checkpoint has one, else Vicuna v1.1 wording).
+to ``/v1/chat/completions``. :func:`instructor_prompt` gives the rendered text for a tokenizer
+(``data.chat.render_chat``: the template when the checkpoint has one, else Vicuna v1.1 wording);
+:func:`render_prompt` is the user message's text alone.
 """
 
 from __future__ import annotations
@@ -93,8 +94,14 @@ def expert_messages(instruction: str, input: str = "") -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-def render_prompt(name: str, instruction: str, tokenizer=None) -> str:
-    """The full instructor prompt text for ``tokenizer``'s chat format (None: Vicuna v1.1 wording)."""
+def render_prompt(name: str, instruction: str) -> str:
+    """The instructor's request for operation ``name`` on ``instruction`` (the user message's text, no
+    chat wrapping: send it as a message, or wrap it with :func:`instructor_prompt`)."""
+    return instructor_content(name, instruction)
+
+
+def instructor_prompt(name: str, instruction: str, tokenizer=None) -> str:
+    """The full instructor prompt text in ``tokenizer``'s chat format (None: Vicuna v1.1 wording)."""
     from teams_rl_jax.data.chat import render_chat
 
     return render_chat(tokenizer, instructor_messages(name, instruction))
