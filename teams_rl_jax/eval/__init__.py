@@ -15,10 +15,14 @@ extra, is installed), so ``lm_eval.simple_evaluate(model="teams_rl_jax", ...)`` 
 from teams_rl_jax.eval.config import EvalConfig
 
 try:  # lm-eval is an optional extra; without it everything but the adapter works
-    import lm_eval as _lm_eval  # noqa: F401
+    import lm_eval.api.registry as _registry
+    import lm_eval.models  # noqa: F401 - lm-eval's lazy table of its own models (cheap: imports no backend)
 except ImportError:  # pragma: no cover - depends on the environment
     pass
 else:
-    from teams_rl_jax.eval import harness as _harness  # noqa: F401  (registers "teams_rl_jax")
+    # A lazy placeholder: the adapter (and jax/transformers) is imported only when lm-eval asks for
+    # the model, so importing this package (e.g. for EvalConfig in train.py) stays fast.
+    if "teams_rl_jax" not in _registry.model_registry:
+        _registry.model_registry.register("teams_rl_jax", target="teams_rl_jax.eval.harness:TeamsRLJaxLM")
 
 __all__ = ["EvalConfig"]
