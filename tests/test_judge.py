@@ -240,3 +240,52 @@ def test_text_level_builders():
     assert render_chat(None, ins).endswith("ASSISTANT:")
     assert expert_messages("Sum these.", "1, 2")[0]["content"] == "Sum these.\n\n1, 2"
     assert parse_judgement("Not Equal") == 1.0 and parse_judgement("Equal") == 0.0
+
+
+def test_llm_env_rewards_follow_the_reviewer_and_buffers_hold_the_instructors_ids(spm_tok):
+    """Issue 11, through the env's batched step: an instructor built to answer ``A B <eos>`` and a
+    reviewer built to say "Not Equal" iff a marker token is in its prompt (only seed 0 has it).
+    Rewards follow the reviewer (row 0 high, the others low and eliminated as no_gain), and the kept
+    rewrite's buffer holds exactly the instructor's generated ids.
+    Catches: reviewer prompt built from the wrong buffers, judge not wired to no_gain, generated ids
+    not written to the new buffer, rows mixed up in the batch."""
+    from teams_rl_jax.env import OPERATIONS, make, operation_templates
+    from teams_rl_jax.env.judge import answer_token_ids, judge_template_ids, reviewer_term
+    from teams_rl_jax.env.llm_operator import LLMOperator, operation_piece_ids
+    from teams_rl_jax.env.seeds import read_seed_records
+    from test_llm_operator import _chain_lm
+
+    tok = spm_tok
+    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    texts, _ = read_seed_records()
+    seeds4 = texts[:4]
+    fixed = {i for p in judge_template_ids(tok).pieces for i in p}
+    ops = operation_piece_ids(tok, operation_templates(OPERATIONS))
+    fixed |= {i for t in ops for p in t.pieces for i in p}
+    others = set().union(*(enc(t) for t in seeds4[1:]))
+    marker = next(i for i in enc(seeds4[0]) if i not in fixed | others)
+    a, b = [i for i in range(300, 600) if i not in fixed | others | set(enc(seeds4[0]))][:2]
+    last = {t.pieces[1][-1] for t in ops}
+    instructor = _chain_lm(len(tok), {**{s: a for s in last}, a: b, b: tok.eos_token_id}, eos=tok.eos_token_id)
+    eq, neq = answer_token_ids(tok)
+    reviewer = _marker_reviewer(len(tok), marker, eq, neq)
+    L = 32
+    op, op_params = LLMOperator.create(instructor, tok, operation_templates(OPERATIONS), max_len=L, max_new_tokens=4,
+                                       temperature=0.0)
+    term, r_params = reviewer_term(reviewer, tok, env_tokenizer=tok)
+    env, params = make("llm", tokenizer=tok, seeds=seeds4, operator=op, operator_params=op_params,
+                       reward_terms=[term], term_params={"reviewer": r_params}, max_len=L,
+                       reward_weights={"reviewer": 1.0})
+    _, state = jax.vmap(env.reset_to, in_axes=(0, None))(jnp.arange(4), params)
+    actions = jnp.asarray([OPERATIONS.index(o) for o in ("deepening", "add_constraints", "breadth", "concretizing")])
+    _, new_state, reward, _, info = jax.jit(env.step_batch)(jax.random.key(seed(4, "step")), state, actions, params)
+    judge = np.asarray(info["reward_terms"]["reviewer"])
+    assert judge[0] > 0.999 and (judge[1:] < 1e-3).all(), judge
+    r = np.asarray(reward)
+    assert r[0] > r[1:].max(), r
+    assert np.asarray(info["eliminated"]["no_gain"]).tolist() == [False, True, True, True]
+    n0 = int(new_state.instruction.length[0])
+    assert np.asarray(new_state.instruction.tokens[0, :n0]).tolist() == [a, b]
+    for i in range(1, 4):  # eliminated rewrites are dropped: the seed stays
+        n = int(new_state.instruction.length[i])
+        assert np.asarray(new_state.instruction.tokens[i, :n]).tolist() == enc(seeds4[i])
