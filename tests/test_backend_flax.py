@@ -163,3 +163,25 @@ def test_sharded_backend_matches_single_device(ckpt, tmp_path):
     res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
                          cwd=str(Path(__file__).parent.parent))
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_build_roles_from_yaml_shares_one_model(ckpt):
+    """The README recipe: roles from a YAML mapping. Mutations caught: each role loading its own copy
+    of the same checkpoint; roles counted under the wrong name."""
+    import yaml
+
+    _, path = ckpt
+    doc = yaml.safe_load(f"""
+    roles:
+      instructor: {{backend: flax, checkpoint: {path}, dtype: float32, max_batch: 2}}
+      reviewer: {{backend: flax, checkpoint: {path}, dtype: float32, chat: false}}
+      expert: {{backend: openai, base_url: "http://127.0.0.1:9/v1", model: m}}
+    """)
+    from teams_rl_jax.backends import OpenAIBackend, RolesConfig, build_roles
+
+    counter = QueryCounter()
+    roles = build_roles(config_lib.from_dict(RolesConfig, doc["roles"], "roles"), counter)
+    assert roles["instructor"].lm is roles["reviewer"].lm
+    assert isinstance(roles["expert"], OpenAIBackend) and not roles["reviewer"].chat
+    roles["reviewer"].score(["Hello"], ["!"])
+    assert counter.snapshot() == {"reviewer": 1}
