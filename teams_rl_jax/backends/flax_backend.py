@@ -84,6 +84,8 @@ class FlaxBackend:
     generate calls so far; the server reports it).
     """
 
+    kind = "flax"  # implementation name (response-cache keys, provenance)
+
     def __init__(self, lm, tokenizer, *, role: str, counter: QueryCounter | None = None, model: str | None = None,
                  max_batch: int = 32, chat: bool = True, mesh=None, eos_ids: Sequence[int] | None = None,
                  checkpoint: str | Path | None = None):

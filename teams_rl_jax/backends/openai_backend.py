@@ -71,6 +71,8 @@ class _Retryable(Exception):
 class OpenAIBackend:
     """``Backend`` over an OpenAI-compatible HTTP endpoint (see the module docstring)."""
 
+    kind = "openai"  # implementation name (response-cache keys, provenance)
+
     def __init__(self, *, base_url: str, model: str, role: str, counter: QueryCounter | None = None,
                  api_key: str | None = None, chat: bool = True, max_concurrency: int = 8, timeout_s: float = 60.0,
                  max_retries: int = 5, backoff_s: float = 0.5, max_backoff_s: float = 30.0, seed: int = 0):
