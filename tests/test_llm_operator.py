@@ -110,9 +110,11 @@ def test_llm_operator_end_to_end():
             assert int(new_len[b]) == int(lengths[b])
         assert (np.asarray(new[b, new_len[b]:]) == 96).all()
         assert bool(res.truncated[b]) == (not stops or stops[0] > L)
-    # The 3-tuple interface (what the env calls) agrees with rewrite().
+    # The 3-tuple interface (what the env calls) agrees with rewrite(), truncated rows kept as they were.
     t3 = op.apply(jax.random.key(0), op_ids, tokens, lengths, params)
-    assert np.array_equal(np.asarray(t3[0]), np.asarray(new)) and np.array_equal(np.asarray(t3[1]), np.asarray(new_len))
+    tr = np.asarray(res.truncated)
+    assert np.array_equal(np.asarray(t3[0]), np.where(tr[:, None], np.asarray(tokens), np.asarray(new)))
+    assert np.array_equal(np.asarray(t3[1]), np.where(tr, np.asarray(lengths), np.asarray(new_len)))
 
 
 def _chain_lm(vocab, chain, eos, hidden=64):
@@ -192,6 +194,9 @@ def test_rewrite_keeps_id0_and_stops_at_every_eos(bpe_tok):
     res2 = op2.rewrite(jax.random.key(0), jnp.asarray([0, 3, 5]), jnp.asarray(buf),
                                 jnp.asarray([len(r) for r in rows]), params2)
     assert np.asarray(res2.truncated).all() and np.asarray(res2.lengths).tolist() == [2, 2, 2]
+    kept, kept_len, _ = op2.apply(jax.random.key(0), jnp.asarray([0, 3, 5]), jnp.asarray(buf),
+                                  jnp.asarray([len(r) for r in rows]), params2)
+    assert np.array_equal(np.asarray(kept), buf) and np.asarray(kept_len).tolist() == [len(r) for r in rows]
     # (A rewrite longer than the buffer is flagged too: test_cut_at_eos_uses_the_eos_list_never_pad.)
 
 

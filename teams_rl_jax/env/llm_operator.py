@@ -5,8 +5,9 @@ Everything happens inside jit on fixed-size buffers: for each row the prompt
 instructor continues it with ``teams_rl_jax.generate`` (KV cache, ``while_loop`` decode), and the
 continuation up to the first EOS id becomes the new instruction buffer. Each call costs one
 instructor query per row. Same interface as the token-edit operator:
-``apply(key, op_ids, tokens, lengths, params) -> (tokens, lengths, queries)``;
-:meth:`LLMOperator.rewrite` returns the same plus a ``truncated`` flag per row.
+``apply(key, op_ids, tokens, lengths, params) -> (tokens, lengths, queries)`` (a truncated rewrite
+comes back as the old instruction); :meth:`LLMOperator.rewrite` returns the rewrites as generated
+plus a ``truncated`` flag per row.
 
 * The templates are wrapped in the instructor's chat format (its chat template, else Vicuna v1.1:
   ``data.chat.render_chat``) and their ids taken in context and verified (``env.pieces``).
@@ -161,6 +162,9 @@ class LLMOperator:
     def apply(self, key: jax.Array, op_ids: jax.Array, tokens: jax.Array, lengths: jax.Array,
               params: LLMOperatorParams):
         """Rewrite each row: ``(new_tokens [B, max_len], new_lengths [B], queries [B] = 1)`` (the operator
-        interface; :meth:`rewrite` also returns the ``truncated`` flags)."""
+        interface). A truncated rewrite is replaced by the old instruction here, so a cut-off text never
+        enters an env that only reads this 3-tuple (its ``no_gain`` rule then drops the step); callers
+        that count truncations use :meth:`rewrite` and the ``truncated`` elimination rule."""
         r = self.rewrite(key, op_ids, tokens, lengths, params)
-        return r.tokens, r.lengths, r.queries
+        keep_old = r.truncated
+        return (jnp.where(keep_old[:, None], tokens, r.tokens), jnp.where(keep_old, lengths, r.lengths), r.queries)
