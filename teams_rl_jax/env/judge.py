@@ -107,49 +107,6 @@ def parse_judgement(text: str) -> float | None:
     return None
 
 
-_NOT_EQUAL = re.compile(r"\bnot\s+equal\b|\bunequal\b|\bdifferent\b", re.IGNORECASE)
-_EQUAL = re.compile(r"\bequal\b|\bsame\b", re.IGNORECASE)
-
-
-def parse_judgement(text: str) -> float | None:
-    """Text judge: 1.0 for "Not Equal", 0.0 for "Equal", ``None`` when the reply says neither."""
-    if _NOT_EQUAL.search(text):
-        return 1.0
-    if _EQUAL.search(text):
-        return 0.0
-    return None
-
-
-def reviewer_term(lm, tokenizer, *, template: str = "vicuna", name: str = "reviewer"):
-    """The judge as an env reward term: ``(RewardTerm, term_params)`` for ``env.make(reward_terms=...)``.
-
-    The prompt is assembled inside the jitted step from the old and new instruction buffers
-    (``env.assemble``); one reviewer query per call. ``term_params`` is the reviewer's weights, so
-    pass ``term_params={name: params}`` to ``make`` and weight ``name`` in ``reward_weights``.
-    """
-    from teams_rl_jax.env.assemble import concat_left_padded
-    from teams_rl_jax.env.llm_operator import tokenize_pieces
-    from teams_rl_jax.env.rewards import RewardTerm
-
-    before, between, after = judge_prompt_pieces(template)
-    pre_ids, pre_len = tokenize_pieces(tokenizer, [before], add_bos=True)
-    mid_ids, mid_len = tokenize_pieces(tokenizer, [between])
-    post_ids, post_len = tokenize_pieces(tokenizer, [after])
-    answers = answer_token_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    fixed = pre_ids.shape[1] + mid_ids.shape[1] + post_ids.shape[1]
-
-    def fn(key, old, new, aux):
-        B = old.tokens.shape[0]
-        rows = lambda a, n: (jnp.broadcast_to(jnp.asarray(a[0]), (B, a.shape[1])), jnp.full((B,), int(n[0])))  # noqa: E731
-        ids, mask = concat_left_padded([rows(pre_ids, pre_len), (old.tokens, old.length), rows(mid_ids, mid_len),
-                                        (new.tokens, new.length), rows(post_ids, post_len)],
-                                       fixed + old.tokens.shape[1] + new.tokens.shape[1], pad)
-        return judge_reward(lm, aux["params"], ids, mask, answers)
-
-    return RewardTerm(name, fn, role="reviewer", cost=1.0), lm.params
-
-
 def reviewer_term(lm, tokenizer, *, env_tokenizer=None, name: str = "reviewer", chat: bool = True):
     """The judge as an env reward term: ``(RewardTerm, term_params)`` for ``env.make(reward_terms=...)``.
 
