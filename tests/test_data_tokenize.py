@@ -1,17 +1,31 @@
 """Tokenization: response-only loss + EOS, prompt ids as at inference, multi-turn masks, truncation policy."""
 
+import importlib
+
 import numpy as np
 import pytest
 from helpers import make_tokenizer
 
-from teams_rl_jax.data import Example, format_prompt, prompt_text, tokenize_dataset, tokenize_example
+from teams_rl_jax.data import Example, format_prompt, prompt_text
 from teams_rl_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
 from teams_rl_jax.errors import CheckpointError, ConfigError
 
+# Reached as module attributes (as the pipeline calls them) so ../shared/tools/mutate.py probes these tests.
+TK = importlib.import_module("teams_rl_jax.data.tokenize")
+tokenize_example = lambda *a, **k: TK.tokenize_example(*a, **k)  # noqa: E731
+tokenize_dataset = lambda *a, **k: TK.tokenize_dataset(*a, **k)  # noqa: E731
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+@pytest.fixture(scope="module", params=["byte_bpe", "llama2_spm"])
+def tok(request, tmp_path_factory):
+    """Byte-level BPE (Llama-3/Qwen2 style), and a Llama-1/2-style SentencePiece tokenizer trained here with
+    the ``sentencepiece`` trainer (tests/tokenizer_fixtures.py): its leading-space normalizer ("▁" before
+    the first word) is what makes prompt/response boundaries differ from byte-level BPE. No ../shared."""
+    if request.param == "byte_bpe":
+        return make_tokenizer(tmp_path_factory.mktemp("tok"))
+    from tokenizer_fixtures import llama2_spm_tokenizer
+
+    return llama2_spm_tokenizer(tmp_path_factory.mktemp("spm"))
 
 
 def _spans(mask):
@@ -23,6 +37,8 @@ def _spans(mask):
 @pytest.mark.parametrize("template", ["alpaca", "vicuna"])
 @pytest.mark.parametrize("inp", ["", "sea and sun"])
 def test_loss_only_on_response_and_eos(tok, template, inp):
+    """Catches: loss mask on prompt tokens (checked: every token masked 1 fails), missing EOS/BOS, prompt ids
+    that differ from what the prompt alone gives at inference (Llama-2 SentencePiece and byte-level BPE)."""
     ex = Example("Write a short poem about the moon.", "The moon is here, yes.", inp)
     ids, mask, status = tokenize_example(ex, tok, template, 512)
     assert status == "kept" and ids.dtype == mask.dtype == np.int32 and ids.shape == mask.shape
@@ -37,12 +53,14 @@ def test_loss_only_on_response_and_eos(tok, template, inp):
 
 
 def test_vicuna_multi_turn_loss_on_every_reply(tok):
+    """Catches: loss only on the last reply, history replies without the real EOS, system prompt dropped."""
     ex = Example("and the sun?", "It is hot.", history=(("Is the moon far?", "Yes, very far."),
                                                       ("Why blue?", "Sunlight is scattered.")), system="Be brief.")
     ids, mask, _ = tokenize_example(ex, tok, "vicuna", 512)
     spans = _spans(mask)
-    got = [tok.decode(ids[s:e]) for s, e in spans]
-    assert got == [" Yes, very far.</s>", " Sunlight is scattered.</s>", " It is hot.</s>"]
+    # (strip: SentencePiece's decoder drops the leading "▁" of a span that starts a decode)
+    got = [tok.decode(ids[s:e]).strip() for s, e in spans]
+    assert got == ["Yes, very far.</s>", "Sunlight is scattered.</s>", "It is hot.</s>"]
     # history EOS markers are the real EOS token, and the prompt is Vicuna's with the custom system prompt
     assert [ids[e - 1] for s, e in spans] == [tok.eos_token_id] * 3
     assert tok.decode(ids[1:spans[0][0]]) == "Be brief. USER: Is the moon far? ASSISTANT:"
@@ -65,6 +83,7 @@ def test_token_straddling_prompt_and_response_falls_back(tmp_path):
 
 
 def test_truncation_policy_counts_and_cuts(tok):
+    """Catches: the head cut instead of the tail, a cut answer keeping its EOS, wrong counts in the stats."""
     ex_ok = Example("List three items.", "Sea, sun, moon.")
     n_ok = len(tokenize_example(ex_ok, tok, "alpaca", 10_000)[0])
     long_answer = Example("List three items.", "the sea and the sun " * 30)
@@ -74,7 +93,8 @@ def test_truncation_policy_counts_and_cuts(tok):
     seqs, stats = tokenize_dataset([long_answer, ex_ok, long_prompt], tok, "alpaca", T)
     assert (stats.examples, stats.kept, stats.truncated, stats.dropped) == (3, 2, 1, 1)
     assert stats.truncated_indices == [0] and stats.dropped_indices == [2]
-    assert stats.cut_tokens == n_long - T and stats.longest > n_long
+    n_lp = len(tokenize_example(long_prompt, tok, "alpaca", 10_000)[0])
+    assert stats.cut_tokens == n_long - T and stats.longest == max(n_long, n_lp)
     cut_ids, cut_mask = seqs[0]
     assert len(cut_ids) == T and cut_ids[-1] != tok.eos_token_id  # a cut answer does not teach stopping
     full_ids, full_mask, _ = tokenize_example(long_answer, tok, "alpaca", 10_000)

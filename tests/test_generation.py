@@ -96,6 +96,7 @@ def test_greedy_matches_transformers_with_per_row_eos(tmp_path_factory, variant)
     n = 12
     free = _hf_generate(ref, ids, mask, n, eos=None)
     margin, diff = _greedy_margins(lm, ref, ids, mask, free)
+    assert diff <= 1e-4, f"{variant}: logits differ from transformers on the greedy path by {diff:.2e}"
     # No near-ties on the compared path: an argmax flip between the two implementations would need a logit
     # error of margin/2, far above the measured difference (else change the seed, don't loosen this).
     assert margin > max(1e-3, 10 * diff), f"{variant}: top-2 margin {margin:.2e} vs logits diff {diff:.2e}"
