@@ -45,6 +45,7 @@ def _child(run_dir, kill_at, cache):
                           text=True, timeout=900)
 
 
+@pytest.mark.slow  # three child processes: ~40 s on 16 idle cores, minutes on a busy 2-core runner
 def test_policy_stage_resumes_exactly_after_kill_9(tmp_path):
     """Mutations caught: the optimiser state, key or update counter not saved/restored (the resumed
     run then differs from the uninterrupted one), the curves of the first run lost on resume,
