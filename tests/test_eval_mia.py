@@ -46,8 +46,8 @@ def setup():
 
 
 def test_overfit_members_are_detected(setup):
-    """Loss attack AUC > 0.9 on members vs non-members (fails if the score sign is flipped or the loss
-    mask is dropped so prompts dominate); the reference-calibrated attack too."""
+    """Loss attack AUC > 0.9 on members vs non-members (fails if the score sign is flipped: members
+    would then look like non-members); the reference-calibrated attack too."""
     losses, ref = setup
     m = mia.loss_attack(losses["m"], losses["a"])
     print("loss attack", m["auc"], "non-member pairs", mia.loss_attack(losses["a"], losses["b"])["auc"])
@@ -76,3 +76,31 @@ def test_metrics_against_hand_computed():
     fourth = np.sort(b)[-4]
     assert abs(res["tpr_at_1pct_fpr"] - (a > fourth).mean()) < 1e-9, (res["tpr_at_1pct_fpr"], SEED)
     assert res["roc"]["fpr"][0] == 0.0 and res["roc"]["tpr"][-1] == 1.0
+
+
+def test_loss_scorer_is_mean_response_token_nll():
+    """LossScorer = mean NLL over the loss-mask (response + EOS) tokens only, computed here in float64
+    numpy from the full logits; catches a dropped mask (prompt tokens counted) or an off-by-one shift."""
+    from teams_rl_jax.data.tokenizer import build_word_tokenizer
+
+    recs = T.alpaca_records(5, seed=SEED)
+    tok = build_word_tokenizer([r["instruction"] + " " + r["output"] for r in recs], vocab_size=256)
+    lm = init(dict(model_type="llama", vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, bos_token_id=1,
+                   eos_token_id=2, pad_token_id=0, initializer_range=0.3), jax.random.key(SEED))
+    seqs = mia.tokenize_records(_examples(recs), tok, "alpaca", 96)
+    got = mia.LossScorer(lm, batch_size=2)(lm.params, seqs)  # 5 rows: a padded last batch too
+    L = max(len(x) for x, _ in seqs)
+    batch = np.zeros((len(seqs), L), np.int32)
+    for r, (x, _) in enumerate(seqs):
+        batch[r, :len(x)] = x
+    # one call (right padding does not change a causal model's logits at the real positions)
+    all_logits = np.asarray(lm.apply(lm.params, batch, (batch > 0).astype(np.int32)), np.float64)
+    for r, ((ids, mask), g) in enumerate(zip(seqs, got)):
+        logits = all_logits[r, :len(ids) - 1]
+        mx = logits.max(-1, keepdims=True)
+        logp = logits - mx - np.log(np.exp(logits - mx).sum(-1, keepdims=True))
+        nll = -logp[np.arange(len(ids) - 1), ids[1:]]
+        m = mask[1:].astype(bool)
+        assert 0 < m.sum() < len(m)
+        assert abs(g - nll[m].mean()) < 1e-4, (g, nll[m].mean(), SEED)
