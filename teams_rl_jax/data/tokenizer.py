@@ -42,8 +42,10 @@ def load_tokenizer(path: str | Path):
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many types; report one line
         raise CheckpointError(f"{path}: cannot load tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    eos = eos_token_ids(tok, checkpoint=path)
-    pad = choose_pad_id(tok, eos)
+    try:
+        pad = choose_pad_id(tok, eos_token_ids(tok, checkpoint=path))
+    except ConfigError:  # no EOS or no candidate (not a generative tokenizer): leave it as it is
+        return tok
     if tok.pad_token_id != pad:  # Llama tokenizers ship without a pad token; some set pad = eos
         tok.pad_token = tok.convert_ids_to_tokens(pad)
     return tok
