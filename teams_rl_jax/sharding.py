@@ -12,6 +12,7 @@ MaxText style. Changing the parallelism layout means changing rules or mesh shap
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -74,6 +75,10 @@ def _mesh_axis_size(mesh: Mesh, axes) -> int:
     return int(np.prod([mesh.shape[a] for a in axes]))
 
 
+class ShardingWarning(UserWarning):
+    """A parameter dimension its mesh axes cannot divide is replicated along them instead."""
+
+
 def logical_to_spec(logical: Sequence[str | None], rules=DEFAULT_RULES, mesh: Mesh | None = None,
                     shape: Sequence[int] | None = None) -> P:
     """Map logical axis names to a ``PartitionSpec``.
@@ -81,9 +86,14 @@ def logical_to_spec(logical: Sequence[str | None], rules=DEFAULT_RULES, mesh: Me
     A mesh axis is used at most once per array; with ``shape`` and ``mesh``, a dimension not
     divisible by its mesh axes stays replicated (e.g. 2 KV heads on a tensor axis of 4).
     """
+    return _spec(logical, rules, mesh, shape)[0]
+
+
+def _spec(logical, rules, mesh, shape) -> tuple[P, list[tuple[int, tuple[str, ...]]]]:
+    """The spec, and ``(dim, mesh axes)`` of each dimension left replicated because it is not divisible."""
     table = dict(rules)
     used: set[str] = set()
-    out = []
+    out, dropped = [], []
     for i, name in enumerate(logical):
         axes = table.get(name) if name is not None else None
         if axes is not None:
@@ -92,11 +102,27 @@ def logical_to_spec(logical: Sequence[str | None], rules=DEFAULT_RULES, mesh: Me
             if mesh is not None:
                 tup = tuple(a for a in tup if mesh.shape[a] > 1)
             if shape is not None and mesh is not None and tup and shape[i] % _mesh_axis_size(mesh, tup):
+                dropped.append((i, tup))
                 tup = ()
             used.update(tup)
             axes = None if not tup else (tup[0] if len(tup) == 1 else tup)
         out.append(axes)
-    return P(*out)
+    return P(*out), dropped
+
+
+def _warn_replicated(name: str, logical, shape, dtype, mesh: Mesh, spec: P, dropped) -> None:
+    """Warn, naming the tensor, that a dimension is replicated, and what that costs per device."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    per_device = nbytes / int(np.prod([_mesh_axis_size(mesh, a) for a in spec if a is not None] or [1]))
+    for dim, axes in dropped:
+        n = _mesh_axis_size(mesh, axes)
+        extra = per_device * (1 - 1 / n)
+        pad = -(-shape[dim] // n) * n
+        warnings.warn(
+            f"sharding: {name} dim {dim} ({logical[dim]}, size {shape[dim]}) is not divisible by mesh axis "
+            f"{'x'.join(axes)} ({n}): replicated along it, +{extra / 2**20:.1f} MiB per device "
+            f"({per_device / 2**20:.1f} MiB instead of {(per_device - extra) / 2**20:.1f} MiB); pad it to {pad} "
+            f"to shard it", ShardingWarning, stacklevel=3)
 
 
 def logical_to_sharding(logical_tree, mesh: Mesh, rules=None, shapes=None):
@@ -106,9 +132,15 @@ def logical_to_sharding(logical_tree, mesh: Mesh, rules=None, shapes=None):
     if shapes is None:
         return jax.tree_util.tree_map(lambda l: NamedSharding(mesh, logical_to_spec(l, rules, mesh)), logical_tree,
                                       is_leaf=is_leaf)
-    return jax.tree_util.tree_map(
-        lambda l, s: NamedSharding(mesh, logical_to_spec(l, rules, mesh, s.shape)), logical_tree, shapes,
-        is_leaf=is_leaf)
+
+    def one(path, logical, leaf):
+        spec, dropped = _spec(logical, rules, mesh, leaf.shape)
+        if dropped:
+            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            _warn_replicated(name, logical, leaf.shape, getattr(leaf, "dtype", np.float32), mesh, spec, dropped)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, logical_tree, shapes, is_leaf=is_leaf)
 
 
 def param_shardings(lm, mesh: Mesh, rules=None):

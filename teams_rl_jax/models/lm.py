@@ -3,6 +3,13 @@
 ``load_pretrained`` reads a local Hugging Face model dir tensor by tensor, straight into the target
 dtype and (given a mesh) sharding: each device shard is cut from the memory-mapped file, so a 7B
 model never needs two full copies in host memory and each host of a pod reads only its own shards.
+Without a mesh, each parameter is one aligned host buffer filled tensor by tensor with plain file
+reads, then handed to the device (zero-copy on CPU): host memory peaks at the model's bytes plus
+one tensor (measured in ``docs/benchmarks.md``).
+
+``save_pretrained`` gathers one tensor (one layer of one parameter) at a time, cast on the device to
+the export dtype, and writes ``transformers``-style shards; with LoRA adapters in ``params`` (key
+``"lora"``) it writes the merged weights ``W + (alpha / r) A B``, again one tensor at a time.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import numpy as np
 
 from teams_rl_jax.errors import CheckpointError
 from teams_rl_jax.models.config import ModelConfig, read_hf_config
-from teams_rl_jax.models.hf_io import CheckpointReader, write_safetensors
+from teams_rl_jax.models.hf_io import CheckpointReader, write_sharded
 from teams_rl_jax.models.llama import CausalLM, default_positions, init_cache
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -43,6 +50,11 @@ class LM:
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of ``params``; ``remat``
     ("none" | "full" | "dots") trades compute for activation memory in training.
+
+    LoRA: with ``lora`` set (rank, alpha, dropout, targets), a params tree that carries adapters under the
+    key ``"lora"`` (``{**base, "lora": adapters}``, see ``sft.lora``) runs the adapted model in
+    :meth:`forward` / :meth:`apply`; ``lora_rng`` (a key, set inside a traced train step) turns on the
+    adapters' dropout. :attr:`module` is always the plain model (generation applies merged weights).
     """
 
     config: ModelConfig
@@ -50,11 +62,25 @@ class LM:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
+    lora: Any = None
+    lora_rng: Any = None
 
     @property
     def module(self) -> CausalLM:
         """The Linen module (stateless; params live in ``self.params``)."""
         return CausalLM(self.config, dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
+
+    def _variables(self, params):
+        """``(module, variables, rngs)`` for plain params or ``{**base, "lora": adapters}``."""
+        if not (isinstance(params, Mapping) and "lora" in params):
+            return self.module, {"params": params}, None
+        if self.lora is None:
+            raise CheckpointError("params carry LoRA adapters ('lora') but the LM has no lora spec (lm.replace(lora=...))")
+        spec = self.lora if self.lora_rng is not None else dataclasses.replace(self.lora, dropout=0.0)
+        module = CausalLM(self.config, dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, lora=spec)
+        base = {k: v for k, v in params.items() if k != "lora"}
+        rngs = {"dropout": self.lora_rng} if spec.dropout > 0 else None
+        return module, {"params": base, "lora": params["lora"]}, rngs
 
     def replace(self, **changes) -> "LM":
         """A copy with fields replaced (e.g. ``lm.replace(params=new, dtype=jnp.bfloat16)``)."""
@@ -77,8 +103,9 @@ class LM:
         segment_ids = jnp.asarray(segment_ids, jnp.int32)
         if positions is None:
             positions = default_positions(segment_ids)
-        return self.module.apply({"params": params}, input_ids, segment_ids, jnp.asarray(positions, jnp.int32),
-                                 cache, cache_index)
+        module, variables, rngs = self._variables(params)
+        return module.apply(variables, input_ids, segment_ids, jnp.asarray(positions, jnp.int32), cache,
+                            cache_index, rngs=rngs)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
         """An empty KV cache for ``batch`` rows of ``max_len`` slots (compute dtype by default)."""
@@ -103,6 +130,17 @@ def _abstract_params(config: ModelConfig, param_dtype=jnp.float32):
     module = CausalLM(config, param_dtype=param_dtype)
     boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *_dummy_inputs()))["params"]
     return boxed
+
+
+def abstract_params(config: ModelConfig, dtype: Any = "float32", *, mesh=None, rules=None):
+    """``jax.ShapeDtypeStruct`` pytree of the params (with their shardings given ``mesh``): what an Orbax
+    restore needs, with no weights read or initialised."""
+    param_dtype = as_dtype(dtype)
+    shapes = nn.meta.unbox(_abstract_params(config, param_dtype))
+    if mesh is None:
+        return shapes
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                                  _shardings(config, mesh, rules, param_dtype))
 
 
 @functools.lru_cache(maxsize=32)
@@ -183,11 +221,7 @@ def load_pretrained(path: str | Path, dtype: Any = "float32", *, compute_dtype: 
     reader = CheckpointReader(path)
     param_dtype = as_dtype(dtype)
     shapes = _flat(nn.meta.unbox(_abstract_params(config, param_dtype)))
-    if mesh is not None:
-        shardings = _flat(_shardings(config, mesh, rules, param_dtype))
-    else:
-        device = jax.devices()[0]
-        shardings = {k: jax.sharding.SingleDeviceSharding(device) for k in shapes}
+    shardings = _flat(_shardings(config, mesh, rules, param_dtype)) if mesh is not None else None
 
     # Validate every tensor before reading any data: fail fast with names and shapes.
     L = config.num_hidden_layers
@@ -203,6 +237,10 @@ def load_pretrained(path: str | Path, dtype: Any = "float32", *, compute_dtype: 
             if tuple(got) != hf_want:
                 raise CheckpointError(
                     f"{path}: tensor {name!r} has shape {tuple(got)} but config.json implies {hf_want}")
+
+    if mesh is None:  # lean path: one device buffer per parameter, filled tensor by tensor
+        params = _unflat({p: _load_leaf_lean(reader, p, a, L, param_dtype) for p, a in shapes.items()})
+        return LM(config, params, dtype=as_dtype(compute_dtype or dtype), param_dtype=param_dtype)
 
     def load_leaf(p, abstract, sharding):
         layered = p[0] == "layers"
@@ -227,6 +265,41 @@ def load_pretrained(path: str | Path, dtype: Any = "float32", *, compute_dtype: 
     return LM(config, params, dtype=as_dtype(compute_dtype or dtype), param_dtype=param_dtype)
 
 
+def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised host array whose data is ``align``-byte aligned: the CPU client then adopts it as a
+    device buffer without copying (an unaligned one is copied, doubling the peak)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    off = -raw.ctypes.data % align
+    return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
+def _load_leaf_lean(reader: CheckpointReader, p, abstract, L: int, param_dtype) -> jax.Array:
+    """One parameter on the default device, built in one host buffer filled one HF tensor at a time.
+
+    On CPU the aligned buffer becomes the device array (zero-copy), so the host peak is the model plus
+    one tensor; on an accelerator the host holds at most this one leaf while it is copied over.
+    (Stacking per-layer host copies, the obvious way, peaks at 2x the leaf plus a device copy.)
+    """
+    buf = _aligned_empty(abstract.shape, param_dtype)
+    for layer in range(L) if p[0] == "layers" else [None]:
+        name, transposed = hf_name(p, layer)
+        dst = buf if layer is None else buf[layer]
+        rows = reader.shape(name)[0]
+        step = max(1, _READ_BLOCK // max(1, dst.nbytes // max(rows, 1)))
+        for a in range(0, rows, step):  # row blocks: the transient is a few MB, not a whole tensor
+            t = reader.read(name, a, a + step)  # plain reads: no memory-mapped pages stay resident
+            if transposed:
+                dst[:, a:a + step] = t.T  # cast and transpose straight into place
+            else:
+                dst[a:a + step] = t
+    return jax.device_put(buf, jax.devices()[0])
+
+
+_READ_BLOCK = 1 << 20  # bytes per read when streaming a tensor into its parameter buffer
+
+
 def _host_array(x) -> np.ndarray:
     if jax.process_count() > 1 and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
@@ -235,50 +308,82 @@ def _host_array(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def save_pretrained(lm: LM, path: str | Path, params=None, *, dtype: Any = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (HF layout) that ``transformers`` loads.
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _tensor(leaf, layer, dtype):
+    """One layer of a stacked leaf (``layer`` traced: one compile per leaf), cast on the device."""
+    x = leaf if layer is None else jax.lax.dynamic_index_in_dim(leaf, layer, 0, keepdims=False)
+    return x.astype(dtype)
 
-    ``params`` defaults to ``lm.params``; ``dtype`` (default: the params' dtype) is the stored dtype.
-    Streams one tensor at a time. Multi-host: every process must call it; process 0 writes.
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _merged_tensor(leaf, a, b, scale, layer, dtype):
+    """``W + scale * A B`` for one layer, in float32, cast to ``dtype`` (LoRA merge, one tensor at a time)."""
+    take = lambda x: jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)  # noqa: E731
+    w = take(leaf).astype(jnp.float32)
+    return (w + scale * (take(a).astype(jnp.float32) @ take(b).astype(jnp.float32))).astype(dtype)
+
+
+def hf_tensor_order(config: ModelConfig, paths) -> list[tuple[tuple[str, ...], int | None]]:
+    """``(param path, layer)`` in transformers' module order: embeddings, layer 0 ... L-1, final norm, head.
+
+    Shards then hold whole consecutive layers, as in checkpoints written by ``transformers``.
+    """
+    paths = list(paths)
+    first = [p for p in paths if p[0] == "embed_tokens"]
+    last = sorted((p for p in paths if p[0] not in ("layers", "embed_tokens")), key=lambda p: (p[0] != "norm", p))
+    layered = sorted((p for p in paths if p[0] == "layers"), key=lambda p: hf_name(p, 0)[0])
+    return ([(p, None) for p in first] + [(p, layer) for layer in range(config.num_hidden_layers) for p in layered]
+            + [(p, None) for p in last])
+
+
+def save_pretrained(lm: LM, path: str | Path, params=None, *, dtype: Any = None,
+                    max_shard_size: int | str = "5GB") -> Path:
+    """Write ``config.json`` + safetensors (HF layout, ``max_shard_size`` shards) that ``transformers`` loads.
+
+    ``params`` defaults to ``lm.params``; adapters under ``params["lora"]`` are merged into their kernels
+    (``W + (lm.lora.alpha / lm.lora.rank) A B``). ``dtype`` (default: the params' dtype) is the stored
+    dtype; tensors are cast on the device and gathered one at a time (one layer of one parameter), so
+    the host holds at most one tensor. Multi-host: every process must call it; process 0 writes.
     """
     params = lm.params if params is None else params
+    adapters = None
+    if isinstance(params, Mapping) and "lora" in params:
+        if lm.lora is None:
+            raise CheckpointError("params carry LoRA adapters ('lora') but the LM has no lora spec")
+        adapters = _flat(params["lora"])
+        params = {k: v for k, v in params.items() if k != "lora"}
     path = Path(path)
     flat = _flat(params)
-    store = as_dtype(dtype) if dtype is not None else None
-    L = lm.config.num_hidden_layers
+    store = as_dtype(dtype) if dtype is not None else np.dtype(jax.tree_util.tree_leaves(params)[0].dtype)
     specs, sources = [], {}
-    for p, leaf in flat.items():
-        layered = p[0] == "layers"
-        for layer in range(L) if layered else [None]:
-            name, transposed = hf_name(p, layer)
-            shape = tuple(leaf.shape[1:] if layered else leaf.shape)
-            shape = shape[::-1] if transposed else shape
-            out_dtype = store or np.dtype(leaf.dtype)
-            specs.append((name, shape, out_dtype))
-            sources[name] = (p, layer, transposed)
-    if lm.config.tie_word_embeddings:
-        specs = [s for s in specs if s[0] != "lm_head.weight"]
-    specs.sort(key=lambda s: s[0])
-
-    cache: dict = {}
+    for p, layer in hf_tensor_order(lm.config, flat):
+        name, transposed = hf_name(p, layer)
+        if name == "lm_head.weight" and lm.config.tie_word_embeddings:
+            continue
+        leaf = flat[p]
+        shape = tuple(leaf.shape[1:] if layer is not None else leaf.shape)
+        specs.append((name, shape[::-1] if transposed else shape, store))
+        sources[name] = (p, layer, transposed)
 
     def fetch(name):
         p, layer, transposed = sources[name]
-        if p not in cache:  # one leaf (all layers of it) on the host at a time
-            cache.clear()
-            cache[p] = _host_array(flat[p])
-        arr = cache[p] if layer is None else cache[p][layer]
+        lora_key = p[:-1] + ("lora_a",)
+        if adapters is not None and p[-1] == "kernel" and lora_key in adapters:
+            scale = lm.lora.alpha / lm.lora.rank
+            x = _merged_tensor(flat[p], adapters[lora_key], adapters[p[:-1] + ("lora_b",)], scale, layer, store)
+        else:
+            x = _tensor(flat[p], layer, store)
+        arr = _host_array(x)
         return arr.T if transposed else arr
 
-    # Group by leaf so `fetch` pulls each stacked leaf once.
-    specs.sort(key=lambda s: (sources[s[0]][0], sources[s[0]][1] if sources[s[0]][1] is not None else -1))
     if jax.process_index() == 0:
         path.mkdir(parents=True, exist_ok=True)
         hf = lm.config.to_hf()
-        hf["torch_dtype"] = str(np.dtype(store or np.dtype(jax.tree_util.tree_leaves(params)[0].dtype)))
+        hf["torch_dtype"] = str(store)
+        hf["dtype"] = str(store)
         (path / "config.json").write_text(json.dumps(hf, indent=2))
-        write_safetensors(path / "model.safetensors", specs, fetch)
-    else:  # still join the all-gathers
+        write_sharded(path, specs, fetch, max_shard_size)
+    else:  # still join the all-gathers, in the same order
         for name, _, _ in specs:
             fetch(name)
     return path

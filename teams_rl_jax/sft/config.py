@@ -69,6 +69,33 @@ class CheckpointSection:
     async_save: bool = True
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    """LoRA SFT (``sft.lora``, on when ``rank > 0``): the base is frozen (stored in ``model.dtype``, bfloat16
+    for 7B on one GPU) and only rank-``rank`` adapters on ``targets`` are trained, saved and resumed; the update
+    is scaled by ``alpha / rank`` and its input dropped out with ``dropout``. ``export``: ``merged`` (full weights W + (alpha/r) A B in run/sft/hf),
+    ``adapter`` (a PEFT adapter dir in run/sft/adapter) or ``both``. Default targets: every linear layer of the
+    blocks, as QLoRA (Dettmers et al. 2023) found necessary to match full fine-tuning."""
+
+    rank: int = 0  # 0 = off (full fine-tuning); 8-64 typical
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = LORA_TARGETS
+    export: Literal["merged", "adapter", "both"] = "both"
+
+    def validate(self) -> None:
+        """Rank >= 0, dropout in [0, 1), known target names."""
+        if self.rank < 0 or not 0 <= self.dropout < 1:
+            raise ConfigError(f"need rank >= 0 and 0 <= dropout < 1 (got rank={self.rank}, dropout={self.dropout})")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or not self.targets:
+            raise ConfigError(f"targets: unknown {bad[0] if bad else 'empty list'!r} "
+                              f"(use some of {', '.join(LORA_TARGETS)})")
+
+
 @dataclass(frozen=True)
 class SFTConfig:
     """The SFT stage. ``global_batch`` rows (of ``max_seq_len`` tokens) per optimizer step, split into
@@ -88,6 +115,9 @@ class SFTConfig:
     log_every: int = 1
     peak_tflops: float | None = None  # per device, for the MFU estimate (e.g. 989 for H100 bf16 dense)
     export: bool = True
+    export_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: the compute dtype
+    export_shard_size: int | str = "5GB"  # safetensors shards (bytes, or "5GB" / "500MB")
+    lora: LoraSection = field(default_factory=LoraSection)  # lora.rank > 0: LoRA SFT instead of full fine-tuning
     tensorboard: bool = True
 
     def validate(self) -> None:

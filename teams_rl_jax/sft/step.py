@@ -20,12 +20,17 @@ from teams_rl_jax.sft.config import OptimSection
 
 @struct.dataclass
 class TrainState:
-    """Everything a step changes: step count, params, optimizer state, PRNG key data (uint32)."""
+    """Everything a step changes: step count, params, optimizer state, PRNG key data (uint32).
+
+    LoRA: ``params`` holds only the trainable adapters (``{"lora": ...}``) and ``frozen`` the base weights,
+    a jit argument the step reads but never differentiates, updates or checkpoints (None otherwise).
+    """
 
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
+    frozen: Any = None
 
 
 def learning_rate_schedule(cfg: OptimSection, total_steps: int) -> optax.Schedule:
@@ -49,7 +54,7 @@ def decay_mask(params) -> Any:
     """True for weights that get weight decay: matrices (kernels, embeddings), not norms or biases."""
     def leaf(path, x):
         name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
-        return name in ("kernel", "embedding")
+        return name in ("kernel", "embedding", "lora_a", "lora_b")
 
     return jax.tree_util.tree_map_with_path(leaf, params)
 
@@ -106,25 +111,32 @@ def make_train_step(lm, optimizer: optax.GradientTransformation, grad_accum: int
     ``metrics``: ``loss`` (mean over loss tokens), ``grad_norm`` (before clipping), ``loss_tokens``,
     ``tokens`` (non-padding), ``finite``, and ``lr`` (the rate this update used) when ``schedule`` is given.
     """
-    def grads_of(params, micro):
-        (total, count), grads = jax.value_and_grad(lambda p: token_losses(lm, p, micro), has_aux=True)(params)
+    lora_dropout = getattr(lm.lora, "dropout", 0) > 0
+
+    def grads_of(params, micro, frozen, key):
+        # LoRA: differentiate the adapters only; the frozen base enters as a constant of the loss.
+        model = lm.replace(lora_rng=key) if lora_dropout else lm
+        loss = lambda p: token_losses(model, p if frozen is None else {**frozen, **p}, micro)  # noqa: E731
+        (total, count), grads = jax.value_and_grad(loss, has_aux=True)(params)
         return total, count, grads
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)  # LoRA dropout masks
         if grad_accum == 1:
-            total, count, grads = grads_of(state.params, batch)
+            total, count, grads = grads_of(state.params, batch, state.frozen, key)
         else:
             micro = split_micro_batches(batch, grad_accum)
 
-            def body(carry, mb):
+            def body(carry, xs):
                 t, c, g = carry
-                t2, c2, g2 = grads_of(state.params, mb)
+                i, mb = xs
+                t2, c2, g2 = grads_of(state.params, mb, state.frozen, jax.random.fold_in(key, i))
                 g = jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), g, g2)
                 return (t + t2, c + c2, g), None
 
             zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-            (total, count, grads), _ = jax.lax.scan(body, init, micro)
+            (total, count, grads), _ = jax.lax.scan(body, init, (jnp.arange(grad_accum), micro))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         loss = total / denom
@@ -134,7 +146,7 @@ def make_train_step(lm, optimizer: optax.GradientTransformation, grad_accum: int
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = TrainState(step=state.step + jnp.where(finite, 1, 0), params=keep(new_params, state.params),
-                               opt_state=keep(new_opt, state.opt_state), rng=state.rng)
+                               opt_state=keep(new_opt, state.opt_state), rng=state.rng, frozen=state.frozen)
         tokens = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)  # non-padding, whole global batch
         metrics = {"loss": loss, "grad_norm": grad_norm, "loss_tokens": count, "tokens": tokens, "finite": finite}
         if schedule is not None:  # optax counts updates from 0, as state.step does
