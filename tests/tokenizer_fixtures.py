@@ -22,6 +22,7 @@ takes a second or two) and copied into the caller's ``tmp_path``, so a test may 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import shutil
@@ -66,7 +67,9 @@ def _corpus() -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def _cache_root() -> Path:
-    return Path(tempfile.mkdtemp(prefix="teams_rl_tok_"))
+    root = Path(tempfile.mkdtemp(prefix="teams_rl_tok_"))
+    atexit.register(shutil.rmtree, root, True)  # the session's build cache goes with the session
+    return root
 
 
 def _copy(src: Path, tmp_path) -> "object":
