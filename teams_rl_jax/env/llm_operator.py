@@ -117,8 +117,8 @@ class LLMOperator:
         """Operator + params from an instructor ``lm``, its tokenizer and ``(prefix, suffix)`` per operation.
 
         ``max_new_tokens`` (default ``max_len``) bounds the instructor's answer, independently of the
-        buffer. ``chat``: wrap the templates in the tokenizer's chat template / Vicuna wording (False:
-        the bare template text after BOS). ``checkpoint``: the instructor's dir, for the EOS ids of its
+        buffer. ``chat``: wrap the templates in the tokenizer's chat template when it has one (False:
+        always Vicuna v1.1 wording, ignoring the checkpoint's template). ``checkpoint``: the instructor's dir, for the EOS ids of its
         generation_config.json (default: the tokenizer's dir).
         """
         from teams_rl_jax.data.tokenizer import choose_pad_id, eos_token_ids, tokenizer_fingerprint
