@@ -34,7 +34,8 @@ class GenerateConfig:
     judge: bool = True  # ask the reviewer (when configured) "Equal"/"Not Equal" for rule 1
     near_dup_threshold: float | None = 0.95  # MiniLM cosine at or above it = near-duplicate; null = off
     encoder: str | None = None  # local HF BERT dir; None = the packaged all-MiniLM-L6-v2
-    max_new_tokens: int = 256  # for a rewrite (cut by it = eliminated)
+    max_new_tokens: int = 256  # for a rewrite (cut by it = eliminated, unless drop_truncated is false)
+    drop_truncated: bool = True
     answer_max_new_tokens: int = 512  # for the expert's answer
     temperature: float = 0.7
     top_p: float = 0.95

@@ -169,7 +169,7 @@ def _evolve_batch(cfg: GenerateConfig, batch: _Batch, selector, operator, bk: di
         for (i, op), (text, truncated, _) in zip(act, new):
             judge = verdict.get(i)
             flags = F.instruction_flags(batch.cur[i], text, judge_equal=(judge == 0.0) if judge is not None else None,
-                                        truncated=truncated)
+                                        truncated=truncated and cfg.drop_truncated)
             hit = [r for r in ("truncated", "no_gain", "template_copy") if flags[r]]
             op_id = list(selector.operations).index(op) if op in selector.operations else -1
             batch.prev[i] = op_id
@@ -281,7 +281,7 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
 
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"generate:{name}", unit="seed",
                dynamic_ncols=True, disable=None if cfg.progress else True)
-    t0, asked = time.perf_counter(), 0
+    t0, asked = time.perf_counter(), 0  # loop time only: setup (model loads, compiles of the env) excluded
     try:
         for start in range(0, len(todo), cfg.batch_seeds):
             if budget is not None and used >= budget:
@@ -310,6 +310,7 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
     progress_all = [p for k in range(count) for p in _read_lines(shards / f"progress.{k:05d}.jsonl")[0]]
     caches = [b.cache for b in bk.values() if hasattr(b, "cache")]
     summary = summarize(progress_all, caches[0].paid_by_role(tag) if caches else None, name, len(seeds))
+    summary["loop_seconds_this_run"] = round(time.perf_counter() - t0, 3)
     if proc == 0:
         write_json_atomic(out / "summary.json", summary)
         log(f"[generate:{name}] kept {summary['kept']} instructions from {summary['seeds_done']} seeds; "
