@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 from helpers import make_tokenizer
+from helpers import rng as seeded_rng
 
 from teams_rl_jax import config as cfglib
 from teams_rl_jax.data import BatchIterator, DataConfig, Example, make_batch_iterator, write_jsonl
@@ -15,7 +16,7 @@ from teams_rl_jax.errors import CheckpointError, ConfigError, DataError
 
 def _seqs(n, rng=None):
     """Sequences whose first token is their index, so batches tell which examples they hold."""
-    rng = rng or np.random.default_rng()
+    rng = rng or seeded_rng(1000 + n, "seqs")
     out = []
     for i in range(n):
         k = int(rng.integers(3, 14))
@@ -132,7 +133,7 @@ def test_data_config_validation():
 
 def test_file_to_batches(tmp_path):
     tok = make_tokenizer(tmp_path / "tok")
-    rng = np.random.default_rng(0)
+    rng = seeded_rng(0)
     words = "the sea sun moon poem list three items explain why blue sky answer yes no".split()
     exs = [Example(f"Write about {' '.join(rng.choice(words, 3))}.", " ".join(rng.choice(words, int(k))))
            for k in rng.integers(2, 30, 40)]
