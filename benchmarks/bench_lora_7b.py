@@ -1,0 +1,95 @@
+"""LoRA SFT of a Llama-2-7B-shaped model on one accelerator: peak device memory and step time.
+
+Random bf16 weights (no checkpoint needed; the step's cost does not depend on the values). The base is
+frozen in ``TrainState.frozen``, the adapters (rank ``--rank`` on all seven projections) and their f32 Adam
+moments are the only optimizer state. Prints one JSON line: peak bytes in use (``memory_stats``), the
+compiled step's own memory analysis, tokens/s and MFU (4 N FLOPs per token: no weight gradient for the base).
+
+    python benchmarks/bench_lora_7b.py --batch 8 --seq 512 --remat full      # on a GPU
+    python benchmarks/bench_lora_7b.py --layers 2 --hidden 256 --inter 688 --heads 4 --vocab 1000  # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--inter", type=int, default=11008)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--remat", default="full")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    args = ap.parse_args(argv)
+
+    from teams_rl_jax.models import init
+    from teams_rl_jax.sft import lora
+    from teams_rl_jax.sft.config import LoraSection, OptimSection
+    from teams_rl_jax.sft.step import init_state, make_optimizer, make_train_step
+
+    cfg = dict(model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
+               num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+               max_position_embeddings=4096, rms_norm_eps=1e-5, initializer_range=0.02)
+    spec = LoraSection(rank=args.rank, alpha=2.0 * args.rank, dropout=0.05)
+    lm = init(cfg, jax.random.key(0), dtype="bfloat16").replace(lora=spec, remat=args.remat)
+    n_base = lm.num_params()
+    adapters = lora.init_adapters(lm, spec, jax.random.key(1))
+    opt = make_optimizer(OptimSection(lr=1e-4, warmup_steps=0), 1000)
+    state = init_state(lm.replace(params=adapters), opt, 0).replace(frozen=lm.params)
+    del lm  # the state holds the base now
+    rng = np.random.default_rng(0)
+    B, T = args.batch, args.seq
+    batch = {"input_ids": jnp.asarray(rng.integers(3, args.vocab, (B, T)), jnp.int32),
+             "segment_ids": jnp.ones((B, T), jnp.int32), "positions": jnp.tile(jnp.arange(T, dtype=jnp.int32), (B, 1)),
+             "loss_mask": jnp.asarray(rng.random((B, T)) > 0.3, jnp.int32)}
+    from teams_rl_jax.models import LM
+    from teams_rl_jax.models.config import ModelConfig
+
+    model = LM(ModelConfig.from_dict(cfg), None, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat=args.remat,
+               lora=spec)
+    step = jax.jit(make_train_step(model, opt, args.grad_accum), donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    times, losses = [], []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, m = compiled(state, batch)
+        losses.append(float(m["loss"]))
+        times.append(time.perf_counter() - t0)
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() or {}
+    med = float(np.median(times))
+    tokens = B * T
+    out = {
+        "device": dev.device_kind, "layers": args.layers, "hidden": args.hidden, "batch": B, "seq": T,
+        "rank": args.rank, "remat": args.remat, "base_params": n_base, "adapter_params": lora.num_params(adapters),
+        "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "bytes_limit_gib": stats.get("bytes_limit", 0) / 2**30,
+        "step_temp_gib": getattr(ma, "temp_size_in_bytes", 0) / 2**30,
+        "step_args_gib": getattr(ma, "argument_size_in_bytes", 0) / 2**30,
+        "compile_s": compile_s, "step_s_median": med, "tokens_per_s": tokens / med,
+        "mfu": 4 * n_base * tokens / med / (args.peak_tflops * 1e12), "losses": losses,
+    }
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
