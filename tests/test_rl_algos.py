@@ -58,8 +58,10 @@ def test_gae_matches_numpy_with_mid_trajectory_dones():
     dones[:, 2] = False  # and one column without any (bootstraps from last_value)
     last_value = rng.normal(size=(N,)).astype(np.float32)
 
-    adv, targets = G.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(dones), jnp.asarray(last_value), gamma, lam)
-    ref = _np_gae(rewards.astype(np.float64), values.astype(np.float64), dones.astype(np.float64), last_value, gamma, lam)
+    adv, targets = G.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(dones), jnp.asarray(last_value),
+                         gamma, lam)
+    ref = _np_gae(rewards.astype(np.float64), values.astype(np.float64), dones.astype(np.float64), last_value,
+                  gamma, lam)
     np.testing.assert_allclose(adv, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(targets, ref + values, rtol=1e-5, atol=1e-5)
     # lambda matters here: the one-step TD advantages (lambda = 0) are far from the reference.
