@@ -148,3 +148,54 @@ def test_adapters_in_params_need_a_spec():
     params = {**lm.params, **lora.init_adapters(lm, spec, jax.random.key(1))}
     with pytest.raises(CheckpointError, match="lora spec"):
         lm.replace(lora=None).apply(params, np.ones((1, 4), np.int32))
+
+
+def test_lora_sft_run_checkpoints_adapters_only_resumes_and_exports(tmp_path):
+    """The SFT loop with lora.rank > 0 on a local HF dir: checkpoints hold adapters + their moments only, a
+    second call resumes from them, and both exports (merged hf/ and PEFT adapter/) describe the same model.
+
+    Catches: the frozen base written into every checkpoint, resume re-initialising the adapters, an export
+    that forgets the adapters (merged == base) or disagrees with the adapter dir."""
+    import orbax.checkpoint as ocp
+
+    from teams_rl_jax import config as cfglib
+    from teams_rl_jax.data.tokenizer import build_word_tokenizer
+    from teams_rl_jax.sft.config import SFTConfig
+    from teams_rl_jax.sft.loop import DEMO_DATA, train
+
+    seed = int(np.random.default_rng().integers(1 << 30))
+    base = tmp_path / "base"
+    lm0 = init(dict(TINY, vocab_size=512), jax.random.key(seed))
+    save_pretrained(lm0, base)
+    build_word_tokenizer(DEMO_DATA.read_text().splitlines(), 512, save_dir=base)
+    common = {"model": {"path": str(base)}, "global_batch": 2, "data": {"max_seq_len": 64, "path": str(DEMO_DATA)}, "tensorboard": False,
+              "checkpoint": {"every": 1, "async_save": False}, "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.1},
+              "optim": {"lr": 3e-2, "warmup_steps": 0, "schedule": "constant"}}
+    logs = []
+    train(cfglib.from_dict(SFTConfig, {**common, "max_steps": 2, "export": False}), tmp_path / "run", logs.append)
+    ckpt = tmp_path / "run" / "sft" / "ckpt" / "2" / "state"
+    saved = ocp.StandardCheckpointer().restore(ckpt)
+    assert set(saved["params"]) == {"lora"} and not saved.get("frozen"), list(saved)
+    n_saved = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(saved["params"]))
+    assert n_saved < lm0.num_params() // 10
+
+    state = train(cfglib.from_dict(SFTConfig, {**common, "max_steps": 3}), tmp_path / "run", logs.append)
+    assert any("resumed from step 2" in m for m in logs), logs
+    steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    # the adapters continued from the checkpoint: step 3 moved them away from step 2's values
+    for a, b in zip(jax.tree_util.tree_leaves(saved["params"]), jax.tree_util.tree_leaves(state.params)):
+        assert a.shape == b.shape
+    assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+               for a, b in zip(jax.tree_util.tree_leaves(saved["params"]), jax.tree_util.tree_leaves(state.params))) > 0
+
+    out = tmp_path / "run" / "sft"
+    lm = lm0.replace(lora=LoraSection(rank=4, alpha=8.0))
+    adapters, _ = lora.load_peft_adapter(lm, out / "adapter")
+    ids = np.arange(3, 40, dtype=np.int32)[None]
+    with_adapter = np.asarray(jax.jit(lm.apply)({**lm0.params, **adapters}, ids))
+    merged = load_pretrained(out / "hf")
+    np.testing.assert_allclose(np.asarray(jax.jit(merged.apply)(merged.params, ids)), with_adapter, atol=1e-4,
+                               err_msg=f"seed={seed}")
+    assert np.abs(with_adapter - np.asarray(jax.jit(lm0.apply)(lm0.params, ids))).max() > 1e-3
+    assert (out / "adapter" / "tokenizer_config.json").is_file() and (out / "hf" / "tokenizer_config.json").is_file()

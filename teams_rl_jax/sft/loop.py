@@ -1,11 +1,19 @@
 """The SFT loop: data, sharded jitted steps, Orbax checkpoints with exact resume, metrics, HF export.
 
 Layout under ``run_dir/sft/``: ``ckpt/`` (Orbax: train state + data position), ``metrics.jsonl``,
-``tb/`` (TensorBoard), ``tokenizer/`` (when built from the data), ``hf/`` (final safetensors export).
+``tb/`` (TensorBoard), ``tokenizer/`` (the run's tokenizer), ``model_config.json`` (the model's HF
+config), ``hf/`` (final safetensors export, ``export_dtype``, ``export_shard_size`` shards) and, for
+LoRA with ``lora.export`` adapter/both, ``adapter/`` (a PEFT adapter dir).
 
 Resume: if ``ckpt/`` holds a checkpoint, the state and the data iterator's position are restored and
 ``metrics.jsonl`` is cut back to that step, so a killed run continues with exactly the batches (and,
-on CPU, bit-identical losses) of an uninterrupted one, and no metric line is duplicated.
+on CPU, bit-identical losses) of an uninterrupted one, and no metric line is duplicated. The state is
+restored straight into its shardings from Orbax: the HF weights are not read again (the model config
+and tokenizer come from the run dir), so the original model dir may be gone.
+
+LoRA (``lora.rank > 0``): the base (``model.dtype``) is frozen and lives in ``TrainState.frozen``; only
+the adapters and their optimizer state are trained and checkpointed. Resuming a LoRA run re-reads the
+frozen base from ``model.path`` (it is never written, so a checkpoint holds only the small adapters).
 
 Metrics per step (``metrics.jsonl`` and TensorBoard, process 0 only): ``loss`` (mean cross-entropy
 over the global batch's loss tokens), ``grad_norm`` (global, before clipping), ``lr``, ``tokens``
@@ -37,7 +45,9 @@ from teams_rl_jax.data import BatchIterator, read_dataset, tokenize_dataset
 from teams_rl_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
 from teams_rl_jax.data.tokenize import prompt_text
 from teams_rl_jax.errors import ConfigError, TrainingError
-from teams_rl_jax.models import init, load_pretrained, save_pretrained
+from teams_rl_jax.models import LM, init, load_pretrained, read_hf_config, save_pretrained
+from teams_rl_jax.models.lm import abstract_params, as_dtype
+from teams_rl_jax.sft import lora as lora_lib
 from teams_rl_jax.sft.config import SFTConfig
 from teams_rl_jax.sft.step import (TrainState, init_state, learning_rate_schedule, make_optimizer, make_train_step,
                                    opt_state_shardings)
@@ -70,23 +80,42 @@ def resolve_data_path(cfg: SFTConfig, run_dir: Path | None, log: Callable[[str],
     return DEMO_DATA
 
 
-def build_model_and_tokenizer(cfg: SFTConfig, examples, out_dir: Path | None, mesh):
-    """Load (or randomly initialise) the LM in its shardings, and its tokenizer."""
+def build_model_and_tokenizer(cfg: SFTConfig, examples, out_dir: Path | None, mesh, resume: bool = False):
+    """Load (or randomly initialise) the LM in its shardings, and its tokenizer.
+
+    ``resume``: the params will come from the Orbax checkpoint, so the returned LM holds abstract params
+    (``ShapeDtypeStruct`` with shardings; nothing read or initialised), its config and tokenizer come
+    from the run dir, and ``model.path`` is not touched. A LoRA run still needs its frozen base.
+    """
     m = cfg.model
-    if m.path is not None:
-        lm = load_pretrained(m.path, dtype=m.dtype, compute_dtype=m.compute_dtype, mesh=mesh)
+    saved_cfg = out_dir / "model_config.json" if out_dir is not None else None
+    saved_tok = out_dir / "tokenizer" if out_dir is not None else None
+    lean_resume = resume and saved_cfg.is_file() and (saved_tok / "tokenizer_config.json").is_file()
+    if lean_resume:
+        tok = load_tokenizer(saved_tok)
+    elif m.path is not None or m.tokenizer is not None:
         tok = load_tokenizer(m.tokenizer or m.path)
+    else:  # offline default: a word-level tokenizer built from the data (saved for the export)
+        texts = [prompt_text(e, cfg.data.template) + " " + e.output for e in examples]
+        save = saved_tok if saved_tok is not None and jax.process_index() == 0 else None
+        tok = build_word_tokenizer(texts, int(m.config.get("vocab_size", 4096)), save_dir=save)
+    if lean_resume and not lora_lib.enabled(cfg.lora):
+        config = read_hf_config(saved_cfg)
+        lm = LM(config, abstract_params(config, m.dtype, mesh=mesh), dtype=as_dtype(m.compute_dtype or m.dtype),
+                param_dtype=as_dtype(m.dtype))
+    elif m.path is not None:
+        lm = load_pretrained(m.path, dtype=m.dtype, compute_dtype=m.compute_dtype, mesh=mesh)
     else:
-        if m.tokenizer is not None:
-            tok = load_tokenizer(m.tokenizer)
-        else:  # offline default: a word-level tokenizer built from the data (saved for the export)
-            texts = [prompt_text(e, cfg.data.template) + " " + e.output for e in examples]
-            save = out_dir / "tokenizer" if out_dir is not None and jax.process_index() == 0 else None
-            tok = build_word_tokenizer(texts, int(m.config.get("vocab_size", 4096)), save_dir=save)
         lm = init(m.config, jax.random.key(cfg.seed), dtype=m.dtype, compute_dtype=m.compute_dtype, mesh=mesh)
     if len(tok) > lm.config.vocab_size:
         raise ConfigError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {lm.config.vocab_size}")
-    return lm.replace(remat=m.remat), tok
+    if out_dir is not None and jax.process_index() == 0 and not lean_resume:
+        # What a resume (or the export) needs besides the checkpoint: no trip back to model.path.
+        saved_cfg.write_text(json.dumps(lm.config.to_hf(), indent=2) + "\n")
+        if not (saved_tok / "tokenizer_config.json").is_file():
+            tok.save_pretrained(str(saved_tok))
+    lm = lm.replace(remat=m.remat)
+    return (lm.replace(lora=cfg.lora) if lora_lib.enabled(cfg.lora) else lm), tok
 
 
 class _Metrics:
@@ -162,7 +191,9 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
 
     data_path = resolve_data_path(cfg, run_dir, log)
     examples = read_dataset(data_path, cfg.data.format, split=cfg.data.tfds_split)
-    lm, tok = build_model_and_tokenizer(cfg, examples, out, mesh)
+    mngr = _checkpoint_manager(out / "ckpt", cfg) if out is not None else None
+    resume_step = mngr.latest_step() if mngr is not None else None
+    lm, tok = build_model_and_tokenizer(cfg, examples, out, mesh, resume=resume_step is not None)
     seqs, stats = tokenize_dataset(examples, tok, cfg.data.template, cfg.data.max_seq_len,
                                    cfg.data.min_response_tokens)
     log(f"[sft] {data_path}: {stats.summary()}")
@@ -175,31 +206,51 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
 
     optimizer = make_optimizer(cfg.optim, total)
     schedule = learning_rate_schedule(cfg.optim, total)
-    p_shard = shd.param_shardings(lm, mesh)
     rep = shd.replicated(mesh)
-    o_shard = opt_state_shardings(optimizer, lm.params, p_shard, rep)
-    s_shard = TrainState(step=rep, params=p_shard, opt_state=o_shard, rng=rep)
-    # Commit every leaf to its sharding: an uncommitted step counter or key would make the second
-    # call (fed the first call's sharded outputs) trace and compile the step again.
-    state = jax.device_put(init_state(lm, optimizer, cfg.seed, o_shard), s_shard)
+    use_lora = lora_lib.enabled(cfg.lora)
+    frozen = frozen_shard = None
+    if use_lora:  # train {"lora": adapters}; the base rides along frozen (a jit argument, never saved)
+        frozen, frozen_shard = lm.params, shd.param_shardings(lm, mesh)
+        p_shard = lora_lib.shardings(lm, cfg.lora, mesh)
+        if resume_step is not None:  # shapes only: the adapters come from the checkpoint
+            trainable = jax.eval_shape(lambda: lora_lib.init_adapters(lm, cfg.lora, jax.random.key(0)))
+        else:
+            trainable = lora_lib.init_adapters(lm, cfg.lora, jax.random.key(cfg.seed + 1), mesh)
+        log(f"[sft] LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}: "
+            f"{lora_lib.num_params(trainable):,} trainable of {lm.num_params():,} parameters")
+    else:
+        p_shard = shd.param_shardings(lm, mesh)
+        trainable = lm.params
+    o_shard = opt_state_shardings(optimizer, trainable, p_shard, rep)
+    s_shard = TrainState(step=rep, params=p_shard, opt_state=o_shard, rng=rep, frozen=frozen_shard)
+    start = 0
+    if resume_step is not None:  # straight from Orbax into the shardings; no initial state is built
+        start = resume_step
+        rng_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+        shapes = TrainState(step=jax.ShapeDtypeStruct((), jax.numpy.int32), params=trainable,
+                            opt_state=jax.eval_shape(optimizer.init, trainable), rng=rng_shape)
+        abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                          shapes, s_shard.replace(frozen=None))
+        restored = mngr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                               data=ocp.args.JsonRestore()))
+        state = restored["state"].replace(frozen=frozen)
+        it.restore(restored["data"])
+        log(f"[sft] resumed from step {start} (data position {restored['data']})")
+    else:
+        # Commit every leaf to its sharding: an uncommitted step counter or key would make the second
+        # call (fed the first call's sharded outputs) trace and compile the step again.
+        state = init_state(lm.replace(params=trainable), optimizer, cfg.seed, o_shard).replace(frozen=frozen)
+        state = jax.device_put(state, s_shard)
+    del frozen, trainable
     b_shard = shd.batch_sharding(mesh)
     with shd.activation_rules(mesh):
         step_fn = jax.jit(make_train_step(lm, optimizer, cfg.grad_accum, schedule), in_shardings=(s_shard, b_shard),
                           out_shardings=(s_shard, rep), donate_argnums=0)
 
-    mngr = _checkpoint_manager(out / "ckpt", cfg) if out is not None else None
-    start = 0
-    if mngr is not None and mngr.latest_step() is not None:
-        start = mngr.latest_step()
-        abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                          state, s_shard)
-        restored = mngr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                               data=ocp.args.JsonRestore()))
-        state = restored["state"]
-        it.restore(restored["data"])
-        log(f"[sft] resumed from step {start} (data position {restored['data']})")
-
     n_params = lm.num_params()
+    # Training FLOPs per token: 6N for full fine-tuning; 4N with LoRA (forward 2N + the backward pass to
+    # the activations 2N; the frozen base gets no weight gradient, the adapters' FLOPs are negligible).
+    flops_per_token = (4 if use_lora else 6) * n_params
     metrics = _Metrics(out, total, start, cfg.tensorboard)
     kill_after = int(os.environ.get(FAULT_ENV, "0") or 0)
     t_last = time.perf_counter()
@@ -221,12 +272,12 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
                    "lr": float(m["lr"]), "tokens": tokens, "tokens_per_s": tokens / dt,
                    "epoch": it.epoch}
             if cfg.peak_tflops:
-                row["mfu"] = 6 * n_params * tokens / dt / (cfg.peak_tflops * 1e12 * jax.device_count())
+                row["mfu"] = flops_per_token * tokens / dt / (cfg.peak_tflops * 1e12 * jax.device_count())
             metrics.write(row)
             if step % cfg.log_every == 0 and not metrics.bar_visible:
                 log(f"[sft] step {step}/{total} loss {row['loss']:.4f} lr {row['lr']:.2e}")
             if mngr is not None and (step % cfg.checkpoint.every == 0 or step == total):
-                mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state.replace(frozen=None)),
                                                         data=ocp.args.JsonSave(it.state())))
                 if kill_after and step == kill_after:
                     mngr.wait_until_finished()
@@ -238,11 +289,32 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
             mngr.close()
 
     if out is not None and cfg.export:
-        save_pretrained(lm, out / "hf", params=state.params)
-        if jax.process_index() == 0:
-            tok.save_pretrained(str(out / "hf"))
-        log(f"[sft] exported {out / 'hf'}")
+        export(cfg, lm, state, tok, out, log)
     return state
+
+
+def export(cfg: SFTConfig, lm, state: TrainState, tok, out: Path, log: Callable[[str], None] = print) -> None:
+    """Write ``out/hf`` (full or LoRA-merged weights, ``export_dtype``, ``export_shard_size`` shards) and, for
+    LoRA with ``lora.export`` adapter/both, ``out/adapter`` (PEFT format), each with the tokenizer.
+
+    ``export_dtype`` defaults to the compute dtype (bfloat16 for bf16 training, even with float32 master
+    weights: what one serves); tensors are cast on the device and gathered one at a time.
+    """
+    m = cfg.model
+    dtype = cfg.export_dtype or m.compute_dtype or m.dtype
+    use_lora = lora_lib.enabled(cfg.lora)
+    dirs = []
+    if not use_lora or cfg.lora.export in ("merged", "both"):
+        params = {**state.frozen, **state.params} if use_lora else state.params
+        save_pretrained(lm, out / "hf", params=params, dtype=dtype, max_shard_size=cfg.export_shard_size)
+        dirs.append(out / "hf")
+    if use_lora and cfg.lora.export in ("adapter", "both"):
+        lora_lib.save_peft_adapter(lm, state.params, out / "adapter", base_model=m.path)
+        dirs.append(out / "adapter")
+    if jax.process_index() == 0:
+        for d in dirs:
+            tok.save_pretrained(str(d))
+    log(f"[sft] exported {', '.join(str(d) for d in dirs)} ({dtype})")
 
 
 def run_sft_stage(cfg: SFTConfig, run_dir: str | Path, log: Callable[[str], None] = print) -> TrainState:
