@@ -48,7 +48,7 @@ def server(tmp_path_factory):
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "teams_rl_jax.serve", "--checkpoint", str(path), "--port",
                                  str(port), "--api-key-env", "H1_SERVE_KEY", "--dtype", "float32", "--max-batch", "32",
-                                 "--batch-wait-ms", "50", "--max-body-bytes", "20000", "--max-prompt-tokens", "48",
+                                 "--min-batch", "32", "--batch-wait-ms", "50", "--max-body-bytes", "20000", "--max-prompt-tokens", "48",
                                  "--max-tokens", "16", "--max-n", "2", "--log-level", "debug"],
                                 env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

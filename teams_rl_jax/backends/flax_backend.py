@@ -88,7 +88,7 @@ class FlaxBackend:
 
     def __init__(self, lm, tokenizer, *, role: str, counter: QueryCounter | None = None, model: str | None = None,
                  max_batch: int = 32, chat: bool = True, mesh=None, eos_ids: Sequence[int] | None = None,
-                 checkpoint: str | Path | None = None):
+                 checkpoint: str | Path | None = None, min_batch: int = 1, seed: int = 0):
         if tokenizer is None:
             raise BackendError(f"{role}: the flax backend needs a tokenizer")
         self.lm = lm
@@ -104,10 +104,17 @@ class FlaxBackend:
         self.pad_id = int(pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0))
         self.bos_id = getattr(tokenizer, "bos_token_id", None)
         self.generate_calls = 0
+        # Sampling calls without a seed draw from fold_in(key(seed), call number): reproducible run to
+        # run, yet two calls with the same prompts do not return the same samples.
+        self.seed = int(seed)
+        self._unseeded_calls = 0
         self._lock = threading.Lock()  # one generate at a time (server threads, host env loops)
         self._score_fn = None
-        # The mesh's batch ways: rows are padded to a multiple so the batch shards evenly.
-        self._batch_ways = 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
+        # Rows are padded to a power of two >= the mesh's batch ways (so the batch shards evenly) and
+        # >= min_batch (a server may trade idle rows for fewer programs: min_batch = max_batch gives
+        # one program per prompt-length bucket).
+        ways = 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
+        self._batch_ways = max(ways, min(int(min_batch), self.max_batch))
 
     @property
     def params(self):
@@ -120,8 +127,9 @@ class FlaxBackend:
         return cls(lm, tokenizer, role=role, counter=counter, **kw)
 
     @classmethod
-    def from_config(cls, cfg, *, role: str, counter: QueryCounter | None = None) -> "FlaxBackend":
-        """Load ``cfg.checkpoint`` (a ``RoleConfig`` with ``backend: flax``) in ``cfg.dtype`` onto ``cfg.mesh``."""
+    def from_config(cls, cfg, *, role: str, counter: QueryCounter | None = None, **kw) -> "FlaxBackend":
+        """Load ``cfg.checkpoint`` (a ``RoleConfig`` with ``backend: flax``) in ``cfg.dtype`` onto ``cfg.mesh``;
+        ``kw`` go to the constructor (e.g. ``min_batch``)."""
         from teams_rl_jax.data.tokenizer import load_tokenizer
         from teams_rl_jax.models import load_pretrained
 
@@ -133,7 +141,7 @@ class FlaxBackend:
         lm = load_pretrained(cfg.checkpoint, cfg.dtype, mesh=mesh)
         tok = load_tokenizer(cfg.checkpoint)
         return cls(lm, tok, role=role, counter=counter, model=cfg.model, max_batch=cfg.max_batch, chat=cfg.chat,
-                   mesh=mesh, checkpoint=cfg.checkpoint)
+                   mesh=mesh, checkpoint=cfg.checkpoint, **kw)
 
     # ---- prompts --------------------------------------------------------------------------------
     def render(self, prompt: Prompt) -> str:
@@ -190,7 +198,12 @@ class FlaxBackend:
         out: list[Completion | None] = [None] * n
         # Sort by length so each chunk pads little; results go back to their original slots.
         order = sorted(range(n), key=lambda i: len(prompt_ids[i]))
-        rng = jax.random.key(0 if seed is None else int(seed))
+        if seed is None:
+            with self._lock:
+                rng = jax.random.fold_in(jax.random.key(self.seed), self._unseeded_calls)
+                self._unseeded_calls += 1
+        else:
+            rng = jax.random.key(int(seed))
         for c, start in enumerate(range(0, n, self.max_batch)):
             rows = order[start:start + self.max_batch]
             new = max(limits[i] for i in rows)

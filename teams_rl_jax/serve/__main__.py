@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=1,tensor=8 (default: one device)")
     p.add_argument("--max-batch", type=int, default=32, help="rows per batched generate")
+    p.add_argument("--min-batch", type=int, default=1,
+                   help="pad every generate to at least this many rows (fewer programs to compile)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long the batcher waits for more requests")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
         cfg = RoleConfig(backend="flax", checkpoint=args.checkpoint, dtype=args.dtype, mesh=parse_mesh(args.mesh),
                          max_batch=args.max_batch, model=args.model_name)
         cfg.validate()
-        backend = FlaxBackend.from_config(cfg, role="serve")
+        backend = FlaxBackend.from_config(cfg, role="serve", min_batch=args.min_batch)
         limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                         max_tokens=args.max_tokens, max_n=args.max_n)
         app = make_app(backend, model_name=args.model_name, api_key=key, limits=limits,

@@ -125,8 +125,10 @@ def make_app(backend, *, model_name: str | None = None, api_key: str | None = No
                            param="model", code="model_not_found")
         return body
 
-    def sampling(body: dict) -> dict:
-        max_tokens = _field(body, "max_tokens", (int,), 16, lo=0, hi=limits.max_tokens)
+    def sampling(body: dict, default_max_tokens: int | None = 16) -> dict:
+        # /v1/completions defaults to 16 tokens (OpenAI's default); chat to what the context leaves
+        # (None here, resolved once the prompt is tokenized).
+        max_tokens = _field(body, "max_tokens", (int,), default_max_tokens, lo=0, hi=limits.max_tokens)
         max_tokens = _field(body, "max_completion_tokens", (int,), max_tokens, lo=0, hi=limits.max_tokens)
         temperature = float(_field(body, "temperature", (int, float), 1.0, lo=0.0, hi=2.0))
         top_p = float(_field(body, "top_p", (int, float), 1.0, lo=0.0, hi=1.0))
@@ -219,6 +221,8 @@ def make_app(backend, *, model_name: str | None = None, api_key: str | None = No
             ids_list.append(ids)
         echo = bool(body.get("echo", False))
         logprobs = body.get("logprobs")
+        if echo and logprobs is not None and s["max_tokens"] != 0:
+            raise ApiError(400, "'echo' with 'logprobs' is supported only with max_tokens=0", param="logprobs")
         outs = await run(ids_list, s)
         choices = []
         for k, out in enumerate(outs):
@@ -229,9 +233,6 @@ def make_app(backend, *, model_name: str | None = None, api_key: str | None = No
                 ptext = p if isinstance(p, str) else backend.decode(p)
                 text = ptext + text
                 if logprobs is not None:
-                    if out.token_ids:
-                        raise ApiError(400, "'echo' with 'logprobs' is supported only with max_tokens=0",
-                                       param="logprobs")
                     lp = echo_logprobs(ptext, ids_list[k // s["n"]])
             choices.append({"index": k, "text": text, "logprobs": lp, "finish_reason": out.finish_reason})
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -241,7 +242,7 @@ def make_app(backend, *, model_name: str | None = None, api_key: str | None = No
     async def chat_completions(request: Request):
         check_auth(request)
         body = await read_json(request)
-        s = sampling(body)
+        s = sampling(body, default_max_tokens=None)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "'messages' must be a non-empty list", param="messages")
@@ -254,6 +255,8 @@ def make_app(backend, *, model_name: str | None = None, api_key: str | None = No
             ids = backend.encode(backend.render([{"role": m["role"], "content": m["content"]} for m in messages]))
         except Exception as e:  # noqa: BLE001 - a template that rejects this conversation is a client error
             raise ApiError(400, f"cannot apply the chat template ({type(e).__name__})", param="messages") from None
+        if s["max_tokens"] is None:
+            s["max_tokens"] = max(min(limits.max_tokens, positions - len(ids)), 1)
         check_prompt(ids, s["max_tokens"])
         outs = await run([ids], s)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
