@@ -95,6 +95,10 @@ def test_dropout_only_with_a_key():
     np.testing.assert_allclose(plain, no_drop, atol=1e-6)
     dropped = np.asarray(jax.jit(lambda p, k: lm.replace(lora_rng=k).apply(p, ids))(params, jax.random.key(3)))
     assert np.abs(dropped - plain).max() > 1e-4
+    from teams_rl_jax.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="lora spec"):  # adapters in params but no spec: one-line error
+        lm.replace(lora=None).apply(params, ids)
 
 
 def test_merged_export_and_peft_adapter_match_adapter_forward(tmp_path):
@@ -140,16 +144,9 @@ def test_merged_export_and_peft_adapter_match_adapter_forward(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_adapters_in_params_need_a_spec():
-    from teams_rl_jax.errors import CheckpointError
-
-    spec = LoraSection(rank=2)
-    lm = init(TINY, jax.random.key(0)).replace(lora=spec)
-    params = {**lm.params, **lora.init_adapters(lm, spec, jax.random.key(1))}
-    with pytest.raises(CheckpointError, match="lora spec"):
-        lm.replace(lora=None).apply(params, np.ones((1, 4), np.int32))
 
 
+@pytest.mark.slow  # two SFT runs (~30 s on a quiet 2-core machine); the pieces are tested above by default
 def test_lora_sft_run_checkpoints_adapters_only_resumes_and_exports(tmp_path):
     """The SFT loop with lora.rank > 0 on a local HF dir: checkpoints hold adapters + their moments only, a
     second call resumes from them, and both exports (merged hf/ and PEFT adapter/) describe the same model.
