@@ -89,7 +89,7 @@ def test_loss_scorer_is_mean_response_token_nll():
                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, bos_token_id=1,
                    eos_token_id=2, pad_token_id=0, initializer_range=0.3), jax.random.key(SEED))
     seqs = mia.tokenize_records(_examples(recs), tok, "alpaca", 96)
-    got = mia.LossScorer(lm, batch_size=2)(lm.params, seqs)  # 5 rows: a padded last batch too
+    got = mia.LossScorer(lm, batch_size=8)(lm.params, seqs)  # 5 rows in a batch of 8: padded rows too
     L = max(len(x) for x, _ in seqs)
     batch = np.zeros((len(seqs), L), np.int32)
     for r, (x, _) in enumerate(seqs):

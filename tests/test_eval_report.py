@@ -155,3 +155,21 @@ def test_readers_reject_missing_dir(tmp_path):
 
     with pytest.raises(DataError, match="not found"):
         load_task("mmlu", tmp_path / "nope")
+
+
+def test_mia_members_follow_the_sft_config(tmp_path):
+    """Members = what SFT trained on: data/generated.jsonl by default, or the sft.data.path that
+    run/config.yaml records; non-members never include a member record."""
+    from teams_rl_jax.eval.stage import mia_inputs
+
+    run = T.fake_run_dir(tmp_path / "run", seed=SEED, n=6, checkpoint=False)
+    mem, non, notes = mia_inputs(EvalConfig(), run)
+    gen = D.read_records(run / "data" / "generated.jsonl")
+    assert [m.instruction for m in mem] == [r["instruction"] for r in gen] and "generated.jsonl" in notes[0]
+    assert len(non) == 6 and "baselines/random" in notes[1]
+    other = run / "data" / "baselines" / "random" / "generated.jsonl"
+    (run / "config.yaml").write_text(f"sft:\n  data:\n    path: {other}\n    template: vicuna\n")
+    mem, non, notes = mia_inputs(EvalConfig(), run)
+    assert [m.instruction for m in mem] == [r["instruction"] for r in D.read_records(other)], notes
+    keys = {(m.instruction, m.output) for m in mem}
+    assert non and not any((n.instruction, n.output) in keys for n in non) and "demo" in notes[1]

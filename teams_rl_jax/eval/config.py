@@ -60,12 +60,13 @@ class MIASection:
     reference: str | None = None  # a reference checkpoint dir (e.g. the pre-SFT base model)
     max_examples: int = 256  # per side, first N (keeps the stage fast; both sides capped alike)
     batch_size: int = 16
-    max_seq_len: int = 256
-    template: Literal["alpaca", "vicuna"] = "alpaca"  # the SFT template: the loss is the SFT loss
+    max_seq_len: int | None = None  # None: the SFT stage's sft.data.max_seq_len (run/config.yaml), else 256
+    # the SFT template (the attack's loss is the SFT loss); "auto": sft.data.template of run/config.yaml
+    template: Literal["auto", "alpaca", "vicuna"] = "auto"
 
     def validate(self) -> None:
         """Positive sizes."""
-        if self.max_examples < 2 or self.batch_size < 1 or self.max_seq_len < 8:
+        if self.max_examples < 2 or self.batch_size < 1 or (self.max_seq_len is not None and self.max_seq_len < 8):
             raise ConfigError("need max_examples >= 2, batch_size >= 1, max_seq_len >= 8")
 
 

@@ -62,6 +62,21 @@ def dataset_reports(datasets: list[tuple[str, Path, Path | None]], *, encoder: s
     return out
 
 
+def sft_data_settings(run_dir: Path) -> dict:
+    """``sft.data`` of the run's resolved ``config.yaml`` (what the SFT stage trained on), or {}."""
+    import yaml
+
+    p = run_dir / "config.yaml"
+    if not p.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError:
+        return {}
+    sft = data.get("sft") if isinstance(data, dict) else None
+    return dict(sft.get("data") or {}) if isinstance(sft, dict) else {}
+
+
 def mia_inputs(cfg: EvalConfig, run_dir: Path) -> tuple[list, list, list[str]]:
     """(members, non-members, notes) for the stage's MIA (see ``MIASection``)."""
     from teams_rl_jax.data.readers import read_dataset
@@ -73,10 +88,15 @@ def mia_inputs(cfg: EvalConfig, run_dir: Path) -> tuple[list, list, list[str]]:
         members = read_dataset(cfg.mia.members)
         notes.append(f"members: {Path(cfg.mia.members).name}")
     else:
+        sft_path = sft_data_settings(run_dir).get("path", "auto")
         gen = run_dir / "data" / "generated.jsonl"
-        src = gen if gen.is_file() else DEMO_DATA
-        members = read_dataset(src)
-        notes.append(f"members: the SFT training set ({'data/generated.jsonl' if gen.is_file() else 'bundled demo set'})")
+        if sft_path not in (None, "auto"):  # the SFT stage was pointed at another dataset
+            members = read_dataset(sft_path, sft_data_settings(run_dir).get("format", "auto"))
+            notes.append(f"members: the SFT training set ({Path(str(sft_path)).name}, from config.yaml)")
+        else:
+            members = read_dataset(gen if gen.is_file() else DEMO_DATA)
+            notes.append("members: the SFT training set "
+                         f"({'data/generated.jsonl' if gen.is_file() else 'bundled demo set'})")
     if cfg.mia.non_members != "auto":
         non = disjoint(read_dataset(cfg.mia.non_members), members)
         notes.append(f"non-members: {Path(cfg.mia.non_members).name}")
@@ -133,13 +153,16 @@ def run_eval_stage(cfg: EvalConfig, run_dir: str | Path, log: Callable[[str], No
             members, non, notes = mia_inputs(cfg, run_dir)
             if not non:
                 raise DataError("membership inference: no non-member records (set eval.mia.non_members)")
-            rep["mia"] = run_mia(checkpoint, members, non, reference=cfg.mia.reference, template=cfg.mia.template,
-                                 max_seq_len=cfg.mia.max_seq_len, max_examples=cfg.mia.max_examples,
+            sft = sft_data_settings(run_dir)
+            template = cfg.mia.template if cfg.mia.template != "auto" else sft.get("template", "alpaca")
+            max_seq_len = cfg.mia.max_seq_len or int(sft.get("max_seq_len") or 256)
+            rep["mia"] = run_mia(checkpoint, members, non, reference=cfg.mia.reference, template=template,
+                                 max_seq_len=max_seq_len, max_examples=cfg.mia.max_examples,
                                  batch_size=cfg.mia.batch_size, log=log)
             rep["mia"]["notes"] = notes
         else:
-            rep["notes"].append(f"no checkpoint at {checkpoint.name if cfg.checkpoint == 'auto' else checkpoint}: "
-                                "membership inference skipped")
+            where = "sft/hf" if cfg.checkpoint == "auto" else str(checkpoint)
+            rep["notes"].append(f"no checkpoint at {where}: membership inference skipped")
     b = cfg.benchmarks
     if b.data_dir is not None:
         if not have_ckpt:
