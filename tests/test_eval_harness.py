@@ -9,6 +9,7 @@ is initialised with a large scale (0.5) so choices do not near-tie; the margin i
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,3 +96,23 @@ def test_rolling_and_generate_match_hf(setup):
                                                                "do_sample": False}), 0)]
     out = jx.generate_until(gen)
     assert out == hf.generate_until(gen) and out[0].strip(), (out, SEED)
+
+
+@pytest.mark.slow
+def test_harness_cli_forwards_to_lm_eval(setup, tmp_path):
+    """``python -m teams_rl_jax.eval.harness`` registers the model and runs lm-eval's own CLI
+    (``--include_path`` task, results JSON written by lm-eval) with the same accuracy as the API."""
+    import json
+    import subprocess
+    import sys
+
+    ckpt, runs, _ = setup
+    tasks = Path(str(ckpt)).parent / "tasks"
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-m", "teams_rl_jax.eval.harness", "--model", "teams_rl_jax", "--model_args",
+                        f"pretrained={ckpt}", "--tasks", "tiny_arc", "--include_path", str(tasks), "--batch_size", "4",
+                        "--output_path", str(tmp_path / "out")], capture_output=True, text=True, timeout=600, env=env,
+                       cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["tiny_arc"]
+    assert res["acc,none"] == runs["hf"]["results"]["tiny_arc"]["acc,none"], res

@@ -44,7 +44,6 @@ def _opt_bool(v: Any) -> bool | None:
     return str(v).lower() in ("1", "true", "yes")
 
 
-@register_model(MODEL_NAME)
 class TeamsRLJaxLM(TemplateLM):
     """lm-eval model over a local HF checkpoint dir loaded into :mod:`teams_rl_jax.models`."""
 
@@ -166,9 +165,17 @@ class TeamsRLJaxLM(TemplateLM):
         return out
 
 
+# Registered here only when imported as ``teams_rl_jax.eval.harness``: under ``python -m`` this file
+# is ``__main__`` and its class a second copy; main() then imports the real module, which registers.
+if __name__ != "__main__":
+    register_model(MODEL_NAME)(TeamsRLJaxLM)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m teams_rl_jax.eval.harness ...``: lm-eval's CLI with ``teams_rl_jax`` registered."""
     from lm_eval.__main__ import cli_evaluate
+
+    import teams_rl_jax.eval.harness  # noqa: F401 - registers the model (see above)
 
     if argv is not None:
         sys.argv = [sys.argv[0]] + list(argv)
