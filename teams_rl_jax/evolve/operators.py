@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from teams_rl_jax.evolve.records import Seed
-from teams_rl_jax.evolve.selectors import seed_key
+from teams_rl_jax.evolve.selectors import row_seed
 
 
 def instructor_messages(op: str, text: str) -> list[dict]:
@@ -46,6 +46,19 @@ class LLMOperator:
             return []
         got = self.backend.complete([instructor_messages(op, x) for op, x in zip(ops, texts)], **self.kw)
         return [(clean_rewrite(c.text), c.finish_reason == "length", {self.role: 1}) for c in got]
+
+
+_TOKEN_EDIT: dict[tuple, "TokenEditOperator"] = {}
+
+
+def token_edit_operator(seeds: Sequence[Seed], *, seed: int = 0, max_len: int = 256, batch: int = 32):
+    """A :class:`TokenEditOperator` for these seeds, shared within the process: the policy run and its
+    baselines (same seeds) reuse one build and one compiled edit instead of compiling it again."""
+    key = (tuple((s.id, s.text, s.domain) for s in seeds), seed, max_len, batch)
+    if key not in _TOKEN_EDIT:
+        _TOKEN_EDIT.clear()  # keep one
+        _TOKEN_EDIT[key] = TokenEditOperator(seeds, seed=seed, max_len=max_len, batch=batch)
+    return _TOKEN_EDIT[key]
 
 
 class TokenEditOperator:
@@ -81,7 +94,7 @@ class TokenEditOperator:
         pool_dom = np.asarray(self.params.seeds.domains)
         dom = jnp.asarray([int(pool_dom[r]) for r in rows] + [-1] * (width - n), jnp.int32)
         sid = jnp.asarray(list(rows) + [-1] * (width - n), jnp.int32)
-        key = jax.random.fold_in(seed_key(self.seed, seed_ids[0], t), n)
+        key = jax.random.PRNGKey(row_seed(self.seed, seed_ids[0], t) ^ n)
         new_t, new_n, _ = self._apply(self.params.operator, key, op_ids, b.tokens, b.lengths, dom, sid)
         out = decode(self.tok, np.asarray(new_t)[:n], np.asarray(new_n)[:n])
         return [(x, False, {}) for x in out]

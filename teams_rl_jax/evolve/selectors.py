@@ -27,10 +27,15 @@ from teams_rl_jax.errors import ConfigError
 STOP = "stop"  # the policy's "end this episode" action, where the env has one
 
 
+def row_seed(base: int, seed_id: str, t: int) -> int:
+    """A 31-bit seed of (run seed, seed id, step): independent of batching. Host-side (crc32), so
+    picking operations costs no per-row device dispatch."""
+    return zlib.crc32(f"{base}:{seed_id}:{t}".encode()) & 0x7FFFFFFF
+
+
 def seed_key(base: int, seed_id: str, t: int) -> jax.Array:
-    """PRNG key of (run seed, seed id, step): independent of batching."""
-    k = jax.random.fold_in(jax.random.PRNGKey(base), zlib.crc32(seed_id.encode()) & 0x7FFFFFFF)
-    return jax.random.fold_in(k, t)
+    """PRNG key of (run seed, seed id, step)."""
+    return jax.random.PRNGKey(row_seed(base, seed_id, t))
 
 
 class RandomSelector:
@@ -44,7 +49,7 @@ class RandomSelector:
 
     def choose(self, seed_ids: Sequence[str], texts: Sequence[str], prev_ops: Sequence[int], t: int) -> list[str]:
         n = len(self.operations)
-        return [self.operations[int(jax.random.randint(seed_key(self.seed, s, t), (), 0, n))] for s in seed_ids]
+        return [self.operations[int(np.random.default_rng(row_seed(self.seed, s, t)).integers(n))] for s in seed_ids]
 
 
 class ScheduleSelector:
@@ -130,7 +135,8 @@ class PolicySelector:
                 return jnp.concatenate([state.instruction.embedding, prev_hot, frac]).astype(jnp.float32)
             return jax.vmap(one)(tokens, lengths, prev, t)
 
-        def act(net_params, env_params, keys, tokens, lengths, prev, t):
+        def act(net_params, env_params, row_seeds, tokens, lengths, prev, t):
+            keys = jax.vmap(jax.random.PRNGKey)(row_seeds)
             obs = observe(env_params, tokens, lengths, prev, t)
             logits = network.apply(net_params, obs, mask, method="logits")
             if greedy:
@@ -157,7 +163,7 @@ class PolicySelector:
         n = len(seed_ids)
         rows = max(self.batch, n)  # fixed row count: one compilation for every batch
         b = self._encode(list(texts) + [texts[0]] * (rows - n))
-        keys = jnp.stack([seed_key(self.seed, s, t) for s in seed_ids] + [jax.random.PRNGKey(0)] * (rows - n))
+        keys = jnp.asarray([row_seed(self.seed, s, t) for s in seed_ids] + [0] * (rows - n), jnp.uint32)
         prev = jnp.asarray(list(prev_ops) + [-1] * (rows - n), jnp.int32)
         acts, _ = self._act(self.params, self.env_params, keys, b.tokens, b.lengths, prev,
                             jnp.full((rows,), t, jnp.int32))

@@ -261,9 +261,9 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
     bk = build_backends(cfg, roles, run_dir, backends, tag=tag)
     sel = make_selector(name, cfg, run_dir, roles)
     if cfg.operator_role == "token_edit":
-        from teams_rl_jax.evolve.operators import TokenEditOperator
+        from teams_rl_jax.evolve.operators import token_edit_operator
 
-        operator = TokenEditOperator(seeds, seed=cfg.seed, batch=cfg.batch_seeds)
+        operator = token_edit_operator(seeds, seed=cfg.seed, batch=cfg.batch_seeds)
     else:
         from teams_rl_jax.evolve.operators import LLMOperator
 
