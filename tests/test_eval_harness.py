@@ -79,6 +79,7 @@ def test_accuracies_equal(setup):
     assert ours["acc"] != ours["acc_norm"]  # the two metrics differ here, so both code paths are exercised
 
 
+@pytest.mark.slow
 def test_rolling_and_generate_match_hf(setup):
     """loglikelihood_rolling (disjoint windows, prefix token) equals HFLM's; greedy generate_until
     returns HFLM's greedy text cut at ``until``."""
