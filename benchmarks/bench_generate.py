@@ -1,37 +1,32 @@
 """Prefill and decode throughput: our jitted KV-cache ``generate`` vs ``transformers`` (torch) generate.
 
-One command, both measured in the same run on the same random weights:
+One command, both measured in the same run on the same random weights, interleaved over ``--rounds``:
 
-    python benchmarks/bench_generate.py            # 4 layers, hidden 512, batch 8, prompt 128, 128 new
-    python benchmarks/bench_generate.py --layers 16 --hidden 2048 --batch 16 --no-torch   # e.g. on a GPU
+    python benchmarks/bench_generate.py            # 4 layers, hidden 512, batch 8, prompt 128, 128 new (CPU)
+    python benchmarks/bench_generate.py --layers 16 --hidden 2048 --batch 16 --dtype bfloat16 --no-torch  # ~1B, GPU
 
-Prefill tokens/s = B*prompt / t(prefill); decode tokens/s = B*(new-1) / (t(generate new) - t(generate 1)).
-Times are the best of ``--repeats`` runs after a warm-up (compilation excluded): the minimum is the
-estimate least disturbed by other load on a shared machine.
+Per round: prefill tokens/s = B*prompt / t(generate 1 token); decode tokens/s = B*(new-1) /
+(t(generate new) - t(generate 1)). The table (benchmarks/_timing.py) gives medians, bests, the median
+and best ratios and the load average before/after. On a GPU it also prints decode's bytes per step
+(weights + the KV cache read) and the achieved fraction of the HBM bandwidth bound.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
-import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
-
-def _best_time(fn, repeats: int) -> float:
-    fn()  # warm-up (compile)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import interleave, load_average, table, timed  # noqa: E402
 
 
 def main() -> None:
-    """Parse flags, run both implementations, print a table."""
+    """Parse flags, run both implementations interleaved, print one table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=512)
@@ -41,10 +36,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--attention", default="auto", help="ModelConfig.attention_impl (auto|xla|cudnn|splash)")
+    ap.add_argument("--unroll", type=int, default=0, help="ModelConfig.scan_unroll: layers per scan step, 0 = all")
+    ap.add_argument("--hbm-gbps", type=float, default=3350.0, help="HBM bandwidth for the decode bound (H100 SXM)")
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers reference (e.g. on GPU)")
     args = ap.parse_args()
+
+    import dataclasses
 
     from teams_rl_jax import generate
     from teams_rl_jax.models import init, save_pretrained
@@ -54,19 +54,20 @@ def main() -> None:
                   num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
                   initializer_range=0.02)
     lm = init(hf_cfg, jax.random.key(0), dtype=args.dtype)
+    lm = lm.replace(config=dataclasses.replace(lm.config, attention_impl=args.attention, scan_unroll=args.unroll))
     rng = np.random.default_rng(0)
     ids = rng.integers(3, args.vocab, size=(args.batch, args.prompt)).astype(np.int32)
     mask = np.ones_like(ids)
     B, P, N = args.batch, args.prompt, args.new
 
-    def ours(n):
-        return lambda: np.asarray(generate(lm, lm.params, ids, mask, max_new_tokens=n, rng=jax.random.key(0)))
+    def ours_once(n):
+        return timed(lambda: np.asarray(generate(lm, lm.params, ids, mask, max_new_tokens=n, rng=jax.random.key(0))))
 
-    rows = []
-    t1 = _best_time(ours(1), args.repeats)
-    tn = _best_time(ours(N), args.repeats)
-    rows.append(("teams_rl_jax (jax)", B * P / t1, B * (N - 1) / (tn - t1)))
+    def ours():
+        t1, tn = ours_once(1), ours_once(N)
+        return {"prefill": B * P / t1, "decode": B * (N - 1) / (tn - t1) if tn > t1 else float("nan")}
 
+    impls = {"teams_rl_jax (jax)": ours}
     if not args.no_torch:
         import torch
         import transformers
@@ -77,31 +78,41 @@ def main() -> None:
                 tmp, dtype=torch.float32 if args.dtype == "float32" else torch.bfloat16).eval()
         tids, tmask = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask, dtype=torch.long)
 
-        def theirs(n):
+        def theirs_once(n):
             def run():
                 with torch.no_grad():
                     ref.generate(input_ids=tids, attention_mask=tmask, max_new_tokens=n, min_new_tokens=n,
                                  do_sample=False, pad_token_id=0)
-            return run
+            return timed(run)
 
-        r1 = _best_time(theirs(1), args.repeats)
-        rn = _best_time(theirs(N), args.repeats)
-        rows.append(("transformers (torch)", B * P / r1, B * (N - 1) / (rn - r1)))
+        def theirs():
+            t1, tn = theirs_once(1), theirs_once(N)
+            return {"prefill": B * P / t1, "decode": B * (N - 1) / (tn - t1) if tn > t1 else float("nan")}
 
+        impls["transformers (torch)"] = theirs
+
+    before = load_average()
+    results = interleave(impls, args.rounds)
+    after = load_average()
     dev = jax.devices()[0]
     print(f"\nconfig: layers={args.layers} hidden={args.hidden} heads={args.heads}/{args.kv_heads} vocab={args.vocab} "
-          f"params={lm.num_params() / 1e6:.1f}M dtype={args.dtype} batch={B} prompt={P} new={N}  "
-          f"device={dev.platform}:{getattr(dev, 'device_kind', '')}")
-    print(f"{'implementation':<24}{'prefill tok/s':>16}{'decode tok/s':>16}")
-    for name, pre, dec in rows:
-        print(f"{name:<24}{pre:>16,.0f}{dec:>16,.0f}")
-    if len(rows) == 2:
-        print(f"{'ratio (ours/torch)':<24}{rows[0][1] / rows[1][1]:>15.2f}x{rows[0][2] / rows[1][2]:>15.2f}x")
+          f"params={lm.num_params() / 1e6:.1f}M dtype={args.dtype} batch={B} prompt={P} new={N} "
+          f"attention={args.attention} unroll={args.unroll} device={dev.platform}:{getattr(dev, 'device_kind', '')} "
+          f"jax={jax.__version__}")
+    print(table(results, "teams_rl_jax (jax)", None if args.no_torch else "transformers (torch)", before, after))
     if dev.platform == "gpu":
-        # Decode is memory bound: each step streams all weights + the KV cache once.
-        bytes_per_step = sum(x.nbytes for x in jax.tree_util.tree_leaves(lm.params))
-        step_s = B / rows[0][2]
-        print(f"weights {bytes_per_step / 1e9:.2f} GB/step -> achieved {bytes_per_step / step_s / 1e9:,.0f} GB/s")
+        # Decode is memory bound: a step streams every weight once plus the KV cache written so far.
+        import statistics
+
+        weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(lm.params))
+        c = lm.config
+        itemsize = np.dtype(lm.dtype).itemsize
+        kv_mean = 2 * c.num_hidden_layers * B * (P + N / 2) * c.num_key_value_heads * c.head_dim * itemsize
+        step_s = B / statistics.median(results["teams_rl_jax (jax)"]["decode"])
+        moved = weights + kv_mean
+        print(f"decode: {weights / 1e9:.2f} GB weights + {kv_mean / 1e9:.2f} GB mean KV cache per step, "
+              f"{step_s * 1e3:.2f} ms/step -> {moved / step_s / 1e9:,.0f} GB/s = {moved / step_s / 1e9 / args.hbm_gbps:.0%} "
+              f"of {args.hbm_gbps:,.0f} GB/s")
 
 
 if __name__ == "__main__":

@@ -1,27 +1,58 @@
 """SFT training throughput: our jitted train step vs ``transformers`` + torch AdamW, same model and data.
 
     python benchmarks/bench_sft.py                       # 4 layers, hidden 512, seq 512, batch 8 (CPU)
-    python benchmarks/bench_sft.py --layers 16 --hidden 2048 --seq 2048 --batch 8 --dtype bfloat16 \
-        --remat full --no-torch --peak-tflops 989        # ~1B model, MFU on an H100
+    python benchmarks/bench_sft.py --layers 16 --hidden 2048 --heads 16 --kv-heads 16 --vocab 32000 --seq 2048 \
+        --batch 8 --dtype bfloat16 --no-torch --peak-tflops 989   # ~1B model, MFU on an H100
+    python benchmarks/bench_sft.py --ce-memory           # loss peak memory, seq 2048 x vocab 32000, full vs chunked
 
 Both sides run the same update: next-token cross-entropy on every position, global-norm clipping at
 1.0, AdamW; the torch model is loaded from our initial weights through ``save_pretrained``.
 tokens/s = batch*seq / step time. The two implementations are timed *alternately* (one step of each
-per round, ``--rounds`` rounds after a warm-up/compile step) and the best round of each is reported,
-with the median next to it: on a shared machine other load comes and goes, and interleaving exposes
-both sides to the same conditions. MFU = 6*N*tokens/s / peak (N = all parameters).
+per round, ``--rounds`` >= 5 rounds after a warm-up/compile step); the table (benchmarks/_timing.py)
+gives medians, bests, the median and best ratios and the load average before/after.
+MFU = 6*N*tokens/s / peak (N = all parameters); "MFU+attn" adds the attention matmuls
+(6*L*seq*d per token for causal attention, PaLM's 12*L*seq*d halved by the causal mask).
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
+import sys
 import tempfile
-import time
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import interleave, load_average, table, timed  # noqa: E402
+
+
+def ce_memory(seq: int = 2048, vocab: int = 32000, batch: int = 1, hidden: int = 512) -> None:
+    """Compiled temp memory of the loss + its gradient (head and CE only), full [B,T,V] logits vs chunked."""
+    from teams_rl_jax.sft.step import full_cross_entropy, fused_cross_entropy
+
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(batch, seq, hidden)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(hidden, vocab)) * 0.02, jnp.float32)
+    t = jnp.asarray(rng.integers(0, vocab, size=(batch, seq)), jnp.int32)
+    wt = jnp.ones((batch, seq), jnp.float32)
+
+    def full(h, w):
+        return full_cross_entropy(jnp.einsum("btd,dv->btv", h, w), t, wt)
+
+    def chunked(h, w, c):
+        return fused_cross_entropy(h, w, t, wt, chunk=c)
+
+    rows = [("full [B,T,V] logits", full)] + [(f"chunked, {c} tokens", lambda h, w, c=c: chunked(h, w, c))
+                                              for c in (1024, 256)]
+    print(f"\nloss + grad(h, w) peak temp memory (XLA memory_analysis, {jax.devices()[0].platform}), batch={batch} "
+          f"seq={seq} vocab={vocab} hidden={hidden}; one [B,T,V] f32 array = {batch * seq * vocab * 4 / 2**20:,.0f} MiB")
+    for name, fn in rows:
+        m = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(h, w).compile().memory_analysis()
+        print(f"{name:<24} temp {m.temp_size_in_bytes / 2**20:>9,.1f} MiB   output {m.output_size_in_bytes / 2**20:>7,.1f} MiB")
 
 
 def main() -> None:
@@ -34,12 +65,22 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=5, help="timed steps per implementation (interleaved)")
+    ap.add_argument("--rounds", type=int, default=5, help="timed steps per implementation (interleaved, >= 5)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    ap.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype")
+    ap.add_argument("--remat", default="none", help="models.llama.REMAT_POLICIES name")
+    ap.add_argument("--attention", default="auto", help="ModelConfig.attention_impl (auto|xla|cudnn|splash)")
+    ap.add_argument("--unroll", type=int, default=0, help="ModelConfig.scan_unroll: layers per scan step, 0 = all")
+    ap.add_argument("--ce-chunk", type=int, default=1024, help="loss chunk in tokens (0 = full [B,T,V] logits)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--ce-memory", action="store_true", help="only print the loss's peak memory, full vs chunked")
     args = ap.parse_args()
+    if args.ce_memory:
+        ce_memory()
+        return
+
+    import dataclasses
 
     from teams_rl_jax.models import init, save_pretrained
     from teams_rl_jax.sft.config import OptimSection
@@ -48,69 +89,71 @@ def main() -> None:
     cfg = dict(model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden,
                intermediate_size=int(args.hidden * 8 / 3) // 64 * 64, num_hidden_layers=args.layers,
                num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=8192)
-    lm = init(cfg, jax.random.key(0), dtype="float32", compute_dtype=args.dtype).replace(remat=args.remat)
+    lm = init(cfg, jax.random.key(0), dtype=args.param_dtype, compute_dtype=args.dtype).replace(remat=args.remat)
+    lm = lm.replace(config=dataclasses.replace(lm.config, attention_impl=args.attention, scan_unroll=args.unroll))
     B, T = args.batch, args.seq
     rng = np.random.default_rng(0)
     ids = rng.integers(3, args.vocab, size=(B, T)).astype(np.int32)
     batch = {"input_ids": ids, "segment_ids": np.ones_like(ids),
              "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)), "loss_mask": np.ones_like(ids)}
     opt = make_optimizer(OptimSection(lr=1e-4, warmup_steps=0, weight_decay=0.0, clip_norm=1.0), 1000)
-    step = jax.jit(make_train_step(lm, opt), donate_argnums=0)
+    step = jax.jit(make_train_step(lm, opt, ce_chunk=args.ce_chunk), donate_argnums=0)
     batch = jax.device_put(batch)
     device = jax.devices()[0]
-    # Commit the whole state to the device so the warm-up call's outputs match its inputs (one compile).
-    holder = {"state": jax.device_put(init_state(lm, opt, 0), device)}
-
-    def ours():
-        holder["state"], m = step(holder["state"], batch)
-        jax.block_until_ready(m["loss"])
-
-    impls = [("teams_rl_jax (jax)", ours)]
-    if not args.no_torch:  # the reference starts from our weights (saved before our step donates them)
+    n = lm.num_params()
+    tokens = B * T
+    torch_model = None
+    if not args.no_torch:  # saved before our first step donates the params
         import torch
         import transformers
 
         with tempfile.TemporaryDirectory() as tmp:
             save_pretrained(lm, tmp)
-            ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-        ref.train()
+            torch_model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    # Commit the whole state to the device so the warm-up call's outputs match its inputs (one compile).
+    holder = {"state": jax.device_put(init_state(lm, opt, 0), device)}
+
+    def ours():
+        def run():
+            holder["state"], m = step(holder["state"], batch)
+            jax.block_until_ready(m["loss"])
+        return {"step": tokens / timed(run)}
+
+    impls = {"teams_rl_jax (jax)": ours}
+    if torch_model is not None:
+        import torch
+
+        ref = torch_model.train()
         topt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.0)
         tids = torch.as_tensor(ids, dtype=torch.long)
 
         def theirs():
-            topt.zero_grad(set_to_none=True)
-            out = ref(input_ids=tids, labels=tids)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-            topt.step()
+            def run():
+                topt.zero_grad(set_to_none=True)
+                out = ref(input_ids=tids, labels=tids)
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+                topt.step()
+            return {"step": tokens / timed(run)}
 
-        impls.append(("transformers + torch AdamW", theirs))
+        impls["transformers + torch AdamW"] = theirs
 
-    times: dict[str, list[float]] = {name: [] for name, _ in impls}
-    for _, fn in impls:
-        fn()  # warm-up (compilation, allocator)
-    for _ in range(args.rounds):
-        for name, fn in impls:
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-
-    n = lm.num_params()
-    tokens = B * T
+    before = load_average()
+    results = interleave(impls, args.rounds)
+    after = load_average()
     print(f"\nconfig: layers={args.layers} hidden={args.hidden} heads={args.heads}/{args.kv_heads} vocab={args.vocab} "
-          f"params={n / 1e6:.1f}M seq={T} batch={B} compute={args.dtype} remat={args.remat}")
-    print(f"machine: {platform.machine()} {device.platform}:{getattr(device, 'device_kind', '')} "
-          f"cores={__import__('os').cpu_count()} jax={jax.__version__} rounds={args.rounds}")
-    print(f"{'implementation':<28}{'best tok/s':>12}{'median tok/s':>14}{'MFU':>8}")
-    best = {}
-    for name, ts in times.items():
-        best[name] = tokens / min(ts)
-        mfu = f"{6 * n * best[name] / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else "-"
-        print(f"{name:<28}{best[name]:>12,.0f}{tokens / statistics.median(ts):>14,.0f}{mfu:>8}")
-    if len(best) == 2:
-        a, b = best.values()
-        med = [tokens / statistics.median(ts) for ts in times.values()]
-        print(f"{'ratio (ours/torch)':<28}{a / b:>11.2f}x{med[0] / med[1]:>13.2f}x")
+          f"params={n / 1e6:.1f}M seq={T} batch={B} compute={args.dtype} params={args.param_dtype} remat={args.remat} "
+          f"attention={args.attention} unroll={args.unroll} ce_chunk={args.ce_chunk}")
+    print(f"device={device.platform}:{getattr(device, 'device_kind', '')} jax={jax.__version__}")
+    print(table(results, "teams_rl_jax (jax)", None if torch_model is None else "transformers + torch AdamW",
+                before, after))
+    if args.peak_tflops:
+        med = statistics.median(results["teams_rl_jax (jax)"]["step"])
+        best = max(results["teams_rl_jax (jax)"]["step"])
+        attn = 6 * args.layers * T * args.hidden
+        for name, rate in (("median", med), ("best", best)):
+            print(f"MFU ({name}): {6 * n * rate / (args.peak_tflops * 1e12):.1%}   "
+                  f"MFU+attn: {(6 * n + attn) * rate / (args.peak_tflops * 1e12):.1%}")
 
 
 if __name__ == "__main__":

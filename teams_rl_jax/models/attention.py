@@ -22,7 +22,9 @@
 
 The fused kernels serve the self-attention calls (training forward, prefill: queries and keys are the
 same slots). A decode step (few queries against a KV cache) always uses the XLA path: it is a
-memory-bound read of the cache, which XLA fuses well, and cuDNN/splash gain nothing there.
+memory-bound read of the cache, and cuDNN/splash gain nothing there. (A multiply-reduce form that
+lets XLA fuse the cache slice instead of copying it for cuBLAS was measured on an H100 and gained
+nothing, 2.77 -> 2.74 ms per 1B decode step, so it was dropped.)
 """
 
 from __future__ import annotations

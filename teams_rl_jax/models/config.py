@@ -56,7 +56,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     # Runtime choices, not architecture: never read from or written to config.json.
     attention_impl: str = "auto"  # models.attention.ATTENTION_IMPLS: auto | xla | cudnn | splash | splash_interpret
-    scan_unroll: int = 1  # layers per iteration of the layer scan (num_hidden_layers = no loop at all)
+    scan_unroll: int = 1  # layers per iteration of the layer scan; 0 = all layers (no loop at all)
 
     def rope_dict(self) -> dict:
         """The rope scaling parameters as a dict (empty for plain RoPE)."""

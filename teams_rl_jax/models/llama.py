@@ -326,7 +326,8 @@ class CausalLM(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
             out_axes=0,
             length=cfg.num_hidden_layers,
-            unroll=max(1, min(cfg.scan_unroll, cfg.num_hidden_layers)),
+            # scan_unroll <= 0: all layers in one step (no loop); measured faster on CPU and GPU (docs/benchmarks.md)
+            unroll=cfg.num_hidden_layers if cfg.scan_unroll <= 0 else min(cfg.scan_unroll, cfg.num_hidden_layers),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.dtype, self.param_dtype, prefill, self.lora, name="layers")
         layer_ids = jnp.arange(cfg.num_hidden_layers)

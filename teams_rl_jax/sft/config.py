@@ -23,7 +23,12 @@ class ModelSection:
     tokenizer: str | None = None  # default: the model dir; for a random init, built from the data
     dtype: Literal["float32", "bfloat16"] = "float32"  # storage of params and optimizer state
     compute_dtype: Literal["float32", "bfloat16"] | None = None  # bfloat16 here = mixed precision
-    remat: Literal["none", "full", "dots"] = "none"
+    # models.llama.REMAT_POLICIES: what a layer's backward keeps ("none" keeps all, "full" only inputs)
+    remat: Literal["none", "full", "dots", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
+    # models.attention: auto = cuDNN flash on GPU, Pallas splash on TPU, XLA elsewhere
+    attention: Literal["auto", "xla", "cudnn", "splash", "splash_interpret"] = "auto"
+    # layers per step of the layer scan; 0 = all (no loop: faster steps, compile time grows with depth)
+    scan_unroll: int = 1
 
     def validate(self) -> None:
         """Exactly one of path/config."""
@@ -44,6 +49,8 @@ class OptimSection:
     eps: float = 1e-8
     weight_decay: float = 0.0  # never applied to norms and biases
     clip_norm: float | None = 1.0
+    # Adam moments (and clipping) in float32 even for bf16 params; "param" = the params' dtype.
+    moments_dtype: Literal["float32", "param"] = "float32"
 
     def validate(self) -> None:
         """Ranges."""
@@ -113,6 +120,7 @@ class SFTConfig:
     max_steps: int | None = None
     seed: int = 0
     log_every: int = 1
+    ce_chunk: int = 1024  # tokens per chunk of the fused head + cross-entropy; 0 = full [B,T,V] logits
     peak_tflops: float | None = None  # per device, for the MFU estimate (e.g. 989 for H100 bf16 dense)
     export: bool = True
     export_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: the compute dtype
