@@ -127,7 +127,7 @@ def test_mixed_precision_keeps_float32_master_weights():
 
 def test_tiny_model_overfits_16_examples():
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
-    rng = np.random.default_rng(0)
+    rng = seeded_rng(0)
     exs = [Example(f"say item {i}", " ".join(rng.choice(words, 6))) for i in range(16)]
     tok = build_word_tokenizer([e.instruction + " " + e.output for e in exs] +
                                ["Below is an instruction that describes a task. Write a response that appropriately "
@@ -243,8 +243,9 @@ def test_finetune_local_checkpoint_exports_for_transformers(tmp_path):
     lm0 = init(TINY, jax.random.key(record_seed(14, "init")))
     save_pretrained(lm0, base)
     build_word_tokenizer(DEMO_DATA.read_text().splitlines(), 512, save_dir=base)
+    # data.path explicit: with a real checkpoint (model.path), 'auto' without a generated dataset is an error.
     cfg = cfglib.from_dict(SFTConfig, {"model": {"path": str(base)}, "max_steps": 2, "global_batch": 2,
-                                       "data": {"max_seq_len": 96}, "optim": {"lr": 1e-2}})
+                                       "data": {"max_seq_len": 96, "path": str(DEMO_DATA)}, "optim": {"lr": 1e-2}})
     state = train(cfg, tmp_path / "run", log=lambda m: None)
     out = tmp_path / "run" / "sft"
     assert list((out / "tb").iterdir()) and len((out / "metrics.jsonl").read_text().splitlines()) == 2
