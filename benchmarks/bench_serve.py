@@ -96,8 +96,9 @@ def main() -> None:
         t0 = time.monotonic()
         b = 1
         while b <= max(levels):
-            build(RoleConfig(backend="openai", base_url=url + "/v1", model=path.name, chat=False, max_concurrency=b,
-                             timeout_s=600, max_retries=0), "warm").complete(prompts[:b], max_new_tokens=args.max_tokens)
+            warm = build(RoleConfig(backend="openai", base_url=url + "/v1", model=path.name, chat=False,
+                                    max_concurrency=b, timeout_s=600, max_retries=0), "warm")
+            warm.complete(prompts[:b], max_new_tokens=args.max_tokens)
             b *= 2
         for c in levels:
             run(c, max(c, args.requests))

@@ -5,7 +5,6 @@ answered in fewer generate calls than requests; bearer auth and every limit give
 OpenAI-shaped JSON error; the key never reaches the server's log.
 """
 
-import concurrent.futures
 import os
 import socket
 import subprocess
@@ -48,7 +47,8 @@ def server(tmp_path_factory):
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "teams_rl_jax.serve", "--checkpoint", str(path), "--port",
                                  str(port), "--api-key-env", "H1_SERVE_KEY", "--dtype", "float32", "--max-batch", "32",
-                                 "--min-batch", "32", "--batch-wait-ms", "50", "--max-body-bytes", "20000", "--max-prompt-tokens", "48",
+                                 "--min-batch", "32", "--batch-wait-ms", "50", "--max-body-bytes", "20000",
+                                 "--max-prompt-tokens", "48",
                                  "--max-tokens", "16", "--max-n", "2", "--log-level", "debug"],
                                 env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -125,8 +125,10 @@ def test_greedy_over_http_equals_in_process_generate(server, reference, monkeypa
     r = httpx.post(server["url"] + "/v1/completions", headers=h, timeout=300,
                    json={"model": server["model"], "prompt": rows[0], "max_tokens": MAX_NEW, "temperature": 0, "n": 2})
     body = r.json()
-    assert r.status_code == 200 and body["usage"] == {"prompt_tokens": len(rows[0]), "completion_tokens": 2 * len(want[0]),
-                                                      "total_tokens": len(rows[0]) + 2 * len(want[0])}
+    n_out = 2 * len(want[0])
+    assert r.status_code == 200
+    assert body["usage"] == {"prompt_tokens": len(rows[0]), "completion_tokens": n_out,
+                             "total_tokens": len(rows[0]) + n_out}
     assert [c["text"] for c in body["choices"]] == [got[0].text] * 2
 
 

@@ -45,7 +45,8 @@ class ApiError(Exception):
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
 
 
 def _field(body: dict, name: str, kinds: tuple, default: Any, *, lo=None, hi=None) -> Any:
@@ -176,8 +177,9 @@ def make_app(backend, *, model_name: str | None = None, api_key: str | None = No
     @app.get("/v1/models")
     async def models(request: Request):
         check_auth(request)
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "teams-rl-jax",
-                                            "max_model_len": positions}]}
+        card = {"id": name, "object": "model", "created": created, "owned_by": "teams-rl-jax",
+                "max_model_len": positions}
+        return {"object": "list", "data": [card]}
 
     @app.get("/stats")
     async def get_stats(request: Request):
@@ -205,7 +207,7 @@ def make_app(backend, *, model_name: str | None = None, api_key: str | None = No
             prompts = [prompt]
         elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             prompts = prompt
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        elif isinstance(prompt, list) and prompt and all(type(p) is int for p in prompt):
             prompts = [list(prompt)]  # one prompt given as token ids
         else:
             raise ApiError(400, "'prompt' must be a string, a list of strings or a list of token ids", param="prompt")
@@ -270,8 +272,8 @@ def make_app(backend, *, model_name: str | None = None, api_key: str | None = No
                         yield f"data: {json.dumps(chunk)}\n\n"
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
-        choices = [{"index": k, "message": {"role": "assistant", "content": out.text}, "finish_reason": out.finish_reason,
-                    "logprobs": None} for k, out in enumerate(outs)]
+        choices = [{"index": k, "message": {"role": "assistant", "content": out.text},
+                    "finish_reason": out.finish_reason, "logprobs": None} for k, out in enumerate(outs)]
         return {"id": rid, "object": "chat.completion", "created": now, "model": name, "choices": choices,
                 "usage": use}
 
