@@ -202,6 +202,7 @@ def test_auth_and_limits_give_json_4xx(server, monkeypatch):
     assert key not in server["log"].read_text()
 
 
+@pytest.mark.slow  # optional feature (scoring over HTTP); ~25 s of extra compiles on the 2-core VM
 def test_echo_logprobs_score_matches_in_process(server, monkeypatch):
     """Scoring over HTTP (echo + logprobs, max_tokens=0) equals the in-process backend's score.
     Mutations caught: offsets that count prompt tokens, a shifted log-prob column."""
