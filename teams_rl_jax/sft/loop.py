@@ -30,6 +30,7 @@ only process 0 logs and writes metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -114,7 +115,9 @@ def build_model_and_tokenizer(cfg: SFTConfig, examples, out_dir: Path | None, me
         saved_cfg.write_text(json.dumps(lm.config.to_hf(), indent=2) + "\n")
         if not (saved_tok / "tokenizer_config.json").is_file():
             tok.save_pretrained(str(saved_tok))
-    lm = lm.replace(remat=m.remat)
+    # Runtime choices (not in config.json): attention kernel and layers per scan step.
+    runtime = dataclasses.replace(lm.config, attention_impl=m.attention, scan_unroll=m.scan_unroll)
+    lm = lm.replace(remat=m.remat, config=runtime)
     return (lm.replace(lora=cfg.lora) if lora_lib.enabled(cfg.lora) else lm), tok
 
 
@@ -244,7 +247,8 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
     del frozen, trainable
     b_shard = shd.batch_sharding(mesh)
     with shd.activation_rules(mesh):
-        step_fn = jax.jit(make_train_step(lm, optimizer, cfg.grad_accum, schedule), in_shardings=(s_shard, b_shard),
+        step_fn = jax.jit(make_train_step(lm, optimizer, cfg.grad_accum, schedule, ce_chunk=cfg.ce_chunk),
+                          in_shardings=(s_shard, b_shard),
                           out_shardings=(s_shard, rep), donate_argnums=0)
 
     n_params = lm.num_params()
