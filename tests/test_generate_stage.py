@@ -194,7 +194,10 @@ def test_policy_drives_llm_operator_and_random_is_comparable(tmp_path):
 
 
 def test_recover_repairs_torn_tail(tmp_path):
-    """A half-written last line is cut and records of a seed without a progress line are dropped."""
+    """A half-written last line is cut and records of a seed without a progress line are dropped.
+
+    Catches: keeping every parsed record on recovery (the seed would be written twice on resume).
+    """
     rec, prog = tmp_path / "g.jsonl", tmp_path / "p.jsonl"
     r = lambda sid, step: json.dumps({"instruction": f"{sid}-{step}", "meta": {"seed_id": sid}}) + "\n"  # noqa: E731
     rec.write_text(r("a", 1) + r("a", 2) + r("b", 1) + r("c", 1) + '{"instruction": "c-2", "me')
@@ -215,8 +218,10 @@ def test_kill9_three_times_then_resume_exactly_once(tmp_path):
     appear exactly once, every line is valid JSON, the result equals an uninterrupted run, and no paid
     query was ever paid again (the response cache replayed them).
 
-    Catches: records appended again on resume, a seed skipped, no repair of the tail, a cache miss on
-    replay (paid twice), a resumed run that evolves differently.
+    Catches: records appended again on resume, a seed skipped, a cache miss on replay (paid twice;
+    checked by turning the cache off: 59 queries paid twice), a resumed run that evolves differently.
+    The kills land inside backend calls (mid-batch, before the batch's records are written); a kill
+    during the record writes (torn tail, records of an unfinished seed) is test_recover_repairs_torn_tail's.
     """
     ref = tmp_path / "ref"
     run_generate_stage(_cfg(), ref, backends=fake_roles(), log=lambda m: None)
