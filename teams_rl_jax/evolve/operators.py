@@ -18,10 +18,11 @@ from teams_rl_jax.evolve.selectors import row_seed
 
 
 def instructor_messages(op: str, text: str) -> list[dict]:
-    """Chat messages asking for operation ``op`` on ``text`` (env.prompts wording)."""
-    from teams_rl_jax.env.prompts import render_prompt
+    """Chat messages asking for operation ``op`` on ``text``: the env's own (``env.prompts``), so the
+    instructor is asked the same way in training and in generate."""
+    from teams_rl_jax.env import prompts
 
-    return [{"role": "user", "content": render_prompt(op, text)}]
+    return prompts.instructor_messages(op, text)
 
 
 def clean_rewrite(text: str) -> str:

@@ -110,7 +110,9 @@ def _answer(bk: dict, cfg: GenerateConfig, batch: _Batch, items: list[tuple[int,
     if not items:
         return []
     expert = bk["expert"]
-    got = expert.complete([[{"role": "user", "content": x}] for _, x, _ in items],
+    from teams_rl_jax.env.prompts import expert_messages
+
+    got = expert.complete([expert_messages(x) for _, x, _ in items],
                           max_new_tokens=cfg.answer_max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                           seed=cfg.seed)
     out = []
@@ -157,10 +159,9 @@ def _evolve_batch(cfg: GenerateConfig, batch: _Batch, selector, operator, bk: di
             batch.charge(i, q)
         verdict: dict[int, float | None] = {}
         if reviewer is not None:
-            from teams_rl_jax.env.judge import JUDGE_INSTRUCTION, parse_judgement
+            from teams_rl_jax.env.judge import judge_messages, parse_judgement
 
-            msgs = [[{"role": "user", "content": JUDGE_INSTRUCTION.format(old=batch.cur[i].strip(), new=x.strip())}]
-                    for i, (x, _, _) in zip(idx, new)]
+            msgs = [judge_messages(batch.cur[i], x) for i, (x, _, _) in zip(idx, new)]
             got = reviewer.complete(msgs, max_new_tokens=8, temperature=0.0, top_p=1.0, seed=cfg.seed)
             for i, c in zip(idx, got):
                 batch.charge(i, {"reviewer": 1})
