@@ -232,8 +232,14 @@ def make_llm_env(env_kwargs: Mapping[str, Any] | None, roles: Any, *, counter=No
         if is_in_process(reviewer) and is_in_process(instructor):
             from teams_rl_jax.env.judge import reviewer_term
 
-            term, _ = reviewer_term(reviewer.lm, reviewer.tokenizer)
-            term_params[term.name] = _params(reviewer)
+            # env_tokenizer: the reviewer reads the env's buffers (the instructor's ids); the judge
+            # checks the two tokenizers agree instead of mixing ids silently (issue 7, defect 7).
+            try:
+                term, _ = reviewer_term(reviewer.lm, reviewer.tokenizer, env_tokenizer=tok)
+                term_params[term.name] = _params(reviewer)
+            except ConfigError:  # different tokenizers: the reviewer reads text instead of ids
+                term, _ = host_reviewer_term(reviewer, tok)
+                host_roles = host_roles + ("reviewer",)
         else:
             term, _ = host_reviewer_term(reviewer, tok)
         terms.append(term)
