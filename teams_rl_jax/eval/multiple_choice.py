@@ -126,7 +126,7 @@ class LoglikelihoodScorer:
         rows = [self._rows(c, k) for c, k in requests]
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         out: list[Any] = [None] * len(rows)
-        ctx = self.mesh if self.mesh is not None else _null()
+        from teams_rl_jax import sharding as shd
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             T = _bucket(max(len(rows[i][0]) for i in idx), self.max_length)
@@ -140,20 +140,12 @@ class LoglikelihoodScorer:
                 n = len(inp)
                 ids[r, :n], tgt[r, :n], seg[r, :n] = inp, targets, 1
                 tmask[r, n - n_cont:n] = True
-            with ctx:
+            with shd.activation_rules(self.mesh):  # the model's activation sharding annotations (no-op without mesh)
                 ll, greedy = self._fn(self.params, ids, seg, tgt, tmask)
             ll, greedy = np.asarray(ll, np.float64), np.asarray(greedy)
             for r, i in enumerate(idx):
                 out[i] = (float(ll[r]), bool(greedy[r]))
         return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # ---- metrics (lm-eval's definitions) -----------------------------------------------------------------------
