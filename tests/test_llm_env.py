@@ -18,7 +18,9 @@ from teams_rl_jax.backends.base import Completion, QueryCounter
 from teams_rl_jax.backends.config import RolesConfig
 from teams_rl_jax.data.tokenizer import build_word_tokenizer
 from teams_rl_jax.env import OPERATIONS, STOP, make, operation_templates, phrases, read_seed_records
-from teams_rl_jax.env.judge import ANSWERS, JUDGE_INSTRUCTION, answer_token_ids, judge_prompt, reviewer_term
+from teams_rl_jax.data.tokenizer import choose_pad_id, eos_token_ids
+from teams_rl_jax.env.judge import (ANSWERS, JUDGE_INSTRUCTION, judge_prompt, judge_prompt_ids, judge_template_ids,
+                                    reviewer_term)
 from teams_rl_jax.env.llm_operator import LLMOperator
 from teams_rl_jax.models import init, save_pretrained
 from teams_rl_jax.rl import PolicyConfig
@@ -106,30 +108,28 @@ def test_batched_step_writes_the_instructors_ids_and_stop_costs_nothing(llm_env)
 
 def test_reviewer_judgement_orders_the_rewards(llm_env):
     """Mutations caught: the reward not read from the reviewer's " Not Equal" vs " Equal" logits
-    (swapped answers, a wrong token, the wrong position), the judge prompt assembled from other
-    buffers than the step's old and new instructions. The reviewer's head is set so that it says
-    "Not Equal" for row 0 and "Equal" for row 1 of this very step."""
+    (``not_equal_probability`` flipped, swapped answers, the wrong position), the judge prompt
+    assembled from other buffers than the step's old and new instructions. The reviewer's head is
+    set (from our own forward pass) so that it says "Not Equal" for row 0 and "Equal" for row 1."""
     env, params, op, op_params, term, reviewer, tok = llm_env
     n = 2
     _, state = jax.jit(jax.vmap(env.reset_to, in_axes=(0, None)))(jnp.arange(n), params)  # two different seeds
     actions = jnp.asarray([0, 3], jnp.int32)
     key = jax.random.key(SEED + 6)
-    # The rows' features at the judge's last position, probed through the term itself: with the
-    # " Equal" column 0 and the " Not Equal" column e_k, P(Not Equal) = sigmoid(feature_k).
+    # The rows' features at the judge's last position, read by our own forward pass over the judge
+    # prompt of this step's (old, new) buffers, with an identity head (not through the term, so the
+    # oracle does not share the code under test).
     _, after, _, _, _ = jax.jit(env.step_batch)(key, state, actions, params)
-    eq, ne = answer_token_ids(tok)
+    tmpl = judge_template_ids(tok)
+    eq, ne = (int(i) for i in tmpl.answers)
     base = params.term_params["reviewer"]
     D = base["lm_head"]["kernel"].shape[0]
-
-    def probe(k):
-        head = base["lm_head"]["kernel"].at[:, eq].set(0.0).at[:, ne].set(jax.nn.one_hot(k, D))
-        p = {**base, "lm_head": {"kernel": head}}
-        return term.fn(key, state.instruction, after.instruction, {"params": p, "active": jnp.ones((n,), bool)})
-
-    probe_j = jax.jit(probe)
-    probs = np.stack([np.asarray(probe_j(jnp.asarray(k)), np.float64) for k in range(D)])  # [D, n]
-    assert np.isfinite(probs).all() and (probs > 1e-6).all() and (probs < 1 - 1e-6).all(), probs
-    feats = (np.log(probs) - np.log1p(-probs)).T  # logit: [n, D]
+    ids, mask = judge_prompt_ids(tmpl.pieces, state.instruction.tokens, state.instruction.length,
+                                 after.instruction.tokens, after.instruction.length,
+                                 choose_pad_id(tok, eos_token_ids(tok)))
+    eye = jnp.zeros_like(base["lm_head"]["kernel"]).at[:, :D].set(jnp.eye(D))
+    logits = jax.jit(reviewer.apply)({**base, "lm_head": {"kernel": eye}}, ids, mask)
+    feats = np.asarray(logits[:, -1, :D], np.float64)  # [n, D]
     assert np.abs(feats[0] - feats[1]).max() > 1e-3, f"seed {SEED}: both rows look the same to the reviewer"
     # A direction with feature . d = +4 on row 0 and -4 on row 1 (least-norm solution).
     d = feats.T @ np.linalg.solve(feats @ feats.T, np.asarray([4.0, -4.0]))
