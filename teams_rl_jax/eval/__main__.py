@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="generated dataset (Alpaca JSONL) to report on")
     p.add_argument("--compare", nargs="*", default=[], help="datasets to compare side by side")
     p.add_argument("--encoder", help="MiniLM dir for the embedding diversity (default: packaged; 'none': skip)")
-    p.add_argument("--diversity-max", type=int, default=512)
+    p.add_argument("--diversity-max", type=int, default=256)
     p.add_argument("--mia", action="store_true", help="run membership inference")
     p.add_argument("--members")
     p.add_argument("--non-members")
