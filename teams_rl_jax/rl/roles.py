@@ -187,8 +187,21 @@ def make_llm_env(env_kwargs: Mapping[str, Any] | None, roles: Any, *, counter=No
     from teams_rl_jax.env.prompts import operation_templates
 
     kwargs = dict(env_kwargs or {})
-    instructor = build_backend(_role(roles, "instructor"), "instructor", counter)
-    reviewer = build_backend(_role(roles, "reviewer"), "reviewer", counter)
+    specs = {r: _role(roles, r) for r in ROLE_NAMES}
+    if any(s is not None for s in specs.values()) and not any(callable(getattr(s, "complete", None))
+                                                               for s in specs.values()):
+        # Configs only: build together, so two roles on one checkpoint share one loaded model.
+        from teams_rl_jax import backends
+        from teams_rl_jax.backends.config import RoleConfig, RolesConfig
+        from teams_rl_jax.config import from_dict
+
+        cfgs = {r: (s if s is None or isinstance(s, RoleConfig) else from_dict(RoleConfig, dict(s), f"roles.{r}"))
+                for r, s in specs.items()}
+        built = backends.build_roles(RolesConfig(**cfgs), counter)
+        instructor, reviewer = built.get("instructor"), built.get("reviewer")
+    else:
+        instructor = build_backend(specs["instructor"], "instructor", counter)
+        reviewer = build_backend(specs["reviewer"], "reviewer", counter)
     if instructor is None:
         raise ConfigError("roles.instructor: policy.env 'llm' needs an instructor (backend: flax or openai)")
     tokenizer_dir = kwargs.get("tokenizer")
