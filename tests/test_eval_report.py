@@ -93,9 +93,10 @@ def test_stage_offline_default(staged):
 
 
 def test_report_regenerates_identically(staged):
-    """Same inputs -> the same bytes for report.md, report.json and every PNG (no timestamps,
-    no matplotlib version string, sorted keys). Fails if PNG metadata keeps 'Software'? No: that is
-    constant per install; it fails on any run-dependent value, e.g. a wall-clock time in the report."""
+    """Same inputs -> the same bytes for report.md, report.json and every PNG: a second stage run
+    (MiniLM, MIA, plots all recomputed) is compared byte by byte. Catches any run-dependent value (a
+    wall-clock time, an unseeded sample, set iteration order); the PNGs also carry no matplotlib
+    version string, so installs with another matplotlib write the same metadata."""
     _, _, first, second = staged
     assert sorted(first) == sorted(second)
     for name in first:
