@@ -100,8 +100,9 @@ class FlaxBackend:
         self.chat = chat
         self.mesh = mesh
         self.eos_ids = tuple(eos_ids) if eos_ids is not None else eos_ids_of(tokenizer, lm.config, checkpoint)
-        pad = tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0))
+        from teams_rl_jax.data.tokenizer import choose_pad_id
+
+        self.pad_id = choose_pad_id(tokenizer, self.eos_ids)  # never an EOS id
         self.bos_id = getattr(tokenizer, "bos_token_id", None)
         self.generate_calls = 0
         # Sampling calls without a seed draw from fold_in(key(seed), call number): reproducible run to

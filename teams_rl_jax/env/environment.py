@@ -461,6 +461,11 @@ def make(name: str | None = "token_edit", config: EnvConfig | dict | None = None
             embed_params = spec.init(jax.random.PRNGKey(cfg.embed_seed), cfg.embed_buckets, cfg.embed_dim)
 
     terms = tuple(REWARD_TERMS.get(n) for n in cfg.reward_weights)
+    # The buffers hold the env tokenizer's ids and go to the instructor/reviewer as they are: a role
+    # built with another tokenizer would read other words from the same ids, so refuse it here.
+    from teams_rl_jax.env.judge import check_role_tokenizers
+
+    check_role_tokenizers(tok, operator, terms)
     tp = {t.name: t.init(cfg) for t in terms if t.init is not None}
     tp.update(term_params or {})
     rules = tuple(cfg.elimination)

@@ -234,7 +234,9 @@ def make_llm_env(env_kwargs: Mapping[str, Any] | None, roles: Any, *, counter=No
             from teams_rl_jax.data.tokenizer import load_tokenizer
 
             tok = load_tokenizer(tokenizer_dir)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        from teams_rl_jax.data.tokenizer import choose_pad_id, eos_token_ids
+
+        pad = choose_pad_id(tok, eos_token_ids(tok))  # pad is never EOS (id 0 is a real token in Llama-3)
         chat = bool(getattr(getattr(instructor, "config", None), "chat", True))
         operator = HostOperator(instructor, tok, ops, base.max_len, new_tokens, base.temperature, base.top_p,
                                 int(pad), chat)
