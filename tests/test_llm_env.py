@@ -95,7 +95,9 @@ def test_batched_step_writes_the_instructors_ids_and_stop_costs_nothing(llm_env)
         got = np.asarray(new.instruction.tokens[i, : int(new.instruction.length[i])])
         np.testing.assert_array_equal(got, np.asarray(want_t[i, : int(want_n[i])]), err_msg=f"seed {SEED} row {i}")
         changed += not np.array_equal(got, old(i))
-    assert changed >= 2, f"seed {SEED}: only {changed} rows rewritten (the rest cut or empty): nothing to compare"
+    # At least one row must really change, or the equality above compares nothing (rows cut by the limit
+    # or emptied keep the old text; how many depends on the sampled tokens).
+    assert changed >= 1, f"seed {SEED}: no row rewritten (all cut or empty): nothing to compare"
     np.testing.assert_array_equal(np.asarray(info["queries"]["instructor"]), [1, 1, 1, 1, 1, 0])
     np.testing.assert_array_equal(np.asarray(info["queries"]["reviewer"]), [1, 1, 1, 1, 1, 0])
     np.testing.assert_array_equal(np.asarray(done), [False] * (n - 1) + [True])
