@@ -36,8 +36,10 @@ def tok_and_seeds():
     seeds, _ = read_seed_records(None, "instruction", 8)
     texts = list(seeds) + [p + s for p, s in operation_templates(OPERATIONS)] + [JUDGE_INSTRUCTION, *ANSWERS,
                                                                               judge_prompt("a", "b")]
-    texts += [" ".join(v) if isinstance(v, (list, tuple)) else str(v) for v in vars(phrases).values()
-              if isinstance(v, (list, tuple, str))]
+    # Public phrase banks only: dunders such as __file__ would put the checkout's path into the vocabulary,
+    # so token ids (and the random models' samples) would differ between checkouts.
+    texts += [" ".join(v) if isinstance(v, (list, tuple)) else str(v) for k, v in sorted(vars(phrases).items())
+              if not k.startswith("_") and isinstance(v, (list, tuple, str))]
     return build_word_tokenizer(texts, 4096), list(seeds)
 
 
