@@ -5,8 +5,10 @@
 * ``"auto"`` (default): cuDNN on GPU (bf16/fp16 compute, head_dim <= 128 and a multiple of 8), Pallas
   splash attention on TPU, XLA elsewhere (CPU, or a GPU run in float32, which cuDNN's flash kernel
   does not take).
-* ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")`` with a boolean ``[B,1,T,S]`` mask.
-  It materialises ``[B,H,T,S]`` float32 scores; fine on CPU and for the 1-token decode step.
+* ``"xla"``: plain XLA ops. Self-attention (training, prefill) runs ``blocked_attention``: causal
+  query blocks that skip the blocks above the diagonal, with a FlashAttention-style custom VJP (no
+  ``[B,H,T,S]`` array kept for the backward). A decode step uses
+  ``jax.nn.dot_product_attention(implementation="xla")`` with the boolean ``[B,1,T,S]`` mask.
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn", is_causal=True, mask=...)``:
   cuDNN's fused flash attention. The public API has no segment-id input (cuDNN's packed "THD"
   layout, ``q_offsets``/``kv_offsets``, is only in the private ``jax._src.cudnn`` module), so packed
@@ -36,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from teams_rl_jax.errors import ConfigError
+from teams_rl_jax.models.blocked_attention import blocked_causal_attention
 
 Array = jax.Array
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "splash_interpret")
@@ -122,15 +125,17 @@ def attention(q: Array, k: Array, v: Array, *, impl: str, mask: Array, q_segment
     """
     Dh = q.shape[-1]
     scale = 1.0 / math.sqrt(Dh)
-    if impl == "xla" or not self_attention:
+    if not self_attention:  # a decode step against the cache: a memory-bound read, one masked softmax
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+    if impl == "xla":
+        return blocked_causal_attention(q, k, v, q_segments, k_segments, scale=scale, window=window)
     if impl == "cudnn":
         local = (window - 1, 0) if window else None
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
                                             local_window_size=local, implementation="cudnn")
     if impl in ("splash", "splash_interpret"):
         if q.shape[1] % 128 or k.shape[1] % 128:  # splash's blocks are multiples of the 128 lanes
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+            return blocked_causal_attention(q, k, v, q_segments, k_segments, scale=scale, window=window)
         return splash_attention(q, k, v, q_segments, k_segments, scale=scale, window=window,
                                 interpret=impl == "splash_interpret")
     raise ConfigError(f"model.attention: unknown implementation {impl!r}")
