@@ -133,6 +133,18 @@ def _dense(features: int, axes: tuple[str, str], use_bias: bool, cfg: ModelConfi
     return nn.Dense(features, **kw)
 
 
+def tokens_2d(x: Array) -> Array:
+    """``[..., D]`` -> ``[tokens, D]`` (a free reshape): projections run as plain 2-D matmuls.
+
+    Why: ``nn.Dense`` on ``[B, T, D]`` is a dot with two free dims, and its weight gradient contracts
+    over both (B and T). XLA:CPU lowers that with a transposed copy of the activation gradient per
+    projection; on the 2-D view it is one plain GEMM. Measured on the SwiGLU block (4096 tokens,
+    512 -> 1344, float32, 2-core CPU): forward + backward 659 -> 468 ms (torch: 374 ms).
+    Row-major merging keeps a batch-sharded leading axis sharded, so meshes are unaffected.
+    """
+    return x.reshape(-1, x.shape[-1])
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and an optional KV cache."""
 
@@ -147,6 +159,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        x = tokens_2d(x)  # projections as plain [B*T, D] matmuls (see tokens_2d)
         q = _dense(H * Dh, ("embed", "heads"), qkv_bias, cfg, self.dtype, self.param_dtype, "q_proj", self.lora)(x)
         k = _dense(K * Dh, ("embed", "kv_heads"), qkv_bias, cfg, self.dtype, self.param_dtype, "k_proj", self.lora)(x)
         v = _dense(K * Dh, ("embed", "kv_heads"), qkv_bias, cfg, self.dtype, self.param_dtype, "v_proj", self.lora)(x)
@@ -165,10 +178,10 @@ class Attention(nn.Module):
                 k = kv_cache["k"][layer].astype(self.dtype)
                 v = kv_cache["v"][layer].astype(self.dtype)
         out = self._attend(q, k, v, masks, is_sliding, self_attention=kv_cache is None or prefill)
-        out = out.reshape(B, T, H * Dh)
+        out = out.reshape(B * T, H * Dh)
         out = _dense(cfg.hidden_size, ("heads", "embed"), cfg.attention_bias, cfg, self.dtype, self.param_dtype,
                      "o_proj", self.lora)(out)
-        return out, kv_cache
+        return out.reshape(B, T, cfg.hidden_size), kv_cache
 
     def _attend(self, q, k, v, masks, is_sliding, self_attention):
         cfg = self.config
@@ -204,13 +217,18 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
+        shape = x.shape
+        x = tokens_2d(x)
         gate = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, cfg, self.dtype, self.param_dtype,
                       "gate_proj", self.lora)(x)
         up = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, cfg, self.dtype, self.param_dtype,
                     "up_proj", self.lora)(x)
-        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
-        return _dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, cfg, self.dtype, self.param_dtype,
-                      "down_proj", self.lora)(h)
+        h = jax.nn.silu(gate) * up
+        h = nn.with_logical_constraint(h.reshape(*shape[:-1], -1),
+                                       ("activation_batch", "activation_length", "activation_mlp"))
+        out = _dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, cfg, self.dtype, self.param_dtype,
+                     "down_proj", self.lora)(tokens_2d(h))
+        return out.reshape(shape)
 
 
 class DecoderLayer(nn.Module):
