@@ -52,6 +52,20 @@ def sample_token(key: jax.Array, logits: jax.Array, temperature, top_k, top_p) -
     return jax.lax.cond(temperature > 0, sample, greedy, logits)
 
 
+def unstack_layers(params, num_layers: int) -> list:
+    """Each layer's weights, sliced once from the stacked ``params["layers"]`` (``[L, ...]`` leaves)."""
+    return [jax.tree_util.tree_map(lambda x, i=i: x[i], params["layers"]) for i in range(num_layers)]
+
+
+def restack_layers(params, layers: list):
+    """``params`` with ``layers`` stacked back. Inside the decode loop this is free: XLA folds the model's
+    per-layer ``slice(concatenate(w_0 .. w_L))`` to ``w_i``, so the loop body reads the slices taken once
+    before the loop. Without it every decode step copied every layer's weights out of the stacked
+    arrays (one weight-sized copy per step, ~30% of a CPU decode step; docs/benchmarks.md)."""
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+    return {**params, "layers": stacked}
+
+
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens"))
 def _generate(params, input_ids, attention_mask, rng, temperature, top_k, top_p, eos_ids, pad_id, *,
               module: CausalLM, max_new_tokens: int):
@@ -74,11 +88,13 @@ def _generate(params, input_ids, attention_mask, rng, temperature, top_k, top_p,
         i, _, _, _, done = carry
         return (i < max_new_tokens) & ~jnp.all(done)
 
+    layers = unstack_layers(params, module.config.num_hidden_layers)
+
     def body(carry):
         i, tok, cache, out, done = carry
         # Feed token i-1 (slot T+i-1), sample token i.
-        logits, _, cache = module.apply({"params": params}, tok[:, None], ones, (lengths + i - 1)[:, None], cache,
-                                        T + i - 1)
+        logits, _, cache = module.apply({"params": restack_layers(params, layers)}, tok[:, None], ones,
+                                        (lengths + i - 1)[:, None], cache, T + i - 1)
         nxt = sample_token(jax.random.fold_in(rng, i), logits[:, -1], temperature, top_k, top_p)
         nxt = jnp.where(done, pad_id, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
