@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from helpers import rng as make_rng
+from teams_rl_jax.models import blocked_attention
 from teams_rl_jax.models.attention import segment_mask
 from teams_rl_jax.models.blocked_attention import blocked_causal_attention, block_size
 
@@ -42,12 +43,16 @@ CASES = {  # name: (B, T, H, K, Dh, window, block)
 }
 
 
+@pytest.mark.parametrize("keep", ["kept", "recomputed"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_blocked_equals_dot_product_attention_and_gradients(name):
+def test_blocked_equals_dot_product_attention_and_gradients(name, keep, monkeypatch):
     """Forward on every non-padding query and d/dq, d/dk, d/dv (cotangent zero on padding queries, whose
     outputs are documented garbage) within 2e-5 of jax's XLA attention, float32. Catches: a dropped causal
     or segment mask, a window off by one or not skipped/applied, a block's key range cut short, GQA heads
-    grouped wrongly, the softmax-gradient ``delta`` term or the scale dropped in the custom backward."""
+    grouped wrongly, the softmax-gradient ``delta`` term or the scale dropped in the custom backward; in both
+    backward modes (probabilities kept from the forward, or recomputed from the log-sum-exp)."""
+    if keep == "recomputed":
+        monkeypatch.setattr(blocked_attention, "KEEP_PROBABILITIES_BYTES", 0)
     B, T, H, K, Dh, window, block = CASES[name]
     rng = make_rng(sum(map(ord, name)), name)
     q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((B, T, H, Dh), (B, T, K, Dh), (B, T, K, Dh)))
@@ -62,6 +67,8 @@ def test_blocked_equals_dot_product_attention_and_gradients(name):
         return _reference(q, k, v, seg, window)
 
     out, vjp = jax.vjp(jax.jit(ours), q, k, v)
+    residuals = [x for x in jax.tree_util.tree_leaves(vjp) if getattr(x, "ndim", 0) == 5]  # [B,K,G,n,w] blocks
+    assert bool(residuals) == (keep == "kept"), "the backward mode does not follow KEEP_PROBABILITIES_BYTES"
     want, vjp_ref = jax.vjp(ref, q, k, v)
     np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(want)[valid], atol=2e-5, rtol=2e-5)
     for got, exp, what in zip(vjp(dout), vjp_ref(dout), "qkv"):
