@@ -133,6 +133,18 @@ def _chunks(h, targets, weights, chunk):
     return h.reshape(n, chunk, D), targets.reshape(n, chunk), weights.reshape(n, chunk), N
 
 
+# On CPU up to this many chunks are unrolled (no while loop): the loop's per-iteration carry of the
+# float32 ``dw`` and its lost scheduling freedom cost ~5% of a 4-chunk SFT step there, and host memory
+# is not the constraint. Accelerators (and longer loops) keep the rolled loop, whose peak is one
+# chunk's logits: unrolled, XLA keeps the chunks' logits alive together (2 chunks at seq 2048 x vocab
+# 32000: 316 instead of 192 MiB).
+UNROLL_CHUNKS_ON_CPU = 4
+
+
+def _unroll(n: int) -> int:
+    return n if n <= UNROLL_CHUNKS_ON_CPU and jax.default_backend() == "cpu" else 1
+
+
 def fused_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array, *,
                         chunk: int = 1024) -> jax.Array:
     """``sum(weights * CE(h @ w, targets))`` without ever holding the ``[B,T,V]`` logits.
@@ -157,7 +169,7 @@ def _ce_value(h, w, targets, weights, chunk):
         tgt = jnp.take_along_axis(logits, tt[:, None], axis=-1)[:, 0]
         return total + jnp.sum((lse - tgt) * ww), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hc, tc, wc))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hc, tc, wc), unroll=_unroll(hc.shape[0]))
     return total
 
 
@@ -175,7 +187,7 @@ def _ce_fwd(h, w, targets, weights, chunk):
         return (total + loss, dw), dh
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(w.shape, jnp.float32))
-    (total, dw), dh = jax.lax.scan(body, init, (hc, tc, wc))
+    (total, dw), dh = jax.lax.scan(body, init, (hc, tc, wc), unroll=_unroll(hc.shape[0]))
     dh = dh.reshape(-1, h.shape[-1])[:N].reshape(h.shape).astype(h.dtype)
     return total, (dh, dw.astype(w.dtype))
 
