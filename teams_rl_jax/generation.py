@@ -88,13 +88,16 @@ def _generate(params, input_ids, attention_mask, rng, temperature, top_k, top_p,
         i, _, _, _, done = carry
         return (i < max_new_tokens) & ~jnp.all(done)
 
-    layers = unstack_layers(params, module.config.num_hidden_layers)
+    L, unroll = module.config.num_hidden_layers, module.config.scan_unroll
+    # Only unrolled layers take static slices that XLA can fold; a rolled scan dynamic-slices the stack.
+    layers = unstack_layers(params, L) if unroll <= 0 or unroll >= L else None
 
     def body(carry):
         i, tok, cache, out, done = carry
         # Feed token i-1 (slot T+i-1), sample token i.
-        logits, _, cache = module.apply({"params": restack_layers(params, layers)}, tok[:, None], ones,
-                                        (lengths + i - 1)[:, None], cache, T + i - 1)
+        step_params = params if layers is None else restack_layers(params, layers)
+        logits, _, cache = module.apply({"params": step_params}, tok[:, None], ones, (lengths + i - 1)[:, None],
+                                        cache, T + i - 1)
         nxt = sample_token(jax.random.fold_in(rng, i), logits[:, -1], temperature, top_k, top_p)
         nxt = jnp.where(done, pad_id, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
