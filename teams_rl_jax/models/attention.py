@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.models.blocked_attention import blocked_causal_attention
+from teams_rl_jax.models.masks import segment_mask  # noqa: F401  (re-exported: llama.py, tests)
 
 Array = jax.Array
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "splash_interpret")
@@ -58,17 +59,6 @@ def resolve_impl(impl: str, dtype: Any, head_dim: int, platform: str | None = No
     if platform == "tpu":
         return "splash"
     return "xla"
-
-
-def segment_mask(q_segments: Array, k_segments: Array, q_slots: Array, k_slots: Array,
-                 window: int | None = None) -> Array:
-    """Boolean mask ``[B, 1, T, S]``: same non-zero segment, causal in slot order, optional window."""
-    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] > 0)
-    causal = k_slots[None, :] <= q_slots[:, None]
-    mask = same & causal[None]
-    if window:
-        mask = mask & ((q_slots[:, None] - k_slots[None, :]) < window)[None]
-    return mask[:, None]
 
 
 def _block(n: int) -> int:

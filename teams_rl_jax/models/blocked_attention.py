@@ -19,7 +19,7 @@ layer's attention, forward 190-230 -> 82 ms and forward + backward 432-478 -> 27
 this, 128-row blocks); torch's fused SDPA CPU kernel: 40 and 160 ms.
 
 Masking is by segment ids (0 = padding, k > 0 = packed segment k), causal in slot order, optional
-window, as ``attention.segment_mask``. A query with no visible key (padding) gets a uniform average
+window, as ``masks.segment_mask``. A query with no visible key (padding) gets a uniform average
 over its block's keys: finite garbage that every consumer masks out (the XLA path's garbage differs).
 """
 
@@ -29,6 +29,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from teams_rl_jax.models.masks import segment_mask
 
 Array = jax.Array
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # masked score: exp(_NEG - max) == 0, never inf - inf
@@ -57,13 +59,8 @@ def _bias(q_seg, k_seg, s0, s1, lo, window):
     the score matmul's output, while a 5-D ``where`` was a separate pass costing 3x the matmul
     (110 vs 27 ms for one 512-token layer, 2-core CPU).
     """
-    n = s1 - s0
-    qi = s0 + jnp.arange(n)
-    ki = lo + jnp.arange(s1 - lo)
-    ks = k_seg[:, lo:s1]
-    visible = (q_seg[:, s0:s1, None] == ks[:, None, :]) & (ks[:, None, :] > 0) & (ki[None, None, :] <= qi[None, :, None])
-    if window:
-        visible = visible & ((qi[:, None] - ki[None, :]) < window)[None]
+    visible = segment_mask(q_seg[:, s0:s1], k_seg[:, lo:s1], s0 + jnp.arange(s1 - s0), lo + jnp.arange(s1 - lo),
+                           window)[:, 0]
     return jnp.where(visible, 0.0, _NEG).astype(jnp.float32)
 
 
@@ -111,9 +108,10 @@ def _forward(q, k, v, q_seg, k_seg, scale, window, block):
         o = jnp.einsum("bkqs,bksd->bkqd", e.reshape(B, K, G * n, s1 - lo).astype(v.dtype), vh[:, :, lo:s1],
                        preferred_element_type=jnp.float32)
         outs.append(o.reshape(B, K, G, n, D) / l)
-        lses.append((m + jnp.log(l))[..., 0])
         if keep:
             probs.append(e / l)
+        else:
+            lses.append((m + jnp.log(l))[..., 0])
     o = jnp.concatenate(outs, axis=3)  # [B,K,G,T,Dh] float32
     out = o.transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)
     lse = None if keep else jnp.concatenate(lses, axis=-1)
