@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from teams_rl_jax.errors import ConfigError
+from teams_rl_jax.models import nf4
 from teams_rl_jax.models.attention import attention, resolve_impl, segment_mask
 from teams_rl_jax.models.config import ModelConfig
 
@@ -101,15 +102,23 @@ class LoRADense(nn.Dense):
     ``kaiming_uniform_(a=sqrt(5))``. Differentiating only that collection gives the frozen base no gradient.
     ``lora``: anything with ``rank``, ``alpha``, ``dropout`` (see ``sft.config.LoraSection``); dropout draws
     from the ``"dropout"`` rng stream.
+
+    QLoRA (``lora.quantize == "nf4"``): the frozen ``kernel`` is replaced by ``kernel_nf4`` (uint8 codes,
+    ``[in/2, out]``) and ``kernel_absmax`` (``[in/block, out]``), see ``models.nf4``; ``sft.lora.quantize_base``
+    converts a loaded base. ``adapt=False`` is such a quantized layer without an adapter (a projection outside
+    ``lora.targets``: QLoRA quantizes every linear layer of the blocks).
     """
 
     lora: Any = None
     lora_axes: tuple = (None, None)
+    adapt: bool = True
 
     @nn.compact
     def __call__(self, x):
-        y = super().__call__(x)
         spec, (ax_in, ax_out) = self.lora, self.lora_axes
+        y = self._quantized(x) if getattr(spec, "quantize", "none") == "nf4" else super().__call__(x)
+        if not self.adapt:
+            return y
         init_a = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # U(+-1/sqrt(in)), as PEFT
         rng = self.make_rng("params") if self.is_initializing() else None
         a = self.variable("lora", "lora_a", nn.with_logical_partitioning(init_a, (ax_in, "lora_rank")), rng,
@@ -121,6 +130,23 @@ class LoRADense(nn.Dense):
         delta = (x.astype(y.dtype) @ a.value.astype(y.dtype)) @ b.value.astype(y.dtype)
         return y + (delta * (spec.alpha / spec.rank)).astype(y.dtype)
 
+    def _quantized(self, x):
+        """``x W + b`` with ``W`` from its NF4 codes (frozen; the backward recomputes ``W``, see ``nf4.matmul``)."""
+        block = self.lora.quant_block
+        codes_shape, absmax_shape = nf4.quantized_shapes((x.shape[-1], self.features), block)
+        # The initialisers only give abstract shapes (eval_shape, sharding); real values come from
+        # sft.lora.quantize_base.
+        codes = self.param("kernel_nf4", nn.with_logical_partitioning(
+            lambda _, s: jnp.zeros(s, jnp.uint8), self.lora_axes), codes_shape)
+        absmax = self.param("kernel_absmax", nn.with_logical_partitioning(
+            lambda _, s: jnp.ones(s, jnp.float32), self.lora_axes), absmax_shape)
+        x = x.astype(self.dtype) if self.dtype is not None else x
+        y = nf4.matmul(x, codes, absmax)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            y = y + bias.astype(y.dtype)
+        return y
+
 
 def _dense(features: int, axes: tuple[str, str], use_bias: bool, cfg: ModelConfig, dtype, param_dtype, name: str,
            lora=None):
@@ -130,6 +156,8 @@ def _dense(features: int, axes: tuple[str, str], use_bias: bool, cfg: ModelConfi
               bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)), name=name)
     if lora is not None and name in lora.targets:  # LoRA SFT: this projection gets an adapter
         return LoRADense(features, lora=lora, lora_axes=axes, **kw)
+    if lora is not None and getattr(lora, "quantize", "none") == "nf4":  # QLoRA: frozen 4-bit, no adapter
+        return LoRADense(features, lora=lora, lora_axes=axes, adapt=False, **kw)
     return nn.Dense(features, **kw)
 
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from teams_rl_jax.errors import CheckpointError
+from teams_rl_jax.models import nf4
 from teams_rl_jax.models.config import ModelConfig, read_hf_config
 from teams_rl_jax.models.hf_io import CheckpointReader, write_sharded
 from teams_rl_jax.models.llama import CausalLM, default_positions, init_cache
@@ -308,18 +309,25 @@ def _host_array(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def _layer(leaf, layer):
+    """One layer of a stacked leaf (all of it for ``layer=None``); an NF4 ``Packed`` kernel dequantized (f32)."""
+    take = (lambda x: x) if layer is None else (lambda x: jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False))
+    if isinstance(leaf, nf4.Packed):
+        return nf4.dequantize(take(leaf.codes), take(leaf.absmax), jnp.float32)
+    return take(leaf)
+
+
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def _tensor(leaf, layer, dtype):
     """One layer of a stacked leaf (``layer`` traced: one compile per leaf), cast on the device."""
-    x = leaf if layer is None else jax.lax.dynamic_index_in_dim(leaf, layer, 0, keepdims=False)
-    return x.astype(dtype)
+    return _layer(leaf, layer).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def _merged_tensor(leaf, a, b, scale, layer, dtype):
     """``W + scale * A B`` for one layer, in float32, cast to ``dtype`` (LoRA merge, one tensor at a time)."""
     take = lambda x: jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)  # noqa: E731
-    w = take(leaf).astype(jnp.float32)
+    w = _layer(leaf, layer).astype(jnp.float32)
     return (w + scale * (take(a).astype(jnp.float32) @ take(b).astype(jnp.float32))).astype(dtype)
 
 
@@ -353,8 +361,9 @@ def save_pretrained(lm: LM, path: str | Path, params=None, *, dtype: Any = None,
         adapters = _flat(params["lora"])
         params = {k: v for k, v in params.items() if k != "lora"}
     path = Path(path)
-    flat = _flat(params)
-    store = as_dtype(dtype) if dtype is not None else np.dtype(jax.tree_util.tree_leaves(params)[0].dtype)
+    flat = nf4.pack_params(_flat(params))  # a QLoRA base: its 4-bit kernels are dequantized one layer at a time
+    floats = [x.dtype for x in jax.tree_util.tree_leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    store = as_dtype(dtype) if dtype is not None else np.dtype(floats[0])
     specs, sources = [], {}
     for p, layer in hf_tensor_order(lm.config, flat):
         name, transposed = hf_name(p, layer)

@@ -85,18 +85,30 @@ class LoraSection:
     for 7B on one GPU) and only rank-``rank`` adapters on ``targets`` are trained, saved and resumed; the update
     is scaled by ``alpha / rank`` and its input dropped out with ``dropout``. ``export``: ``merged`` (full weights W + (alpha/r) A B in run/sft/hf),
     ``adapter`` (a PEFT adapter dir in run/sft/adapter) or ``both``. Default targets: every linear layer of the
-    blocks, as QLoRA (Dettmers et al. 2023) found necessary to match full fine-tuning."""
+    blocks, as QLoRA (Dettmers et al. 2023) found necessary to match full fine-tuning.
+
+    ``quantize: nf4`` is QLoRA proper: every linear layer of the blocks is stored frozen in 4-bit NormalFloat
+    (``quant_block`` weights per absmax, ``models.nf4``; 0.56 byte per weight instead of bf16's 2), the
+    embeddings, head and norms stay in ``model.dtype``, and the adapters train against the quantized base.
+    The merged export adds the adapters to the *dequantized* base (the model that was trained); the PEFT
+    adapter is the usual QLoRA artifact for the original base."""
 
     rank: int = 0  # 0 = off (full fine-tuning); 8-64 typical
     alpha: float = 32.0
     dropout: float = 0.05
     targets: tuple[str, ...] = LORA_TARGETS
     export: Literal["merged", "adapter", "both"] = "both"
+    quantize: Literal["none", "nf4"] = "none"  # nf4: the frozen base in 4 bits (QLoRA)
+    quant_block: int = 64  # weights per NF4 absmax (QLoRA's 64); must divide every projection's input dim
 
     def validate(self) -> None:
-        """Rank >= 0, dropout in [0, 1), known target names."""
+        """Rank >= 0, dropout in [0, 1), known target names, an even NF4 block."""
         if self.rank < 0 or not 0 <= self.dropout < 1:
             raise ConfigError(f"need rank >= 0 and 0 <= dropout < 1 (got rank={self.rank}, dropout={self.dropout})")
+        if self.quant_block < 2 or self.quant_block % 2:
+            raise ConfigError(f"quant_block must be even and >= 2 (got {self.quant_block})")
+        if self.quantize != "none" and self.rank == 0:
+            raise ConfigError(f"quantize: {self.quantize} needs rank > 0 (a 4-bit base trains only through adapters)")
         bad = [t for t in self.targets if t not in LORA_TARGETS]
         if bad or not self.targets:
             raise ConfigError(f"targets: unknown {bad[0] if bad else 'empty list'!r} "

@@ -212,15 +212,22 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
     rep = shd.replicated(mesh)
     use_lora = lora_lib.enabled(cfg.lora)
     frozen = frozen_shard = None
+    n_params = lm.num_params()
     if use_lora:  # train {"lora": adapters}; the base rides along frozen (a jit argument, never saved)
-        frozen, frozen_shard = lm.params, shd.param_shardings(lm, mesh)
+        if cfg.lora.quantize == "nf4":  # QLoRA: the frozen base in 4 bits; the full-precision one is dropped
+            frozen, frozen_shard = lora_lib.quantize_base(lm, cfg.lora, mesh)
+            lm = lm.replace(params=None)
+            log(f"[sft] base quantized to NF4 (block {cfg.lora.quant_block}): "
+                f"{_nbytes(frozen) / 2**30:.2f} GiB on the devices")
+        else:
+            frozen, frozen_shard = lm.params, shd.param_shardings(lm, mesh)
         p_shard = lora_lib.shardings(lm, cfg.lora, mesh)
         if resume_step is not None:  # shapes only: the adapters come from the checkpoint
             trainable = jax.eval_shape(lambda: lora_lib.init_adapters(lm, cfg.lora, jax.random.key(0)))
         else:
             trainable = lora_lib.init_adapters(lm, cfg.lora, jax.random.key(cfg.seed + 1), mesh)
         log(f"[sft] LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}: "
-            f"{lora_lib.num_params(trainable):,} trainable of {lm.num_params():,} parameters")
+            f"{lora_lib.num_params(trainable):,} trainable of {n_params:,} parameters")
     else:
         p_shard = shd.param_shardings(lm, mesh)
         trainable = lm.params
@@ -251,7 +258,6 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
                           in_shardings=(s_shard, b_shard),
                           out_shardings=(s_shard, rep), donate_argnums=0)
 
-    n_params = lm.num_params()
     # Training FLOPs per token: 6N for full fine-tuning; 4N with LoRA (forward 2N + the backward pass to
     # the activations 2N; the frozen base gets no weight gradient, the adapters' FLOPs are negligible).
     flops_per_token = (4 if use_lora else 6) * n_params
@@ -295,6 +301,10 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
     if out is not None and cfg.export:
         export(cfg, lm, state, tok, out, log)
     return state
+
+
+def _nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
 def export(cfg: SFTConfig, lm, state: TrainState, tok, out: Path, log: Callable[[str], None] = print) -> None:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from teams_rl_jax.errors import CheckpointError
+from teams_rl_jax.models import nf4
 from teams_rl_jax.models.hf_io import SafetensorsFile, write_safetensors
 from teams_rl_jax.models.llama import CausalLM
 
@@ -79,6 +80,71 @@ def init_adapters(lm, spec, rng: jax.Array, mesh=None, rules=None) -> dict:
     out = shardings(lm, spec, mesh, rules) if mesh is not None else None
     fn = lambda key: {"lora": nn.meta.unbox(module.init(key, *_dummy())["lora"])}  # noqa: E731
     return jax.jit(fn, out_shardings=out)(rng)
+
+
+def base_logical_axes(lm, spec) -> dict:
+    """Logical axes of the frozen base params as the LoRA model declares them: with ``spec.quantize`` nf4,
+    each projection has ``kernel_nf4`` / ``kernel_absmax`` (the kernel's axes) instead of ``kernel``."""
+    boxed = jax.eval_shape(lambda: _module(lm, spec).init(jax.random.key(0), *_dummy()))["params"]
+    specs = nn.get_partition_spec(boxed)
+    return jax.tree_util.tree_map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def quantize_base(lm, spec, mesh=None, rules=None) -> tuple[dict, Any]:
+    """``(frozen params, their shardings or None)``: ``lm.params`` with every projection kernel of the blocks
+    in NF4 (``models.nf4``; QLoRA), the embeddings, head and norms as they are.
+
+    One layer at a time (``lax.map``): the float32 transient is one layer's kernel, not the stack. The
+    result is new arrays; the caller drops ``lm.params`` to free the full-precision base (until then both
+    are held: bf16 + NF4 = 2.56 bytes per weight, ~17 GB for 7B). A kernel whose input dim the block does
+    not divide raises ``CheckpointError`` naming it.
+    """
+    from teams_rl_jax import sharding as shd
+
+    block = spec.quant_block
+    flat = {tuple(k.key for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(lm.params)[0]}
+    targets = [p for p in flat if p[0] == "layers" and p[-1] == "kernel"]
+    for p in targets:
+        try:
+            nf4.check_shape(flat[p].shape[1:], block, "/".join(p))
+        except ValueError as e:
+            raise CheckpointError(f"lora.quantize nf4: {e} (set lora.quant_block)") from None
+    shardings = None
+    if mesh is not None:
+        shapes = dict(flat)
+        for p in targets:
+            codes, absmax = nf4.quantized_shapes(flat[p].shape, block)
+            del shapes[p]
+            shapes[p[:-1] + ("kernel_nf4",)] = jax.ShapeDtypeStruct(codes, jnp.uint8)
+            shapes[p[:-1] + ("kernel_absmax",)] = jax.ShapeDtypeStruct(absmax, jnp.float32)
+        shardings = shd.logical_to_sharding(base_logical_axes(lm, spec), mesh, rules, shapes=_nest(shapes))
+    out = {p: v for p, v in flat.items() if p not in targets}
+    for p in targets:
+        codes_p, absmax_p = p[:-1] + ("kernel_nf4",), p[:-1] + ("kernel_absmax",)
+        dest = None if shardings is None else (_get(shardings, codes_p), _get(shardings, absmax_p))
+        out[codes_p], out[absmax_p] = _quantize_stack(flat[p], block, dest)
+    return _nest(out), shardings
+
+
+def _quantize_stack(w, block, out_shardings):
+    fn = jax.jit(lambda w: jax.lax.map(lambda layer: nf4.quantize(layer, block), w), out_shardings=out_shardings)
+    return fn(w)
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
 
 
 def num_params(adapters) -> int:
