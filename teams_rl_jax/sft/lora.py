@@ -32,6 +32,7 @@ from teams_rl_jax.errors import CheckpointError
 from teams_rl_jax.models import nf4
 from teams_rl_jax.models.hf_io import SafetensorsFile, write_safetensors
 from teams_rl_jax.models.llama import CausalLM
+from teams_rl_jax.models.lm import _flat, _unflat
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -102,7 +103,7 @@ def quantize_base(lm, spec, mesh=None, rules=None) -> tuple[dict, Any]:
     from teams_rl_jax import sharding as shd
 
     block = spec.quant_block
-    flat = {tuple(k.key for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(lm.params)[0]}
+    flat = _flat(lm.params)
     targets = [p for p in flat if p[0] == "layers" and p[-1] == "kernel"]
     for p in targets:
         try:
@@ -117,28 +118,18 @@ def quantize_base(lm, spec, mesh=None, rules=None) -> tuple[dict, Any]:
             del shapes[p]
             shapes[p[:-1] + ("kernel_nf4",)] = jax.ShapeDtypeStruct(codes, jnp.uint8)
             shapes[p[:-1] + ("kernel_absmax",)] = jax.ShapeDtypeStruct(absmax, jnp.float32)
-        shardings = shd.logical_to_sharding(base_logical_axes(lm, spec), mesh, rules, shapes=_nest(shapes))
+        shardings = shd.logical_to_sharding(base_logical_axes(lm, spec), mesh, rules, shapes=_unflat(shapes))
     out = {p: v for p, v in flat.items() if p not in targets}
     for p in targets:
         codes_p, absmax_p = p[:-1] + ("kernel_nf4",), p[:-1] + ("kernel_absmax",)
         dest = None if shardings is None else (_get(shardings, codes_p), _get(shardings, absmax_p))
         out[codes_p], out[absmax_p] = _quantize_stack(flat[p], block, dest)
-    return _nest(out), shardings
+    return _unflat(out), shardings
 
 
 def _quantize_stack(w, block, out_shardings):
     fn = jax.jit(lambda w: jax.lax.map(lambda layer: nf4.quantize(layer, block), w), out_shardings=out_shardings)
     return fn(w)
-
-
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
 
 
 def _get(tree, path):
