@@ -13,7 +13,7 @@ import pytest
 from helpers import rng as make_rng
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.models import init
-from teams_rl_jax.models.attention import attention, resolve_impl, segment_mask
+from teams_rl_jax.models.attention import attention, cache_attention, resolve_impl, segment_mask
 
 TINY = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
@@ -111,3 +111,26 @@ def test_cudnn_on_gpu_equals_xla_and_is_a_cudnn_call(window):
     out = np.asarray(fused(q, k, v).astype(jnp.float32))
     valid = np.asarray(seg) > 0
     np.testing.assert_allclose(out[valid], ref[valid], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_cache_attention_equals_dot_product_attention(T):
+    """A decode step over the head-major cache equals ``jax.nn.dot_product_attention`` over the same keys in
+    the slot-major layout, with GQA (4 query heads per kv head), empty/padding slots and a per-row window.
+    Catches: the mask dropped or broadcast to the wrong axis, query heads grouped with the wrong kv head
+    (head h belongs to kv head h // G), the output heads put back out of order, the scale missing."""
+    seed = int(np.random.default_rng().integers(1 << 30))
+    rng = np.random.default_rng(seed)
+    B, S, H, K, Dh = 3, 40, 8, 2, 16
+    q = jnp.asarray(rng.normal(size=(B, T, H, Dh)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(B, S, K, Dh)), jnp.float32) for _ in range(2))
+    k_seg = np.ones((B, S), np.int32)
+    k_seg[0, :7] = 0  # left padding
+    k_seg[1, 30:] = 0  # empty slots after the written ones
+    q_slots = np.array([25 + t for t in range(T)])
+    mask = segment_mask(jnp.ones((B, T), jnp.int32), jnp.asarray(k_seg), jnp.asarray(q_slots), jnp.arange(S),
+                        window=None)
+    mask = mask & jnp.asarray(rng.random((B, 1, T, S)) > 0.3).at[:, :, :, 20].set(True)  # keep a visible key
+    ref = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1 / np.sqrt(Dh), implementation="xla")
+    out = cache_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, scale=1 / np.sqrt(Dh))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, err_msg=f"seed={seed}")

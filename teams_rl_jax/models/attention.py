@@ -7,8 +7,7 @@
   does not take).
 * ``"xla"``: plain XLA ops. Self-attention (training, prefill) runs ``blocked_attention``: causal
   query blocks that skip the blocks above the diagonal, with a FlashAttention-style custom VJP (no
-  ``[B,H,T,S]`` array kept for the backward). A decode step uses
-  ``jax.nn.dot_product_attention(implementation="xla")`` with the boolean ``[B,1,T,S]`` mask.
+  ``[B,H,T,S]`` array kept for the backward).
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn", is_causal=True, mask=...)``:
   cuDNN's fused flash attention. The public API has no segment-id input (cuDNN's packed "THD"
   layout, ``q_offsets``/``kv_offsets``, is only in the private ``jax._src.cudnn`` module), so packed
@@ -23,10 +22,10 @@
   prompt, a test) takes the XLA path instead (pad SFT rows to a multiple of 128 on TPU).
 
 The fused kernels serve the self-attention calls (training forward, prefill: queries and keys are the
-same slots). A decode step (few queries against a KV cache) always uses the XLA path: it is a
-memory-bound read of the cache, and cuDNN/splash gain nothing there. (A multiply-reduce form that
-lets XLA fuse the cache slice instead of copying it for cuBLAS was measured on an H100 and gained
-nothing, 2.77 -> 2.74 ms per 1B decode step, so it was dropped.)
+same slots). A decode step (few queries against a KV cache) always runs :func:`cache_attention`, two
+plain matmuls over the model's head-major cache: it is a memory-bound read of the cache, and
+cuDNN/splash gain nothing there. (A multiply-reduce form over the old slot-major cache was measured on
+an H100 and gained nothing, 2.77 -> 2.74 ms per 1B decode step, so it was dropped.)
 """
 
 from __future__ import annotations
@@ -105,6 +104,25 @@ def splash_attention(q: Array, k: Array, v: Array, q_segments: Array, k_segments
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
 
 
+def cache_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: float) -> Array:
+    """A decode step: ``q [B,T,H,Dh]`` against one layer's head-major cache ``k, v [B,K,S,Dh]`` -> ``[B,T,H,Dh]``.
+
+    ``mask [B,1,T,S]`` (boolean, from :func:`segment_mask`). Both matmuls keep the cache where it lies:
+    ``(B, K)`` are their leading batch dims, the scores contract ``Dh`` (the cache's last axis) and the
+    output contracts ``S``; only the few queries are reshaped (the ``G = H/K`` heads sharing a kv head
+    become rows of one matmul). Scores, softmax and accumulation are float32.
+    """
+    B, T, H, Dh = q.shape
+    K = k.shape[1]
+    G = H // K
+    qh = (q * jnp.asarray(scale, q.dtype)).reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
+    s = jnp.einsum("bkqd,bksd->bkqs", qh, k, preferred_element_type=jnp.float32).reshape(B, K, G, T, -1)
+    s = s + jnp.where(mask[:, :, None], 0.0, -1e30).astype(jnp.float32)  # [B,1,1,T,S]: every head alike
+    p = jax.nn.softmax(s, axis=-1).reshape(B, K, G * T, -1)
+    o = jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh).astype(q.dtype)
+
+
 def attention(q: Array, k: Array, v: Array, *, impl: str, mask: Array, q_segments: Array, k_segments: Array,
               window: int | None, self_attention: bool) -> Array:
     """Scaled dot-product attention ``q [B,T,H,Dh]``, ``k, v [B,S,K,Dh]`` -> ``[B,T,H,Dh]``.
@@ -115,7 +133,7 @@ def attention(q: Array, k: Array, v: Array, *, impl: str, mask: Array, q_segment
     """
     Dh = q.shape[-1]
     scale = 1.0 / math.sqrt(Dh)
-    if not self_attention:  # a decode step against the cache: a memory-bound read, one masked softmax
+    if not self_attention:  # a decode step against a slot-major cache (the model's is head-major: cache_attention)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
     if impl == "xla":
         return blocked_causal_attention(q, k, v, q_segments, k_segments, scale=scale, window=window)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.models import nf4
-from teams_rl_jax.models.attention import attention, resolve_impl, segment_mask
+from teams_rl_jax.models.attention import attention, cache_attention, resolve_impl, segment_mask
 from teams_rl_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -196,10 +196,13 @@ class Attention(nn.Module):
         v = v.reshape(B, T, K, Dh)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
         if kv_cache is not None:
-            # The cache is the scan *carry* ([L, B, S, KVH, Dh]) updated at (layer, slot): XLA then
-            # writes in place instead of restacking every layer's cache on each decode step.
+            # The cache is the scan *carry* ([L, B, KVH, S, Dh], head-major) updated at (layer, slot): XLA
+            # then writes in place instead of restacking every layer's cache on each decode step. Head-major
+            # so a decode step's two attention matmuls read the cache as it lies (batch dims B, KVH leading);
+            # slot-major [B, S, KVH, Dh] made XLA transpose-copy every layer's cache on every step.
             def write(buf, new):
-                return jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), (layer, 0, cache_index, 0, 0))
+                new = new.transpose(0, 2, 1, 3)[None].astype(buf.dtype)  # [1, B, KVH, T, Dh]
+                return jax.lax.dynamic_update_slice(buf, new, (layer, 0, 0, cache_index, 0))
 
             kv_cache = {"k": write(kv_cache["k"], k), "v": write(kv_cache["v"], v)}
             if not prefill:  # prefill into an empty cache attends to its own keys only
@@ -215,6 +218,13 @@ class Attention(nn.Module):
         cfg = self.config
         impl = resolve_impl(cfg.attention_impl, self.dtype, cfg.head_dim)
         full_mask, window_mask, q_seg, k_seg = masks
+        if not self_attention:  # a decode step: k, v are this layer's head-major cache [B, KVH, S, Dh]
+            mask, sliding = full_mask, cfg.layer_is_sliding()
+            if window_mask is not None and all(sliding):
+                mask = window_mask
+            elif window_mask is not None and any(sliding):  # Qwen2 max_window_layers: per-layer choice
+                mask = jnp.where(is_sliding, window_mask, full_mask)
+            return cache_attention(q, k, v, mask, scale=1.0 / math.sqrt(cfg.head_dim))
 
         def run(windowed):
             return attention(q, k, v, impl=impl, mask=window_mask if windowed else full_mask, q_segments=q_seg,
@@ -226,7 +236,7 @@ class Attention(nn.Module):
         sliding = cfg.layer_is_sliding()
         if all(sliding) or not any(sliding):  # static: one kernel for every layer
             return run(all(sliding))
-        if impl == "xla" or not self_attention:  # one masked softmax serves both layer kinds
+        if impl == "xla":  # one masked softmax serves both layer kinds
             mask = jnp.where(is_sliding, window_mask, full_mask)
             return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(cfg.head_dim),
                                                 implementation="xla")
@@ -399,8 +409,8 @@ class CausalLM(nn.Module):
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """Empty KV cache: ``k``/``v`` ``[L, B, S, KVH, Dh]`` and slot segment ids ``[B, S]`` (0 = empty)."""
-    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    """Empty KV cache: ``k``/``v`` ``[L, B, KVH, S, Dh]`` (head-major) and slot segment ids ``[B, S]`` (0 = empty)."""
+    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
     return {
         "k": jnp.zeros(shape, dtype),
         "v": jnp.zeros(shape, dtype),
