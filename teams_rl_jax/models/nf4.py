@@ -50,8 +50,8 @@ def check_shape(shape: tuple[int, ...], block: int = BLOCK, name: str = "kernel"
 def quantize(w: jax.Array, block: int = BLOCK) -> tuple[jax.Array, jax.Array]:
     """``w [..., in, out]`` -> ``(codes uint8 [..., in/2, out], absmax float32 [..., in/block, out])``.
 
-    Pure jnp (jit it, under a mesh with the shardings of :func:`quantized_shapes`); computed in float32
-    whatever ``w``'s dtype. Elementwise plus one reduction per block: XLA fuses it, so the transient is
+    Pure jnp (``sft.lora.quantize_base`` jits it per layer into the frozen base's shardings); computed in
+    float32 whatever ``w``'s dtype. Elementwise plus one reduction per block: XLA fuses it, so the transient is
     the float32 copy of ``w``, not 16 copies.
     """
     check_shape(w.shape, block)
