@@ -119,6 +119,10 @@ def main(argv=None) -> dict:
         "base_params": n_base, "adapter_params": lora.num_params(adapters),
         "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "bytes_limit_gib": stats.get("bytes_limit", 0) / 2**30,
         "step_temp_gib": getattr(ma, "temp_size_in_bytes", 0) / 2**30,
+        # peak_gib counts the setup too (with --quantize nf4 the bf16 base and its NF4 copy coexist while
+        # quantizing); arguments + temp is what the training steps themselves hold
+        "step_args_plus_temp_gib": (getattr(ma, "argument_size_in_bytes", 0) + getattr(ma, "temp_size_in_bytes", 0))
+        / 2**30,
         "step_args_gib": getattr(ma, "argument_size_in_bytes", 0) / 2**30,
         "compile_s": compile_s, "step_s_median": med, "tokens_per_s": tokens / med,
         "mfu": 4 * n_base * tokens / med / (args.peak_tflops * 1e12), "losses": losses,
