@@ -218,7 +218,7 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
             frozen, frozen_shard = lora_lib.quantize_base(lm, cfg.lora, mesh)
             lm = lm.replace(params=None)
             log(f"[sft] base quantized to NF4 (block {cfg.lora.quant_block}): "
-                f"{_nbytes(frozen) / 2**30:.2f} GiB on the devices")
+                f"{sum(x.nbytes for x in jax.tree_util.tree_leaves(frozen)) / 2**30:.2f} GiB on the devices")
         else:
             frozen, frozen_shard = lm.params, shd.param_shardings(lm, mesh)
         p_shard = lora_lib.shardings(lm, cfg.lora, mesh)
@@ -301,10 +301,6 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
     if out is not None and cfg.export:
         export(cfg, lm, state, tok, out, log)
     return state
-
-
-def _nbytes(tree) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
 def export(cfg: SFTConfig, lm, state: TrainState, tok, out: Path, log: Callable[[str], None] = print) -> None:

@@ -53,14 +53,19 @@ def _dummy():
     return ids, jnp.ones_like(ids), jnp.zeros_like(ids)
 
 
-def _boxed(lm, spec):
-    return jax.eval_shape(lambda: _module(lm, spec).init(jax.random.key(0), *_dummy()))["lora"]
+def _boxed(lm, spec, collection: str = "lora"):
+    """Abstract, logically-annotated variables of the LoRA model: ``"lora"`` (adapters) or ``"params"`` (base)."""
+    return jax.eval_shape(lambda: _module(lm, spec).init(jax.random.key(0), *_dummy()))[collection]
+
+
+def _axes(boxed) -> dict:
+    specs = nn.get_partition_spec(boxed)
+    return jax.tree_util.tree_map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
 def logical_axes(lm, spec) -> dict:
     """``{"lora": ...}`` pytree of logical-axis tuples (``("layers", "embed", "lora_rank")`` ...)."""
-    specs = nn.get_partition_spec(_boxed(lm, spec))
-    return {"lora": jax.tree_util.tree_map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))}
+    return {"lora": _axes(_boxed(lm, spec))}
 
 
 def shardings(lm, spec, mesh, rules=None) -> dict:
@@ -83,14 +88,6 @@ def init_adapters(lm, spec, rng: jax.Array, mesh=None, rules=None) -> dict:
     return jax.jit(fn, out_shardings=out)(rng)
 
 
-def base_logical_axes(lm, spec) -> dict:
-    """Logical axes of the frozen base params as the LoRA model declares them: with ``spec.quantize`` nf4,
-    each projection has ``kernel_nf4`` / ``kernel_absmax`` (the kernel's axes) instead of ``kernel``."""
-    boxed = jax.eval_shape(lambda: _module(lm, spec).init(jax.random.key(0), *_dummy()))["params"]
-    specs = nn.get_partition_spec(boxed)
-    return jax.tree_util.tree_map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-
-
 def quantize_base(lm, spec, mesh=None, rules=None) -> tuple[dict, Any]:
     """``(frozen params, their shardings or None)``: ``lm.params`` with every projection kernel of the blocks
     in NF4 (``models.nf4``; QLoRA), the embeddings, head and norms as they are.
@@ -110,19 +107,15 @@ def quantize_base(lm, spec, mesh=None, rules=None) -> tuple[dict, Any]:
             nf4.check_shape(flat[p].shape[1:], block, "/".join(p))
         except ValueError as e:
             raise CheckpointError(f"lora.quantize nf4: {e} (set lora.quant_block)") from None
-    shardings = None
-    if mesh is not None:
-        shapes = dict(flat)
-        for p in targets:
-            codes, absmax = nf4.quantized_shapes(flat[p].shape, block)
-            del shapes[p]
-            shapes[p[:-1] + ("kernel_nf4",)] = jax.ShapeDtypeStruct(codes, jnp.uint8)
-            shapes[p[:-1] + ("kernel_absmax",)] = jax.ShapeDtypeStruct(absmax, jnp.float32)
-        shardings = shd.logical_to_sharding(base_logical_axes(lm, spec), mesh, rules, shapes=_unflat(shapes))
+    shardings = flat_shardings = None
+    if mesh is not None:  # the quantized model's own declaration: kernel_nf4 / kernel_absmax keep the kernel's axes
+        boxed = _boxed(lm, spec, "params")
+        shardings = shd.logical_to_sharding(_axes(boxed), mesh, rules, shapes=nn.meta.unbox(boxed))
+        flat_shardings = _flat(shardings)
     out = {p: v for p, v in flat.items() if p not in targets}
     for p in targets:
         codes_p, absmax_p = p[:-1] + ("kernel_nf4",), p[:-1] + ("kernel_absmax",)
-        dest = None if shardings is None else (_get(shardings, codes_p), _get(shardings, absmax_p))
+        dest = None if mesh is None else (flat_shardings[codes_p], flat_shardings[absmax_p])
         out[codes_p], out[absmax_p] = _quantize_stack(flat[p], block, dest)
     return _unflat(out), shardings
 
@@ -130,12 +123,6 @@ def quantize_base(lm, spec, mesh=None, rules=None) -> tuple[dict, Any]:
 def _quantize_stack(w, block, out_shardings):
     fn = jax.jit(lambda w: jax.lax.map(lambda layer: nf4.quantize(layer, block), w), out_shardings=out_shardings)
     return fn(w)
-
-
-def _get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
 
 
 def num_params(adapters) -> int:
