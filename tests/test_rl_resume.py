@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from teams_rl_jax.errors import CheckpointError
-from teams_rl_jax.rl import PolicyConfig, PPOConfig
+from teams_rl_jax.rl import PolicyConfig
 from teams_rl_jax.rl.stage import load_policy, run_policy_stage
 
 SEED = 3
