@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from teams_rl_jax import config as cfglib
+from teams_rl_jax import host_malloc
 from teams_rl_jax.backends.config import RoleConfig, RolesConfig
 from teams_rl_jax.errors import ConfigError, TeamsError
 from teams_rl_jax.eval.config import EvalConfig
@@ -311,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:
+        host_malloc.configure()  # before JAX starts its CPU threads (see host_malloc)
         cfg = load_config(args)
         run(cfg, force=args.force)
     except TeamsError as e:

@@ -100,6 +100,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from teams_rl_jax import host_malloc
+
+        host_malloc.configure()  # before JAX starts its CPU threads
         run(args)
     except TeamsError as e:
         print(f"error: {e}", file=sys.stderr)

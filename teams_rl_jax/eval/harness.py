@@ -175,6 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m teams_rl_jax.eval.harness ...``: lm-eval's CLI with ``teams_rl_jax`` registered."""
     from lm_eval.__main__ import cli_evaluate
 
+    from teams_rl_jax import host_malloc
+
+    host_malloc.configure()  # before JAX starts its CPU threads
+
     import teams_rl_jax.eval.harness  # noqa: F401 - registers the model (see above)
 
     if argv is not None:

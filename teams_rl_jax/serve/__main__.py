@@ -47,6 +47,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        from teams_rl_jax import host_malloc
+
+        host_malloc.configure()  # before JAX starts its CPU threads
         import uvicorn
 
         from teams_rl_jax.backends.config import RoleConfig

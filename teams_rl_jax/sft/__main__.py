@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     try:
+        from teams_rl_jax import host_malloc
+
+        host_malloc.configure()  # before JAX starts its CPU threads
         from teams_rl_jax.sft.config import SFTConfig
         from teams_rl_jax.sft.loop import train
         from teams_rl_jax.train import maybe_initialize_distributed
