@@ -43,7 +43,9 @@ def main() -> None:
     ap.add_argument("--hbm-gbps", type=float, default=3350.0, help="HBM bandwidth for the decode bound (H100 SXM)")
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers reference (e.g. on GPU)")
     args = ap.parse_args()
+    from teams_rl_jax import host_malloc
 
+    malloc = host_malloc.configure()  # what the CLI entry points do; TEAMS_RL_JAX_MALLOC=system to compare
     import dataclasses
 
     from teams_rl_jax import generate
@@ -98,7 +100,7 @@ def main() -> None:
     print(f"\nconfig: layers={args.layers} hidden={args.hidden} heads={args.heads}/{args.kv_heads} vocab={args.vocab} "
           f"params={lm.num_params() / 1e6:.1f}M dtype={args.dtype} batch={B} prompt={P} new={N} "
           f"attention={args.attention} unroll={args.unroll} device={dev.platform}:{getattr(dev, 'device_kind', '')} "
-          f"jax={jax.__version__}")
+          f"jax={jax.__version__} host_malloc={malloc}")
     print(table(results, "teams_rl_jax (jax)", None if args.no_torch else "transformers (torch)", before, after))
     if dev.platform == "gpu":
         # Decode is memory bound: a step streams every weight once plus the KV cache written so far.

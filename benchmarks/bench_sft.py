@@ -17,6 +17,7 @@ MFU = 6*N*tokens/s / peak (N = all parameters); "MFU+attn" adds the attention ma
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import tempfile
@@ -76,6 +77,9 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--ce-memory", action="store_true", help="only print the loss's peak memory, full vs chunked")
     args = ap.parse_args()
+    from teams_rl_jax import host_malloc
+
+    malloc = host_malloc.configure()  # what `python -m teams_rl_jax.train` does; TEAMS_RL_JAX_MALLOC=system to compare
     if args.ce_memory:
         ce_memory()
         return
@@ -113,11 +117,16 @@ def main() -> None:
     # Commit the whole state to the device so the warm-up call's outputs match its inputs (one compile).
     holder = {"state": jax.device_put(init_state(lm, opt, 0), device)}
 
+    faults: list[int] = []  # minor page faults of our step (host_malloc: XLA's temp mapped afresh or not)
+
     def ours():
         def run():
             holder["state"], m = step(holder["state"], batch)
             jax.block_until_ready(m["loss"])
-        return {"step": tokens / timed(run)}
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        rate = tokens / timed(run)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        return {"step": rate}
 
     impls = {"teams_rl_jax (jax)": ours}
     if torch_model is not None:
@@ -144,9 +153,11 @@ def main() -> None:
     print(f"\nconfig: layers={args.layers} hidden={args.hidden} heads={args.heads}/{args.kv_heads} vocab={args.vocab} "
           f"params={n / 1e6:.1f}M seq={T} batch={B} compute={args.dtype} params={args.param_dtype} remat={args.remat} "
           f"attention={args.attention} unroll={args.unroll} ce_chunk={args.ce_chunk}")
-    print(f"device={device.platform}:{getattr(device, 'device_kind', '')} jax={jax.__version__}")
+    print(f"device={device.platform}:{getattr(device, 'device_kind', '')} jax={jax.__version__} host_malloc={malloc}")
     print(table(results, "teams_rl_jax (jax)", None if torch_model is None else "transformers + torch AdamW",
                 before, after))
+    print(f"our step: {statistics.median(faults):,.0f} minor page faults (median); process peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (both models)")
     if args.peak_tflops:
         med = statistics.median(results["teams_rl_jax (jax)"]["step"])
         best = max(results["teams_rl_jax (jax)"]["step"])
