@@ -1,6 +1,6 @@
 """Keep freed host memory inside the process on CPU-only runs, so XLA:CPU's per-call buffers stop page-faulting.
 
-Why: XLA:CPU allocates each executable's temp buffer (1.2 GiB for the CPU benchmark's SFT step) with
+Why: XLA:CPU allocates each executable's temp buffer (1.43 GiB for the CPU benchmark's SFT step) with
 ``malloc`` on one of its worker threads and frees it when the call ends. glibc serves an allocation
 that large from a fresh ``mmap`` (a worker thread's arena cannot hold more than 64 MiB) and returns it
 with ``munmap``, so every step faults the whole buffer back in, 4 KiB at a time: ~370,000 minor faults
@@ -15,8 +15,8 @@ and ~0.7 s of kernel time per 3 s step on the 2-core development VM (``docs/benc
 Measured on that step (``docs/benchmarks.md``): after a few warm-up steps the buffers are reused, 0
 faults per step, and our step ran 26-40% faster in ``bench_sft.py``. The cost is memory: the heap
 fragments while it settles, so RSS plateaus at up to ~3.5x the XLA temp above the live arrays (3.6-5.0
-GiB against 2.3 GiB with the system allocator for that step, jax alone), and one arena lock serialises ``malloc`` across threads. That suits
-a CPU training or serving process, whose peak comes back every step anyway (as with the tcmalloc or
+GiB against 2.3 GiB with the system allocator for that step, jax alone), and one arena lock
+serialises ``malloc`` across threads. That suits a CPU training or serving process, whose peak comes back every step anyway (as with the tcmalloc or
 jemalloc preloads CPU frameworks recommend). It is wrong for an accelerator host, where device
 memory holds the working set and several processes per host would each keep their checkpoint-loading
 peak. So ``auto`` applies it only where JAX will run on the CPU, and ``TEAMS_RL_JAX_MALLOC=system``
@@ -112,8 +112,9 @@ def configure(mode: str | None = None) -> str:
         return _applied
     if _backend_started():  # e.g. a CLI main called in-process after JAX ran: only loud when asked for
         asked = (mode or os.environ.get(ENV, "auto")).strip().lower() == "retain"
-        log.log(logging.WARNING if asked else logging.DEBUG,"%s: a JAX backend already started; its threads keep their malloc arenas, so host "
-                    "buffers stay unretained (call host_malloc.configure() before the first jax.devices())", ENV)
+        log.log(logging.WARNING if asked else logging.DEBUG,
+                "%s: a JAX backend already started; its threads keep their malloc arenas, so host buffers "
+                "stay unretained (call host_malloc.configure() before the first jax.devices())", ENV)
         return _applied
     name = ctypes.util.find_library("c")
     try:

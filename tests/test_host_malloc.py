@@ -92,5 +92,21 @@ def test_auto_decides_by_platform_and_respects_user_malloc_tuning(monkeypatch):
     assert not host_malloc.cpu_only()
 
 
+@pytest.mark.parametrize("entry", ["teams_rl_jax.train", "teams_rl_jax.sft", "teams_rl_jax.eval"])
+def test_entry_points_apply_the_policy_before_jax_starts(entry, tmp_path):
+    # A missing config / checkpoint fails the run after the policy is set; JAX never starts.
+    args = {"teams_rl_jax.train": ["--config", str(tmp_path / "none.yaml")],
+            "teams_rl_jax.sft": ["--config", str(tmp_path / "none.yaml")],
+            "teams_rl_jax.eval": ["--checkpoint", str(tmp_path / "none"), "--tasks", "arc_easy"]}[entry]
+    code = ("import importlib, sys; from teams_rl_jax import host_malloc; "
+            f"rc = importlib.import_module('{entry}.__main__' if '{entry}' != 'teams_rl_jax.train' else '{entry}')"
+            f".main({args!r}); print(rc, host_malloc._applied, 'jax' in sys.modules and host_malloc._backend_started())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(JAX_PLATFORMS="cpu", TEAMS_RL_JAX_MALLOC="auto")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    rc, applied, started = out.stdout.split()[-3:]
+    assert (rc, applied, started) == ("2", "retain", "False"), out.stdout + out.stderr[-2000:]
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["measure"]:
     print(json.dumps(measure()))
