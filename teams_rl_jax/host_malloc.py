@@ -15,14 +15,14 @@ and ~0.7 s of kernel time per 3 s step on the 2-core development VM (``docs/benc
 Measured on that step (``docs/benchmarks.md``): after a few warm-up steps the buffers are reused, 0
 faults per step, and our step ran 26-40% faster in ``bench_sft.py``. The cost is memory: the heap
 fragments while it settles, so RSS plateaus at up to ~3.5x the XLA temp above the live arrays (3.6-5.0
-GiB against 2.3 GiB with the system allocator for that step, jax alone), and one arena lock
-serialises ``malloc`` across threads. That suits a CPU training or serving process, whose peak comes back every step anyway (as with the tcmalloc or
-jemalloc preloads CPU frameworks recommend). It is wrong for an accelerator host, where device
-memory holds the working set and several processes per host would each keep their checkpoint-loading
-peak. So ``auto`` applies it only where JAX will run on the CPU, and ``TEAMS_RL_JAX_MALLOC=system``
-gives the memory back where it is tight. (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, set before the
-process starts, cut the faults 300-fold with transparent huge pages at unchanged RSS, but was not
-reliably faster: ``docs/benchmarks.md``.)
+GiB against 2.3 GiB with the system allocator for that step, jax alone), and one arena lock serialises
+``malloc`` across threads. That suits a CPU training or serving process, whose peak comes back every
+step anyway (as with the tcmalloc or jemalloc preloads CPU frameworks recommend). It is wrong for an
+accelerator host, where device memory holds the working set and several processes per host would each
+keep their checkpoint-loading peak. So ``auto`` applies it only where JAX will run on the CPU, and
+``TEAMS_RL_JAX_MALLOC=system`` gives the memory back where it is tight.
+(``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, set before the process starts, cut the faults 300-fold with
+transparent huge pages at unchanged RSS, but was not reliably faster: ``docs/benchmarks.md``.)
 
 The settings bind a thread to an arena on its first ``malloc``; XLA creates its worker threads when
 the backend starts. So ``configure`` must run before the first ``jax.devices()`` or array: the

@@ -1,9 +1,10 @@
 """``host_malloc``: on CPU, XLA's per-call temp buffer stops page-faulting once freed memory is retained.
 
-The measurement runs in a fresh subprocess per mode (the policy must precede the JAX backend): a
-jitted function whose temp buffer is ~30 MB is called twenty times, and the median minor page faults
-of the calls after the first four are compared (``getrusage``). With the system allocator every call maps its temp afresh
-(at least its ~8,000 pages of 4 KiB); retained, later calls reuse the heap and fault ~0 times.
+The measurement runs in a fresh subprocess per mode (the policy must precede the JAX backend): from a
+worker thread, a jitted function whose temp buffer is 96 MiB (above glibc's 64 MiB per-thread heap)
+is called twenty times, and the median minor page faults of the calls after the first four are
+compared (``getrusage``). With the system allocator every call maps its temp afresh (at least its
+~24,000 pages of 4 KiB); retained, most later calls reuse the heap and fault ~0 times.
 """
 
 from __future__ import annotations
@@ -98,9 +99,10 @@ def test_entry_points_apply_the_policy_before_jax_starts(entry, tmp_path):
     args = {"teams_rl_jax.train": ["--config", str(tmp_path / "none.yaml")],
             "teams_rl_jax.sft": ["--config", str(tmp_path / "none.yaml")],
             "teams_rl_jax.eval": ["--checkpoint", str(tmp_path / "none"), "--tasks", "arc_easy"]}[entry]
+    module = entry if entry == "teams_rl_jax.train" else entry + ".__main__"
     code = ("import importlib, sys; from teams_rl_jax import host_malloc; "
-            f"rc = importlib.import_module('{entry}.__main__' if '{entry}' != 'teams_rl_jax.train' else '{entry}')"
-            f".main({args!r}); print(rc, host_malloc._applied, 'jax' in sys.modules and host_malloc._backend_started())")
+            f"rc = importlib.import_module({module!r}).main({args!r}); "
+            "print(rc, host_malloc._applied, 'jax' in sys.modules and host_malloc._backend_started())")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.update(JAX_PLATFORMS="cpu", TEAMS_RL_JAX_MALLOC="auto")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
