@@ -106,13 +106,13 @@ def configure(mode: str | None = None) -> str:
     global _applied
     if _applied is not None:
         return _applied
-    want = decide(mode)
+    requested = (mode or os.environ.get(ENV) or "auto").strip().lower()
+    want = decide(requested)
     _applied = "system"
     if want == "system":
         return _applied
     if _backend_started():  # e.g. a CLI main called in-process after JAX ran: only loud when asked for
-        asked = (mode or os.environ.get(ENV, "auto")).strip().lower() == "retain"
-        log.log(logging.WARNING if asked else logging.DEBUG,
+        log.log(logging.WARNING if requested == "retain" else logging.DEBUG,
                 "%s: a JAX backend already started; its threads keep their malloc arenas, so host buffers "
                 "stay unretained (call host_malloc.configure() before the first jax.devices())", ENV)
         return _applied
