@@ -4,7 +4,9 @@ a dimension the mesh cannot divide."""
 import json
 import warnings
 
+import helpers
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -27,7 +29,7 @@ def test_bf16_sharded_export_one_tensor_at_a_time(tmp_path, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
 
-    seed = int(np.random.default_rng().integers(1 << 30))
+    seed = helpers.seed(402747741)  # once drawn at random: it put one logit 0.105 from the f32 model's
     lm = init(TINY, jax.random.key(seed))
     out = tmp_path / "hf"
     save_pretrained(lm, out)  # one float32 file first: must be replaced by the shards below
@@ -66,8 +68,12 @@ def test_bf16_sharded_export_one_tensor_at_a_time(tmp_path, monkeypatch):
         theirs = ref(torch.as_tensor(ids)).logits.numpy()
     back = load_pretrained(out)
     np.testing.assert_allclose(np.asarray(back.apply(back.params, ids)), theirs, atol=1e-4, err_msg=f"seed={seed}")
-    # bf16 rounding of the weights moves the logits a little, never a lot
-    np.testing.assert_allclose(theirs, np.asarray(lm.apply(lm.params, ids)), atol=0.1, err_msg=f"seed={seed}")
+    # The export is exactly the weights rounded to bf16 (round-to-nearest, as on the device), checked
+    # against that rounding rather than with a loose bound on how far bf16 moves the logits, which has no
+    # fixed ceiling (0.105 for this seed).
+    rounded = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(p.dtype), lm.params)
+    np.testing.assert_allclose(theirs, np.asarray(lm.apply(rounded, ids)), atol=1e-4, err_msg=f"seed={seed}")
+    assert np.abs(theirs - np.asarray(lm.apply(lm.params, ids))).max() > 1e-3  # bf16 did round something
 
 
 def test_shard_size_parsing():
