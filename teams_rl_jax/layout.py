@@ -1,0 +1,155 @@
+"""The run directory, written down once (as MaxText's ``base.yml`` does for its outputs).
+
+Every stage and CLI takes its paths from :class:`RunLayout`; no other module spells a run-dir path.
+
+    run_dir/
+      config.yaml                 the resolved config (secrets redacted)
+      .stages/<stage>.json        stage markers: fingerprint of what the outputs depend on + artifact digests
+      cache/responses.sqlite      every paid LLM answer (shared by every stage, arm and rerun)
+      models/tiny-expert/         the offline demo's tiny random expert
+      policy/                     policy.json, checkpoint/ (Orbax), curves*.jsonl/png, op_histogram.*, summary.json
+      data/                       generated.jsonl, summary.json, shards/, baselines/<name>/ (same shape as data/)
+      sft/                        ckpt/ (Orbax), hf/ (HF export), adapter/ (PEFT), metrics.jsonl
+      eval/                       report.md, report.json, *.png
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGES = ("policy", "generate", "sft", "eval")
+
+
+@dataclass(frozen=True)
+class GenerateDir:
+    """One generate output dir (``data/`` or ``data/baselines/<name>/``)."""
+
+    root: Path
+
+    @property
+    def records(self) -> Path:
+        return self.root / "generated.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "shards"
+
+    def shard_records(self, proc: int) -> Path:
+        return self.shards / f"generated.{proc:05d}.jsonl"
+
+    def shard_progress(self, proc: int) -> Path:
+        return self.shards / f"progress.{proc:05d}.jsonl"
+
+    def baseline(self, name: str) -> "GenerateDir":
+        return GenerateDir(self.root / "baselines" / name)
+
+
+@dataclass(frozen=True)
+class PolicyDir:
+    """The policy stage's output dir."""
+
+    root: Path
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "policy.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    def curves(self, name: str | None = None) -> Path:
+        return self.root / ("curves.jsonl" if name is None else f"curves_{name}.jsonl")
+
+
+@dataclass(frozen=True)
+class SFTDir:
+    """The SFT stage's output dir."""
+
+    root: Path
+
+    @property
+    def ckpt(self) -> Path:
+        return self.root / "ckpt"
+
+    @property
+    def hf(self) -> Path:
+        return self.root / "hf"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class EvalDir:
+    """The eval stage's output dir."""
+
+    root: Path
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run directory."""
+
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    def marker(self, stage: str) -> Path:
+        return self.root / ".stages" / f"{stage}.json"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache" / "responses.sqlite"
+
+    @property
+    def tiny_expert(self) -> Path:
+        return self.root / "models" / "tiny-expert"
+
+    @property
+    def policy(self) -> PolicyDir:
+        return PolicyDir(self.root / "policy")
+
+    @property
+    def data(self) -> GenerateDir:
+        return GenerateDir(self.root / "data")
+
+    @property
+    def sft(self) -> SFTDir:
+        return SFTDir(self.root / "sft")
+
+    @property
+    def eval(self) -> EvalDir:
+        return EvalDir(self.root / "eval")
+
+    def stage_dir(self, stage: str) -> Path:
+        """The directory a stage owns (what ``--force`` removes before redoing it)."""
+        return {"policy": self.policy.root, "generate": self.data.root, "sft": self.sft.root,
+                "eval": self.eval.root}[stage]
