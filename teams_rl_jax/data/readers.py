@@ -22,12 +22,13 @@ an object; other keys are ignored.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from teams_rl_jax.data.example import Example, require_str
+from teams_rl_jax.data.tfds_io import read_tfds
 from teams_rl_jax.errors import DataError
 
 FORMATS = ("auto", "alpaca", "alpaca_jsonl", "jsonl", "sharegpt", "tfds")
@@ -35,38 +36,13 @@ _HUMAN = ("human", "user")
 _ASSISTANT = ("gpt", "assistant", "chatgpt", "bard", "model")
 
 
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """One SFT example: instruction (+ optional input, chat history, system prompt) and the target output."""
-
-    instruction: str
-    output: str
-    input: str = ""
-    history: tuple[tuple[str, str], ...] = ()  # earlier (user, assistant) exchanges
-    meta: dict | None = None
-    system: str | None = None  # chat system prompt (Vicuna's default when None)
-
-
-def _require_str(obj: dict, key: str, where: str, required: bool, nonempty: bool) -> str:
-    if key not in obj or obj[key] is None:
-        if required:
-            raise DataError(f"{where}: missing field '{key}'")
-        return ""
-    value = obj[key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
-    if nonempty and not value.strip():
-        raise DataError(f"{where}: field '{key}' is empty")
-    return value
-
-
 def _alpaca_example(obj: Any, where: str) -> Example:
     """Validate one Alpaca-style record."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    instruction = _require_str(obj, "instruction", where, required=True, nonempty=True)
-    output = _require_str(obj, "output", where, required=True, nonempty=True)
-    input_ = _require_str(obj, "input", where, required=False, nonempty=False)
+    instruction = require_str(obj, "instruction", where, required=True, nonempty=True)
+    output = require_str(obj, "output", where, required=True, nonempty=True)
+    input_ = require_str(obj, "input", where, required=False, nonempty=False)
     meta = obj.get("meta")
     if meta is not None and not isinstance(meta, dict):
         raise DataError(f"{where}: field 'meta' must be an object, got {type(meta).__name__}")
@@ -238,8 +214,6 @@ def read_dataset(path: str | Path, format: str = "auto", *, split: str = "train"
     if format not in FORMATS:
         raise DataError(f"unknown dataset format {format!r} (valid: {', '.join(FORMATS)})")
     if format == "tfds" or (format == "auto" and _is_tfds_path(path)):
-        from teams_rl_jax.data.tfds_io import read_tfds
-
         examples = read_tfds(path, split=split)
     else:
         path = Path(path)
