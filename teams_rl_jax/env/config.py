@@ -1,7 +1,7 @@
 """``EnvConfig``: the instruction-evolution env's settings (operator, episode, buffers, rewards, rules).
 
-Load with ``teams_rl_jax.config.from_dict(EnvConfig, d)`` or pass fields to
-``teams_rl_jax.env.make(name, **fields)`` (what the policy stage's ``env_kwargs`` does).
+Load with ``teams_rl_jax.config.from_dict(EnvConfig, d)`` or pass it (or fields) to
+``teams_rl_jax.env.make(name, config)``; the policy stage's ``policy.env_config`` section is one.
 """
 
 from __future__ import annotations
@@ -56,9 +56,8 @@ class EnvConfig:
     # reward terms report: e.g. {instructor: 1, reviewer: 1} makes the token-edit env cost what the
     # LLM env would, so a query budget has something to trade there too.
     simulated_queries: dict[str, float] = field(default_factory=dict)
-    # LLM instructor (``operator: llm`` built from ``roles``): rewrite length limit (None = max_len)
-    # and sampling.
-    max_new_tokens: int | None = None
+    # LLM instructor (``operator: llm`` built from ``roles``): sampling. Its rewrite length limit is
+    # the role's own, ``roles.instructor.max_new_tokens``.
     temperature: float = 0.7
     top_p: float = 0.95
 
@@ -96,8 +95,6 @@ class EnvConfig:
         for role, q in self.simulated_queries.items():
             if not (math.isfinite(q) and q >= 0):
                 raise ConfigError(f"simulated_queries.{role} must be >= 0, got {q}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not (0 < self.top_p <= 1) or self.temperature < 0:
             raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         if "stop" in self.operations and len(self.operations) == 1:
