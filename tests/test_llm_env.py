@@ -5,6 +5,7 @@ from YAML roles (in-process Flax: jitted; an HTTP role: the host-step loop, with
 Each test's docstring names the mutation it catches (also listed in tests/README.md).
 """
 
+import dataclasses
 import textwrap
 
 import jax

@@ -13,6 +13,9 @@ from typing import Literal
 from teams_rl_jax.env.operations import OPERATIONS
 from teams_rl_jax.errors import ConfigError
 
+# Reward terms an LLM role adds when the env is built from roles (env.factory): weight them by name.
+ROLE_TERMS = ("reviewer",)
+
 
 @dataclass(frozen=True)
 class EnvConfig:
@@ -85,7 +88,8 @@ class EnvConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name, w in self.reward_weights.items():
-            REWARD_TERMS.get(name)
+            if name not in ROLE_TERMS:  # role terms are registered when make() builds the role
+                REWARD_TERMS.get(name)
             if not math.isfinite(w):
                 raise ConfigError(f"reward_weights.{name} must be finite, got {w}")
         for name, p in self.elimination.items():

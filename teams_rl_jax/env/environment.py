@@ -176,6 +176,17 @@ class EvolveEnv:
         return tuple(dict.fromkeys(ROLES + tuple(t.role for t in self.terms if t.role)
                                    + tuple(r for r, _ in self.simulated_queries)))
 
+    def role_stats(self) -> dict[str, dict]:
+        """Host-side counts of the text roles, by role (``env.host_roles``): the instructor's ``calls``,
+        ``rows``, ``rejected``; the reviewer's ``calls``, ``rows``, ``unparseable``. Empty for jitted roles."""
+        out = {}
+        if isinstance(getattr(self.operator, "stats", None), dict):
+            out["instructor"] = dict(self.operator.stats)
+        for t in self.terms:
+            if t.role and isinstance(getattr(t.fn, "stats", None), dict):
+                out[t.role] = dict(t.fn.stats)
+        return out
+
     def embedding_size(self, params: EnvParams) -> int:
         """Embedding width ``D`` (by shape evaluation, so any ``embed_fn`` works)."""
         out = jax.eval_shape(self.embed_fn, params.embed, jax.ShapeDtypeStruct((params.max_len,), jnp.int32),

@@ -6,7 +6,7 @@
 * ``"llm"``: the instructor-LM env. With ``roles`` (the pipeline's ``roles`` section, or built
   backends) the instructor and reviewer are built here: in-process Flax roles become the jitted
   operator (``env.llm_operator``) and logit judge (``env.judge``); a role behind HTTP becomes the
-  text role of ``roles.host`` (``io_callback``; the stage then steps the env from Python). Without
+  text role through ``env.host_roles`` (``io_callback``; the stage then steps the env from Python). Without
   ``roles`` pass ``operator=``/``operator_params=`` (and reward terms) as objects;
 * other names registered with :func:`register_env` (``rl.testing`` registers ``"synthetic"``).
 
@@ -30,6 +30,7 @@ from teams_rl_jax.data.tokenizer import choose_pad_id, eos_token_ids, load_token
 from teams_rl_jax.env.byte_tokenizer import byte_level_tokenizer
 from teams_rl_jax.env.config import EnvConfig
 from teams_rl_jax.env.environment import EnvParams, EvolveEnv, build_env
+from teams_rl_jax.env.host_roles import HostOperator, host_reviewer_term
 from teams_rl_jax.env.judge import reviewer_term
 from teams_rl_jax.env.llm_operator import LLMOperator
 from teams_rl_jax.env.operations import STOP
@@ -37,7 +38,6 @@ from teams_rl_jax.env.prompts import operation_templates
 from teams_rl_jax.env.registry import Registry
 from teams_rl_jax.env.seeds import read_seed_records
 from teams_rl_jax.errors import ConfigError
-from teams_rl_jax.roles.host import HostOperator, host_reviewer_term
 from teams_rl_jax.roles.instructor import Instructor
 from teams_rl_jax.roles.reviewer import Reviewer
 

@@ -1,8 +1,8 @@
 """The instructor on text: asks for an Evol-Instruct operation, cleans the reply, flags truncation.
 
-One class for every stage: the policy stage's host env loop (``roles.host.HostOperator``) and the
+One class for every stage: the policy stage's host env loop (``env.host_roles.HostOperator``) and the
 generate stage (its ``LLMRewriter``) both call :meth:`Instructor.rewrite`. The prompt is the
-operation's template of ``env.prompts`` as one user message (the backend renders it: the
+operation's template (``roles.prompts``) as one user message (the backend renders it: the
 checkpoint's chat template, ``/v1/chat/completions``, or Vicuna v1.1 wording for ``chat: false``).
 The jitted in-process operator (``env.llm_operator``) assembles the same templates from token ids
 inside jit and keeps the reply as generated: it does not strip a leading label line (see its
@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-from teams_rl_jax.env.prompts import instructor_messages
+from teams_rl_jax.roles.prompts import instructor_messages
 from teams_rl_jax.errors import BackendError
 
 # Label lines an instructor may put before its rewrite (ours and WizardLM's template markers).
