@@ -94,10 +94,11 @@ class Recorder:
 
     def __init__(self, inner):
         self.inner, self.role, self.model, self.counter = inner, inner.role, inner.model, inner.counter
-        self.prompts, self.outs = [], []
+        self.prompts, self.outs, self.kw = [], [], []
 
     def complete(self, prompts, **kw):
         outs = self.inner.complete(prompts, **kw)
+        self.kw.append(kw)
         self.prompts += list(prompts)
         self.outs += outs
         return outs
@@ -127,6 +128,8 @@ def test_http_env_round_trips_any_text_and_counts_served_tokens(served):
     for old, p in zip(OOV, rev.prompts):
         assert old in p[-1]["content"] and ANSWER in p[-1]["content"]
     assert env.role_stats()["reviewer"] == {"calls": 1, "rows": 4, "unparseable": 4}
+    # Reply lengths are the roles' own settings (roles.<role>.max_new_tokens).
+    assert ins.kw[0]["max_new_tokens"] == 12 and rev.kw[0]["max_new_tokens"] == 6
     assert np.asarray(info["queries"]["instructor"]).tolist() == [1.0] * 4
 
 

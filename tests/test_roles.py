@@ -66,9 +66,10 @@ class Scripted:
 def test_reviewer_counts_unparseable_and_uses_its_reply_length():
     """Catches: the reviewer's 8 tokens hard-coded (not the role's max_new_tokens), sampling instead of
     greedy, unparseable replies not counted, the parser setting ignored."""
-    rev = Reviewer(Scripted("reviewer", [Completion("They are not the same."), Completion("Hmm.")]), 5, "lenient")
-    assert rev.judge(["a", "b", "c"], ["a b", "b c", "c d"], seed=3) == [1.0, None, 1.0]
-    assert rev.stats == {"calls": 1, "rows": 3, "unparseable": 1}
+    rev = Reviewer(Scripted("reviewer", [Completion("They are not the same."), Completion("Hmm."),
+                                         Completion("Not different at all.")]), 5, "lenient")
+    assert rev.judge(["a", "b", "c", "d"], ["a b", "b c", "c d", "d e"], seed=3) == [1.0, None, 0.0, 1.0]
+    assert rev.stats == {"calls": 1, "rows": 4, "unparseable": 1}
     call = rev.backend.calls[0]
     assert call["max_new_tokens"] == 5 and call["temperature"] == 0.0 and call["seed"] == 3
     assert "First instruction:\na\nSecond instruction:\na b" in call["prompts"][0][0]["content"]
