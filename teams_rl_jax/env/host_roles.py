@@ -5,7 +5,7 @@ buffers are decoded to text, the role is called once per env step for all live r
 finished episodes are not sent), and the answers are encoded back into the buffers. With no local
 tokenizer the buffers hold the env's lossless byte-level encoding (``env.byte_tokenizer``), so any
 word the instructor writes survives the round trip; lengths in the served model's tokens come from
-the endpoint's ``usage`` (:attr:`Rewrite.served_tokens`).
+the endpoint's ``usage`` (:attr:`roles.instructor.InstructorReply.served_tokens`).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def clean_rewrite(text: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Rewrite:
+class InstructorReply:
     """One instructor answer: the cleaned ``text``; ``truncated`` when the reply was cut by
     ``max_new_tokens`` (``finish_reason == "length"``); ``served_tokens``: the cleaned text's length in
     the served model's tokens (the reply's ``completion_tokens``, scaled by the characters kept when a
@@ -53,7 +53,7 @@ def _served(raw: str, clean: str, tokens: int | None) -> int | None:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Instructor:
-    """The instructor role behind any backend: ``rewrite(texts, ops, seed)`` -> one :class:`Rewrite` per row."""
+    """The instructor role behind any backend: ``rewrite(texts, ops, seed)`` -> one :class:`InstructorReply` per row."""
 
     backend: Any
     max_new_tokens: int
@@ -64,7 +64,7 @@ class Instructor:
     def role(self) -> str:
         return getattr(self.backend, "role", "instructor")
 
-    def rewrite(self, texts: Sequence[str], ops: Sequence[str], seed: int | None = None) -> list[Rewrite]:
+    def rewrite(self, texts: Sequence[str], ops: Sequence[str], seed: int | None = None) -> list[InstructorReply]:
         """One batched ``complete`` (one query per row) for operation ``ops[i]`` on ``texts[i]``."""
         if not texts:
             return []
@@ -76,5 +76,5 @@ class Instructor:
         out = []
         for c in outs:
             text = clean_rewrite(c.text)
-            out.append(Rewrite(text, c.finish_reason == "length", _served(c.text, text, c.completion_tokens)))
+            out.append(InstructorReply(text, c.finish_reason == "length", _served(c.text, text, c.completion_tokens)))
         return out
