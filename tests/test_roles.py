@@ -10,7 +10,7 @@ import pytest
 
 from teams_rl_jax.backends.base import Completion, QueryCounter
 from teams_rl_jax.backends.config import RoleConfig, RolesConfig, max_new_tokens
-from teams_rl_jax.config import from_dict
+from teams_rl_jax.config import from_dict, to_dict
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.roles.instructor import Instructor, clean_rewrite
 from teams_rl_jax.roles.reviewer import Reviewer, parse_exact, parse_lenient, parse_reply
@@ -103,6 +103,10 @@ def test_max_new_tokens_is_set_once_per_role():
     roles = from_dict(RolesConfig, {"reviewer": {"backend": "openai", "base_url": "http://127.0.0.1:1/v1",
                                                  "model": "m", "max_new_tokens": 3, "parser": "exact"}}, "roles")
     assert max_new_tokens(roles, "reviewer") == 3
+    # The written config keeps it (a field named *tokens* is no secret; the key's variable name still is).
+    written = to_dict(roles)["reviewer"]
+    assert written["max_new_tokens"] == 3 and written["parser"] == "exact"
+    assert to_dict(RoleConfig(backend="openai", base_url="http://x/v1", model="m", api_key_env="K"))["api_key_env"] == "***"
     assert (max_new_tokens(roles, "instructor"), max_new_tokens(None, "reviewer"), max_new_tokens(None, "expert")) == (
         256, 8, 512)
     with pytest.raises(ConfigError, match="roles.reviewer.*parser"):
