@@ -90,10 +90,12 @@ def served(tmp_path_factory):
 
 
 class Recorder:
-    """A real backend, with every prompt and completion kept."""
+    """A real backend, with every prompt and completion kept; ``config``: its role's settings (what the
+    env reads a built backend's reply length and parser from)."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, config):
         self.inner, self.role, self.model, self.counter = inner, inner.role, inner.model, inner.counter
+        self.config = config
         self.prompts, self.outs, self.kw = [], [], []
 
     def complete(self, prompts, **kw):
@@ -106,7 +108,7 @@ class Recorder:
 
 def test_http_env_round_trips_any_text_and_counts_served_tokens(served):
     roles, seeds = served
-    built = {r: Recorder(b) for r, b in backends.build_roles(roles).items()}
+    built = {r: Recorder(b, getattr(roles, r)) for r, b in backends.build_roles(roles).items()}
     # No elimination rules: the unreadable reviewer replies (scored Equal) would drop every rewrite.
     cfg = EnvConfig(seeds_path=seeds, max_len=96, episode_length=2, elimination={},
                     reward_weights={"reviewer": 1.0, "length_gain": 0.5})

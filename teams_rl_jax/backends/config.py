@@ -94,8 +94,10 @@ class RolesConfig:
 
 
 def role_config(roles, role: str, backend=None) -> RoleConfig | None:
-    """``roles.<role>`` (a RolesConfig or mapping), else the built ``backend``'s own config, else None."""
+    """``roles.<role>`` (a RolesConfig or mapping), else the built backend's ``config`` attribute (the
+    ``backend`` given, or a built backend standing in ``roles``), else None."""
     spec = roles.get(role) if isinstance(roles, dict) else getattr(roles, role, None)
+    backend = spec if backend is None and not isinstance(spec, RoleConfig) else backend
     if isinstance(spec, RoleConfig):
         return spec
     cfg = getattr(backend, "config", None)

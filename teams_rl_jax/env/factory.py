@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 import jax.numpy as jnp
 
 from teams_rl_jax import backends
-from teams_rl_jax.backends.config import RoleConfig, RolesConfig, max_new_tokens
+from teams_rl_jax.backends.config import RoleConfig, RolesConfig, max_new_tokens, role_config
 from teams_rl_jax.config import from_dict
 from teams_rl_jax.data.tokenizer import choose_pad_id, eos_token_ids, load_tokenizer
 from teams_rl_jax.env.byte_tokenizer import byte_level_tokenizer
@@ -153,7 +153,7 @@ def _reviewer(reviewer, tok, roles, jitted_ok: bool):
             return term, _params(reviewer), False
         except ConfigError:  # different tokenizers: the reviewer reads text instead of ids
             pass
-    cfg = role_configs(roles).get("reviewer")
+    cfg = role_config(roles, "reviewer", reviewer)
     text = Reviewer(reviewer, max_new_tokens(roles, "reviewer", reviewer), cfg.parser if cfg else "lenient")
     return host_reviewer_term(text, tok), None, True
 
