@@ -78,9 +78,9 @@ def seeds_from_texts(texts: Sequence[str], tokenizer, max_len: int, domains: Seq
     return SeedBatch(tokens=jnp.asarray(buf), lengths=jnp.asarray(lens), domains=jnp.asarray(dom))
 
 
-def offline_tokenizer(texts: Sequence[str], vocab_size: int = 8192):
-    """Word-level tokenizer (no hub) covering ``texts`` plus every phrase the env itself uses."""
-    from teams_rl_jax.data.tokenizer import build_word_tokenizer
+def tokenizer_corpus(texts: Sequence[str]) -> list[str]:
+    """``texts`` plus every phrase the env itself uses (banks, concrete terms, template phrases, stop
+    words, punctuation): what the env's own tokenizers are built from."""
     from teams_rl_jax.env import phrases
 
     corpus = list(texts)
@@ -92,7 +92,14 @@ def offline_tokenizer(texts: Sequence[str], vocab_size: int = 8192):
     words = sorted(phrases.STOPWORDS)
     corpus += [" ".join(words), " ".join(w.title() for w in words), phrases.SORRY_WORD, phrases.SORRY_WORD.title(),
                " ".join("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")]  # every ASCII punctuation mark
-    return build_word_tokenizer(corpus, vocab_size=vocab_size)
+    return corpus
+
+
+def offline_tokenizer(texts: Sequence[str], vocab_size: int = 8192):
+    """Word-level tokenizer (no hub) covering ``texts`` plus every phrase the env itself uses."""
+    from teams_rl_jax.data.tokenizer import build_word_tokenizer
+
+    return build_word_tokenizer(tokenizer_corpus(texts), vocab_size=vocab_size)
 
 
 def decode(tokenizer, tokens, lengths) -> str | list[str]:

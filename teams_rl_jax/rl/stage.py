@@ -28,8 +28,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from teams_rl_jax.errors import ConfigError
+from teams_rl_jax.env.factory import make
 from teams_rl_jax.layout import PolicyDir, RunLayout
+from teams_rl_jax.rl import testing  # noqa: F401  (registers the "synthetic" env with env.factory)
 from teams_rl_jax.rl.checkpoint import StateStore, load_policy, save_policy
 from teams_rl_jax.rl.config import PolicyConfig
 from teams_rl_jax.rl.curves import curve_rows, op_histograms, summarize, write_comparison, write_jsonl
@@ -39,36 +40,11 @@ __all__ = ["load_policy", "make_env", "run_policy_stage", "save_policy"]  # the 
 
 
 def make_env(config: PolicyConfig, roles: Any = None) -> tuple[Any, Any, Any]:
-    """``(env, env_params, seeds)`` for ``config.env`` (``"synthetic"`` = the test env).
-
-    ``"llm"`` builds the instructor operator and the reviewer term from ``roles`` (a
-    ``backends.config.RolesConfig``, a mapping role -> ``RoleConfig``, or built backends; see
-    :mod:`teams_rl_jax.rl.roles`).
-    """
-    if config.env == "synthetic":
-        from teams_rl_jax.rl import testing
-
-        kwargs = dict(config.env_kwargs)
-        num_seeds = int(kwargs.pop("num_seeds", 32))
-        env, params = testing.make_synthetic(**kwargs)
-        seeds = testing.synthetic_seeds(jax.random.PRNGKey(config.seed + 1), num_seeds, params.embed_dim)
-        return env, params, seeds
-    if config.env == "llm":
-        from teams_rl_jax.rl.roles import make_llm_env
-
-        env, env_params = make_llm_env(config.env_kwargs, roles)
-        return env, env_params, None
-    try:
-        from teams_rl_jax import env as env_pkg
-    except ImportError as e:  # pragma: no cover - env package always present in the repo
-        raise ConfigError(f"env: cannot import teams_rl_jax.env ({e})") from None
-    make = getattr(env_pkg, "make", None)
-    if make is None:
-        raise ConfigError(f"env: teams_rl_jax.env has no make(); cannot build env {config.env!r}")
-    out = make(config.env, **config.env_kwargs)
-    env, env_params = out[0], out[1]
-    seeds = out[2] if len(out) > 2 else None
-    return env, env_params, seeds
+    """``(env, env_params, seeds)`` for ``config.env`` from the one factory (``env.factory.make``):
+    ``"llm"`` builds its instructor and reviewer from ``roles``; ``"synthetic"`` is the test env of
+    :mod:`teams_rl_jax.rl.testing`. ``seeds`` is None: each env's seed pool is in its params."""
+    env, env_params = make(config.env, config.env_config, roles=roles, seed=config.seed)
+    return env, env_params, None
 
 
 def _baseline_config(config: PolicyConfig, name: str) -> PolicyConfig:
@@ -188,6 +164,8 @@ def run_policy_stage(
         "baselines": {name: summarize(rows[name], config.num_updates) for name in config.baselines()},
         "final_lagrange": rows["policy"][-1]["lagrange"],
         "op_histogram_final": hists["policy"]["final"],
+        # host-side counts of text roles (HTTP): calls, rows, rejected rewrites, unparseable replies
+        "roles": env.role_stats() if hasattr(env, "role_stats") else {},
     }
     out.summary.write_text(json.dumps(summary, indent=2))
     log(f"[policy] wrote {out.root}")
