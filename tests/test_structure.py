@@ -217,7 +217,6 @@ def cli_modules(root: Path = ROOT) -> set[str]:
 
 def test_no_upward_import():
     graph = collect_imports()
-    clis = cli_modules()
     bad = [
         f"{m}:{line} imports {d}"
         for m, deps in graph.items()

@@ -20,6 +20,7 @@ to ``/v1/chat/completions``. :func:`instructor_prompt` gives the rendered text f
 from __future__ import annotations
 
 
+from teams_rl_jax.data.chat import render_chat
 from teams_rl_jax.errors import ConfigError
 
 _DEPTH_HEAD = (
@@ -96,6 +97,4 @@ def render_prompt(name: str, instruction: str) -> str:
 
 def instructor_prompt(name: str, instruction: str, tokenizer=None) -> str:
     """The full instructor prompt text in ``tokenizer``'s chat format (None: Vicuna v1.1 wording)."""
-    from teams_rl_jax.data.chat import render_chat
-
     return render_chat(tokenizer, instructor_messages(name, instruction))
