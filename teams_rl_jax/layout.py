@@ -9,7 +9,8 @@ Every stage and CLI takes its paths from :class:`RunLayout`; no other module spe
       models/tiny-expert/         the offline demo's tiny random expert
       policy/                     policy.json, checkpoint/ (Orbax), curves*.jsonl/png, op_histogram.*, summary.json
       data/                       generated.jsonl, summary.json, shards/, baselines/<name>/ (same shape as data/)
-      sft/                        ckpt/ (Orbax), hf/ (HF export), adapter/ (PEFT), metrics.jsonl
+      sft/                        ckpt/ (Orbax), hf/ (HF export), adapter/ (PEFT), metrics.jsonl, tb/, tokenizer/,
+                                  model_config.json
       eval/                       report.md, report.json, *.png
 """
 
@@ -45,8 +46,12 @@ class GenerateDir:
     def shard_progress(self, proc: int) -> Path:
         return self.shards / f"progress.{proc:05d}.jsonl"
 
+    @property
+    def baselines(self) -> Path:
+        return self.root / "baselines"
+
     def baseline(self, name: str) -> "GenerateDir":
-        return GenerateDir(self.root / "baselines" / name)
+        return GenerateDir(self.baselines / name)
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,18 @@ class SFTDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tb"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def model_config(self) -> Path:
+        return self.root / "model_config.json"
 
 
 @dataclass(frozen=True)
