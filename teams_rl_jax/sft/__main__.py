@@ -41,10 +41,14 @@ def sft_override(item: str) -> str:
     return item if key.startswith("sft.") or key in TOP else "sft." + item
 
 
+def build_parser():
+    return cli.config_parser("python -m teams_rl_jax.sft", __doc__)
+
+
 @cli.entry_point
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI entry point; user errors print one line and return 2."""
-    args = cli.config_parser("python -m teams_rl_jax.sft", __doc__).parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.set = [sft_override(s) for s in args.set]
     run = cli.load_config(SFTRun, args, reshape=as_sft_run)
     maybe_initialize_distributed(run.distributed)
