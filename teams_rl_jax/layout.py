@@ -11,7 +11,7 @@ Every stage and CLI takes its paths from :class:`RunLayout`; no other module spe
       data/                       generated.jsonl, summary.json, shards/, baselines/<name>/ (same shape as data/)
       sft/                        ckpt/ (Orbax), hf/ (HF export), adapter/ (PEFT), metrics.jsonl, tb/, tokenizer/,
                                   model_config.json
-      eval/                       report.md, report.json, *.png
+      eval/                       report.md, report.json, *.png, benchmarks_per_doc.json
 """
 
 from __future__ import annotations
@@ -124,6 +124,10 @@ class EvalDir:
     @property
     def report_md(self) -> Path:
         return self.root / "report.md"
+
+    @property
+    def benchmarks_per_doc(self) -> Path:
+        return self.root / "benchmarks_per_doc.json"
 
 
 @dataclass(frozen=True)

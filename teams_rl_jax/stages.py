@@ -87,17 +87,22 @@ def _export_files(run: RunLayout) -> list[Path]:
     return index + sorted(hf.glob("*.safetensors"))
 
 
+def _baseline_records(run: RunLayout) -> list[Path]:
+    root = run.data.baselines
+    names = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    return [p for p in (run.data.baseline(n).records for n in names) if p.is_file()]
+
+
 def artifact_files(run: RunLayout) -> dict[str, tuple[str, Callable[[], list[Path]]]]:
     """``{artifact (run-dir relative): (producing stage, the files its digest covers)}``.
 
     The policy: ``policy.json`` + its Orbax checkpoint. The SFT export: ``config.json``, the
     safetensors shards and their index (not the tokenizer files, nor a model card a later step may add).
     """
-    baselines = run.data.baselines
     return {
         _rel(run, run.policy.checkpoint): ("policy", lambda: [run.policy.meta] + _tree(run.policy.checkpoint)),
         _rel(run, run.data.records): ("generate", lambda: [run.data.records]),
-        _rel(run, baselines): ("generate", lambda: sorted(baselines.glob("*/generated.jsonl"))),
+        _rel(run, run.data.baselines): ("generate", lambda: _baseline_records(run)),
         _rel(run, run.sft.hf): ("sft", lambda: _export_files(run)),
     }
 

@@ -154,8 +154,10 @@ def test_nothing_changed_everything_skipped_nothing_rehashed(tmp_path, monkeypat
     fake = FakeStages().install(monkeypatch)
     _run(_cfg(tmp_path, *LLM_ROLES))
     marker = json.loads((tmp_path / "run" / ".stages" / "generate.json").read_text())
-    assert set(marker["artifacts"]) == {"data/generated.jsonl"} and len(marker["artifacts"]["data/generated.jsonl"]) == 64
-    assert set(json.loads((tmp_path / "run" / ".stages" / "sft.json").read_text())["inputs"]) == {"data/generated.jsonl"}
+    assert set(marker["artifacts"]) == {"data/generated.jsonl"}
+    assert len(marker["artifacts"]["data/generated.jsonl"]) == 64
+    sft_inputs = json.loads((tmp_path / "run" / ".stages" / "sft.json").read_text())["inputs"]
+    assert set(sft_inputs) == {"data/generated.jsonl"}
     fake.calls.clear()
     hashed = []
     monkeypatch.setattr(stages, "digest", lambda files, root: hashed.append(files) or "x")
@@ -183,14 +185,15 @@ def test_export_digest_covers_weights_and_config_only(tmp_path):
 
 
 def _paid(run_dir) -> int:
-    with sqlite3.connect(run_dir / "cache" / "responses.sqlite") as db:
+    with sqlite3.connect(RunLayout(run_dir).cache) as db:
         return db.execute("select count(*) from responses").fetchone()[0]
 
 
 REAL = ["stages=[generate,sft,eval]", "offline_demo=true", "generate.selector=random", "generate.max_seeds=8",
         "generate.batch_seeds=8", "generate.steps=2", "generate.baselines=[]", "generate.near_dup_threshold=null",
-        "generate.answer_max_new_tokens=8", "generate.progress=false", "sft.max_steps=2", "sft.global_batch=2", "sft.tensorboard=false",
-        "sft.checkpoint.every=2", "eval.mia.max_examples=4", "eval.report.encoder=none", "eval.report.compare=[]"]
+        "generate.answer_max_new_tokens=8", "generate.progress=false", "sft.max_steps=2", "sft.global_batch=2",
+        "sft.tensorboard=false", "sft.checkpoint.every=2", "eval.mia.max_examples=4", "eval.report.encoder=none",
+        "eval.report.compare=[]"]
 
 
 def test_real_stages_redo_on_new_dataset_and_skip_when_unchanged(tmp_path):

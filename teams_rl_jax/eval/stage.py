@@ -175,7 +175,7 @@ def run_eval_stage(cfg: EvalConfig, run_dir: str | Path, log: Callable[[str], No
         res = evaluate_checkpoint(str(checkpoint), b.data_dir, b.tasks, limit=b.limit, batch_size=b.batch_size,
                                   max_length=b.max_length, dtype=b.dtype,
                                   mesh=build_mesh(b.mesh_data, b.mesh_fsdp, b.mesh_tensor), log=log)
-        (out / "benchmarks_per_doc.json").write_text(json.dumps({t: r["docs"] for t, r in res.items()}, sort_keys=True))
+        run.eval.benchmarks_per_doc.write_text(json.dumps({t: r["docs"] for t, r in res.items()}, sort_keys=True))
         rep["benchmarks"] = {t: {k: v for k, v in r.items() if k != "docs"} for t, r in res.items()}
     else:
         rep["notes"].append("benchmarks skipped (set eval.benchmarks.data_dir to a local benchmark dir)")
