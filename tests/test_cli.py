@@ -126,3 +126,9 @@ def test_sft_cli_honours_the_configs_run_dir(tmp_path):
     bare.write_text(yaml.safe_dump(data["sft"]))
     run = load("--config", str(bare), "--set", "optim.lr=0.5")
     assert run.run_dir == "runs/sft" and run.sft.optim.lr == 0.5 and run.sft.model.config["hidden_size"] == 64
+
+
+def test_serve_cli_user_error_one_line(tmp_path):
+    """The serve CLI goes through the same wrapper: a missing checkpoint dir is one `error:` line, exit 2."""
+    p = _cli("teams_rl_jax.serve", "--checkpoint", str(tmp_path / "nope"))
+    assert p.returncode == 2 and p.stderr == f"error: --checkpoint: no such directory: {tmp_path / 'nope'}\n", p.stderr
