@@ -17,7 +17,7 @@ import jax
 
 from teams_rl_jax.backends.config import RoleConfig
 from teams_rl_jax.env.seeds import offline_tokenizer
-from teams_rl_jax.evolve.records import read_seeds
+from teams_rl_jax.data.seeds import read_seeds
 from teams_rl_jax.layout import RunLayout
 from teams_rl_jax.models import init, save_pretrained
 

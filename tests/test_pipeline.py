@@ -162,5 +162,5 @@ def test_wheel_contains_default_config_and_seeds(tmp_path):
                         str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
-    assert "teams_rl_jax/data/evolve_seeds.jsonl" in names
+    assert "teams_rl_jax/data/seeds.jsonl" in names
     assert "teams_rl_jax/configs/default.yaml" in names

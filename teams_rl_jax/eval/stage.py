@@ -19,9 +19,16 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from teams_rl_jax.data.readers import read_dataset
 from teams_rl_jax.errors import DataError
 from teams_rl_jax.eval.config import EvalConfig
+from teams_rl_jax.eval.dataset_report import dataset_stats
+from teams_rl_jax.eval.mia import disjoint, run_mia
+from teams_rl_jax.eval.multiple_choice import build_mesh, evaluate_checkpoint
+from teams_rl_jax.eval.report import write_report
 from teams_rl_jax.layout import PolicyDir, RunLayout
+from teams_rl_jax.models.encoder import load_encoder
+from teams_rl_jax.sft.loop import DEMO_DATA
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -49,12 +56,8 @@ def policy_curves(policy_dir: Path) -> tuple[dict[str, list[list[float]]], str, 
 def dataset_reports(datasets: list[tuple[str, Path, Path | None]], *, encoder: str | None, diversity_max: int,
                     seed: int, log: Callable[[str], None]) -> list[dict]:
     """:func:`dataset_stats` of each ``(name, records path, summary path)`` with one shared encoder."""
-    from teams_rl_jax.eval.dataset_report import dataset_stats
-
     enc = None
     if encoder != "none":
-        from teams_rl_jax.models.encoder import load_encoder
-
         enc = load_encoder(encoder)
     out = []
     for name, path, summary in datasets:
@@ -81,10 +84,6 @@ def sft_data_settings(run_dir: Path) -> dict:
 
 def mia_inputs(cfg: EvalConfig, run_dir: Path) -> tuple[list, list, list[str]]:
     """(members, non-members, notes) for the stage's MIA (see ``MIASection``)."""
-    from teams_rl_jax.data.readers import read_dataset
-    from teams_rl_jax.eval.mia import disjoint
-    from teams_rl_jax.sft.loop import DEMO_DATA
-
     run = RunLayout(run_dir)
     notes = []
     if cfg.mia.members != "auto":
@@ -151,8 +150,6 @@ def run_eval_stage(cfg: EvalConfig, run_dir: str | Path, log: Callable[[str], No
     have_ckpt = (checkpoint / "config.json").is_file()
     if cfg.mia.enabled:
         if have_ckpt:
-            from teams_rl_jax.eval.mia import run_mia
-
             members, non, notes = mia_inputs(cfg, run_dir)
             if not non:
                 raise DataError("membership inference: no non-member records (set eval.mia.non_members)")
@@ -170,8 +167,6 @@ def run_eval_stage(cfg: EvalConfig, run_dir: str | Path, log: Callable[[str], No
     if b.data_dir is not None:
         if not have_ckpt:
             raise DataError(f"benchmarks: checkpoint not found: {checkpoint} (no config.json)")
-        from teams_rl_jax.eval.multiple_choice import build_mesh, evaluate_checkpoint
-
         res = evaluate_checkpoint(str(checkpoint), b.data_dir, b.tasks, limit=b.limit, batch_size=b.batch_size,
                                   max_length=b.max_length, dtype=b.dtype,
                                   mesh=build_mesh(b.mesh_data, b.mesh_fsdp, b.mesh_tensor), log=log)
@@ -179,8 +174,6 @@ def run_eval_stage(cfg: EvalConfig, run_dir: str | Path, log: Callable[[str], No
         rep["benchmarks"] = {t: {k: v for k, v in r.items() if k != "docs"} for t, r in res.items()}
     else:
         rep["notes"].append("benchmarks skipped (set eval.benchmarks.data_dir to a local benchmark dir)")
-
-    from teams_rl_jax.eval.report import write_report
 
     write_report(out, rep)
     log(f"[eval] wrote {run.eval.report_md}")

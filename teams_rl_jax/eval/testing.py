@@ -13,7 +13,12 @@ from typing import Iterable
 
 import numpy as np
 
+from teams_rl_jax.data.tokenizer import build_word_tokenizer
+from teams_rl_jax.env import phrases
+from teams_rl_jax.env.operations import OPERATIONS
+from teams_rl_jax.eval.mia import _BUCKET, _loss_fn
 from teams_rl_jax.layout import RunLayout
+from teams_rl_jax.models import init, save_pretrained
 
 WORDS = ("sun moon star river stone tree cloud rain wind fire water earth light dark cold warm fast slow big "
          "small red blue green bird fish wolf horse seed leaf root snow ice sand hill road ship door book lamp "
@@ -25,8 +30,6 @@ def make_tiny_checkpoint(path: str | Path, texts: Iterable[str], *, seed: int = 
     """Save a random tiny Llama (transformers+torch) + a word tokenizer of ``texts`` to ``path``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from teams_rl_jax.data.tokenizer import build_word_tokenizer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -101,8 +104,6 @@ def overfit(lm, seqs, *, steps: int = 60, lr: float = 3e-3, batch: int = 16, see
     import jax.numpy as jnp
     import optax
 
-    from teams_rl_jax.eval.mia import _BUCKET, _loss_fn
-
     T = _BUCKET * int(np.ceil((max(len(x) for x, _ in seqs) - 1) / _BUCKET))
     n = len(seqs)
     ids, tgt, seg, tm = (np.zeros((n, T), np.int32) for _ in range(4))
@@ -132,9 +133,6 @@ def overfit(lm, seqs, *, steps: int = 60, lr: float = 3e-3, batch: int = 16, see
 def fake_run_dir(run_dir: str | Path, *, seed: int = 0, n: int = 24, checkpoint: bool = True) -> Path:
     """A run dir as the earlier stages leave it: data/generated.jsonl + summary.json, data/baselines/random/,
     policy/curves*.jsonl + summary.json and (``checkpoint``) a tiny random sft/hf export with its tokenizer."""
-    from teams_rl_jax.env import phrases
-    from teams_rl_jax.env.operations import OPERATIONS
-
     run = Path(run_dir)
     layout = RunLayout(run)
     rng = np.random.default_rng(seed)
@@ -173,9 +171,6 @@ def fake_run_dir(run_dir: str | Path, *, seed: int = 0, n: int = 24, checkpoint:
                                                                             "total_queries": 0.0}}}))
     if checkpoint:
         import jax
-
-        from teams_rl_jax.data.tokenizer import build_word_tokenizer
-        from teams_rl_jax.models import init, save_pretrained
 
         tok = build_word_tokenizer(texts + ["Below is an instruction that describes a task. Write a response that "
                                             "appropriately completes the request. ### Instruction: ### Response:"],
