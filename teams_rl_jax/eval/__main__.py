@@ -22,6 +22,7 @@ from teams_rl_jax.eval.mia import run_mia
 from teams_rl_jax.eval.multiple_choice import build_mesh, evaluate_checkpoint
 from teams_rl_jax.eval.report import write_report
 from teams_rl_jax.eval.stage import dataset_reports
+from teams_rl_jax.layout import GenerateDir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +63,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     did = False
     if args.dataset:
         used: set = set()
-        sets = [(_name(Path(f), used), Path(f), Path(f).parent / "summary.json") for f in [args.dataset] + args.compare]
+        files = [Path(f) for f in [args.dataset] + args.compare]
+        sets = [(_name(f, used), f, GenerateDir(f.parent).summary) for f in files]  # the generate stage's summary
         rep["datasets"] = dataset_reports(sets, encoder=args.encoder, diversity_max=args.diversity_max, seed=0, log=log)
         did = True
     elif args.compare:
