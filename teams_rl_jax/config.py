@@ -217,13 +217,15 @@ def override_source(err: ConfigError, overrides: typing.Sequence[str]) -> str | 
     return None
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> T:
-    """Load ``cls`` from an optional YAML file plus ``key=value`` overrides.
+def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = (),
+         reshape: typing.Callable[[dict], dict] | None = None) -> T:
+    """Load ``cls`` from an optional YAML file (passed through ``reshape`` if given) plus ``key=value`` overrides.
 
     An error about a key set by an override names the override (``--set a.b=c: ...``), not the file.
     """
     overrides = list(overrides)
     data = read_yaml(path) if path is not None else {}
+    data = reshape(data) if reshape is not None else data
     try:
         data = apply_overrides(data, overrides)
         return from_dict(cls, data)

@@ -10,8 +10,9 @@ Every stage and CLI takes its paths from :class:`RunLayout`; no other module spe
       policy/                     policy.json, checkpoint/ (Orbax), curves*.jsonl/png, op_histogram.*, summary.json,
                                   state*/ (resumable runner states)
       data/                       generated.jsonl, summary.json, shards/, baselines/<name>/ (same shape as data/)
-      sft/                        ckpt/ (Orbax), hf/ (HF export), adapter/ (PEFT), metrics.jsonl
-      eval/                       report.md, report.json, *.png
+      sft/                        ckpt/ (Orbax), hf/ (HF export), adapter/ (PEFT), metrics.jsonl, tb/, tokenizer/,
+                                  model_config.json
+      eval/                       report.md, report.json, *.png, benchmarks_per_doc.json
 """
 
 from __future__ import annotations
@@ -46,8 +47,12 @@ class GenerateDir:
     def shard_progress(self, proc: int) -> Path:
         return self.shards / f"progress.{proc:05d}.jsonl"
 
+    @property
+    def baselines(self) -> Path:
+        return self.root / "baselines"
+
     def baseline(self, name: str) -> "GenerateDir":
-        return GenerateDir(self.root / "baselines" / name)
+        return GenerateDir(self.baselines / name)
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,18 @@ class SFTDir:
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
 
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tb"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def model_config(self) -> Path:
+        return self.root / "model_config.json"
+
 
 @dataclass(frozen=True)
 class EvalDir:
@@ -124,6 +141,10 @@ class EvalDir:
     @property
     def report_md(self) -> Path:
         return self.root / "report.md"
+
+    @property
+    def benchmarks_per_doc(self) -> Path:
+        return self.root / "benchmarks_per_doc.json"
 
 
 @dataclass(frozen=True)

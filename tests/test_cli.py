@@ -5,11 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from teams_rl_jax import config as cfglib
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.sft.config import SFTConfig
-from teams_rl_jax.train import STAGES, TrainConfig
+from teams_rl_jax.train import STAGES, TrainConfig, default_config_path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ROOT = CONFIGS.parent
@@ -21,8 +22,6 @@ def test_shipped_configs_load():
         if "sft" in data:
             return cfglib.load(TrainConfig, CONFIGS / name).sft
         return cfglib.load(SFTConfig, CONFIGS / name)
-
-    from teams_rl_jax.train import default_config_path
 
     default = cfglib.load(TrainConfig, default_config_path())
     assert default.offline_demo and default.policy.env == "token_edit" and default.stages == STAGES
@@ -96,3 +95,40 @@ def test_cli_errors_exit_2(tmp_path):
         assert p.returncode == 2, (mod, p.stderr[-2000:])
         assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
         assert str(tmp_path / mod / "data" / "generated.jsonl") in p.stderr, p.stderr
+
+
+def test_sft_cli_honours_the_configs_run_dir(tmp_path):
+    """`python -m teams_rl_jax.sft --config F` writes to F's run_dir (relative to the working dir), not runs/sft;
+    --run-dir overrides it; a bare SFTConfig file (no run_dir) goes to runs/sft; bare --set keys mean sft.*.
+
+    Catches: the SFT CLI's own default run dir winning over the config's.
+    """
+    from teams_rl_jax import cli
+    from teams_rl_jax.sft.__main__ import SFTRun, as_sft_run, build_parser, sft_override
+
+    data = cfglib.read_yaml(CONFIGS / "sft_tiny.yaml")
+    data["run_dir"] = "from_file"
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    p = _cli("teams_rl_jax.sft", "--config", str(cfg), "--set", "max_steps=2", "--set", "sft.tensorboard=false",
+             "--set", "checkpoint.every=2", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "from_file" / "sft" / "hf" / "config.json").is_file()
+    assert not (tmp_path / "runs").exists()
+
+    def load(*argv):
+        args = build_parser().parse_args(list(argv))
+        args.set = [sft_override(s) for s in args.set]
+        return cli.load_config(SFTRun, args, reshape=as_sft_run)
+
+    assert load("--config", str(cfg), "--run-dir", "elsewhere").run_dir == "elsewhere"
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(yaml.safe_dump(data["sft"]))
+    run = load("--config", str(bare), "--set", "optim.lr=0.5")
+    assert run.run_dir == "runs/sft" and run.sft.optim.lr == 0.5 and run.sft.model.config["hidden_size"] == 64
+
+
+def test_serve_cli_user_error_one_line(tmp_path):
+    """The serve CLI goes through the same wrapper: a missing checkpoint dir is one `error:` line, exit 2."""
+    p = _cli("teams_rl_jax.serve", "--checkpoint", str(tmp_path / "nope"))
+    assert p.returncode == 2 and p.stderr == f"error: --checkpoint: no such directory: {tmp_path / 'nope'}\n", p.stderr

@@ -90,7 +90,7 @@ def test_generate_through_own_serve_openai_backend(tmp_path):
     """
     from teams_rl_jax.backends.config import RoleConfig, RolesConfig
     from teams_rl_jax.evolve import GenerateConfig, run_generate_stage
-    from teams_rl_jax.train import tiny_expert
+    from teams_rl_jax.demo import tiny_expert
 
     ckpt = tiny_expert(tmp_path)
     port = _free_port()

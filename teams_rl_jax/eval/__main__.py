@@ -15,7 +15,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from teams_rl_jax.errors import TeamsError
+from teams_rl_jax import cli
+from teams_rl_jax.errors import ConfigError
+from teams_rl_jax.eval.config import ALL_TASKS
+from teams_rl_jax.eval.mia import run_mia
+from teams_rl_jax.eval.multiple_choice import build_mesh, evaluate_checkpoint
+from teams_rl_jax.eval.report import write_report
+from teams_rl_jax.eval.stage import dataset_reports
+from teams_rl_jax.layout import GenerateDir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,15 +59,12 @@ def _name(path: Path, used: set) -> str:
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
-    from teams_rl_jax.errors import ConfigError
-
     rep: dict = {"notes": []}
     did = False
     if args.dataset:
-        from teams_rl_jax.eval.stage import dataset_reports
-
         used: set = set()
-        sets = [(_name(Path(f), used), Path(f), Path(f).parent / "summary.json") for f in [args.dataset] + args.compare]
+        files = [Path(f) for f in [args.dataset] + args.compare]
+        sets = [(_name(f, used), f, GenerateDir(f.parent).summary) for f in files]  # the generate stage's summary
         rep["datasets"] = dataset_reports(sets, encoder=args.encoder, diversity_max=args.diversity_max, seed=0, log=log)
         did = True
     elif args.compare:
@@ -68,8 +72,6 @@ def run(args: argparse.Namespace, log=print) -> dict:
     if args.mia:
         if not (args.checkpoint and args.members and args.non_members):
             raise ConfigError("--mia needs --checkpoint, --members and --non-members")
-        from teams_rl_jax.eval.mia import run_mia
-
         rep["mia"] = run_mia(args.checkpoint, args.members, args.non_members, reference=args.reference,
                              template=args.template, max_seq_len=args.max_seq_len, max_examples=args.max_examples,
                              log=log)
@@ -77,9 +79,6 @@ def run(args: argparse.Namespace, log=print) -> dict:
     if args.tasks or args.data_dir:
         if not (args.checkpoint and args.tasks and args.data_dir):
             raise ConfigError("benchmarks need --checkpoint, --tasks and --data-dir")
-        from teams_rl_jax.eval.config import ALL_TASKS
-        from teams_rl_jax.eval.multiple_choice import build_mesh, evaluate_checkpoint
-
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         for t in tasks:
             if t not in ALL_TASKS:
@@ -90,24 +89,15 @@ def run(args: argparse.Namespace, log=print) -> dict:
         did = True
     if not did:
         raise ConfigError("nothing to do: give --dataset, --mia or --checkpoint/--tasks/--data-dir")
-    from teams_rl_jax.eval.report import write_report
-
     write_report(args.out, rep)
     log(f"[eval] wrote {Path(args.out) / 'report.md'}")
     return rep
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        from teams_rl_jax import host_malloc
-
-        host_malloc.configure()  # before JAX starts its CPU threads
-        run(args)
-    except TeamsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+@cli.entry_point
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point; user errors print one line and return 2."""
+    run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

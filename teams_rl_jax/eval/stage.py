@@ -19,8 +19,16 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from teams_rl_jax.data.readers import read_dataset
 from teams_rl_jax.errors import DataError
 from teams_rl_jax.eval.config import EvalConfig
+from teams_rl_jax.eval.dataset_report import dataset_stats
+from teams_rl_jax.eval.mia import disjoint, run_mia
+from teams_rl_jax.eval.multiple_choice import build_mesh, evaluate_checkpoint
+from teams_rl_jax.eval.report import write_report
+from teams_rl_jax.layout import PolicyDir, RunLayout
+from teams_rl_jax.models.encoder import load_encoder
+from teams_rl_jax.sft.loop import DEMO_DATA
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -29,17 +37,18 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def policy_curves(policy_dir: Path) -> tuple[dict[str, list[list[float]]], str, dict]:
     """``({run: [[x, return], ...]}, x label, summary)`` from the policy stage's curves files."""
+    pol = PolicyDir(Path(policy_dir))
     curves: dict[str, list[dict]] = {}
-    if (policy_dir / "curves.jsonl").is_file():
-        curves["policy"] = _read_jsonl(policy_dir / "curves.jsonl")
-    for p in sorted(policy_dir.glob("curves_*.jsonl")):
+    if pol.curves().is_file():
+        curves["policy"] = _read_jsonl(pol.curves())
+    for p in sorted(pol.root.glob(pol.curves("*").name)):
         curves[p.stem[len("curves_"):]] = _read_jsonl(p)
     use_queries = any(r.get("cumulative_queries", 0) > 0 for rows in curves.values() for r in rows)
     key = "cumulative_queries" if use_queries else "episodes"
     pts = {k: [[float(r.get(key, i + 1)), float(r["return"])] for i, r in enumerate(rows)] for k, rows in curves.items()}
     summary = {}
-    if (policy_dir / "summary.json").is_file():
-        s = json.loads((policy_dir / "summary.json").read_text())
+    if pol.summary.is_file():
+        s = json.loads(pol.summary.read_text())
         summary = {"policy": s.get("policy", {}), **{k: v for k, v in (s.get("baselines") or {}).items()}}
     return pts, ("cumulative queries" if use_queries else "episodes (the env spent no queries)"), summary
 
@@ -47,12 +56,8 @@ def policy_curves(policy_dir: Path) -> tuple[dict[str, list[list[float]]], str, 
 def dataset_reports(datasets: list[tuple[str, Path, Path | None]], *, encoder: str | None, diversity_max: int,
                     seed: int, log: Callable[[str], None]) -> list[dict]:
     """:func:`dataset_stats` of each ``(name, records path, summary path)`` with one shared encoder."""
-    from teams_rl_jax.eval.dataset_report import dataset_stats
-
     enc = None
     if encoder != "none":
-        from teams_rl_jax.models.encoder import load_encoder
-
         enc = load_encoder(encoder)
     out = []
     for name, path, summary in datasets:
@@ -66,7 +71,7 @@ def sft_data_settings(run_dir: Path) -> dict:
     """``sft.data`` of the run's resolved ``config.yaml`` (what the SFT stage trained on), or {}."""
     import yaml
 
-    p = run_dir / "config.yaml"
+    p = RunLayout(run_dir).config
     if not p.is_file():
         return {}
     try:
@@ -79,17 +84,14 @@ def sft_data_settings(run_dir: Path) -> dict:
 
 def mia_inputs(cfg: EvalConfig, run_dir: Path) -> tuple[list, list, list[str]]:
     """(members, non-members, notes) for the stage's MIA (see ``MIASection``)."""
-    from teams_rl_jax.data.readers import read_dataset
-    from teams_rl_jax.eval.mia import disjoint
-    from teams_rl_jax.sft.loop import DEMO_DATA
-
+    run = RunLayout(run_dir)
     notes = []
     if cfg.mia.members != "auto":
         members = read_dataset(cfg.mia.members)
         notes.append(f"members: {Path(cfg.mia.members).name}")
     else:
         sft_path = sft_data_settings(run_dir).get("path", "auto")
-        gen = run_dir / "data" / "generated.jsonl"
+        gen = run.data.records
         if sft_path not in (None, "auto"):  # the SFT stage was pointed at another dataset
             members = read_dataset(sft_path, sft_data_settings(run_dir).get("format", "auto"))
             notes.append(f"members: the SFT training set ({Path(str(sft_path)).name}, from config.yaml)")
@@ -103,7 +105,7 @@ def mia_inputs(cfg: EvalConfig, run_dir: Path) -> tuple[list, list, list[str]]:
     else:
         non, used = [], []
         for name in cfg.report.compare:
-            p = run_dir / "data" / "baselines" / name / "generated.jsonl"
+            p = run.data.baseline(name).records
             if p.is_file():
                 non += disjoint(read_dataset(p), members + non)
                 used.append(f"baselines/{name}")
@@ -117,19 +119,19 @@ def mia_inputs(cfg: EvalConfig, run_dir: Path) -> tuple[list, list, list[str]]:
 def run_eval_stage(cfg: EvalConfig, run_dir: str | Path, log: Callable[[str], None] = print) -> dict:
     """Run the configured parts and write ``run_dir/eval/``; returns the report dict (= report.json)."""
     run_dir = Path(run_dir)
-    out = run_dir / "eval"
+    run = RunLayout(run_dir)
+    out = run.eval.root
     out.mkdir(parents=True, exist_ok=True)
     rep: dict = {"notes": []}
 
     if cfg.report.enabled:
-        data = run_dir / "data"
         sets = []
-        if (data / "generated.jsonl").is_file():
-            sets.append(("generated", data / "generated.jsonl", data / "summary.json"))
+        if run.data.records.is_file():
+            sets.append(("generated", run.data.records, run.data.summary))
         for name in cfg.report.compare:
-            b = data / "baselines" / name
-            if (b / "generated.jsonl").is_file():
-                sets.append((name, b / "generated.jsonl", b / "summary.json"))
+            b = run.data.baseline(name)
+            if b.records.is_file():
+                sets.append((name, b.records, b.summary))
         if sets:
             rep["datasets"] = dataset_reports(sets, encoder=cfg.report.encoder, diversity_max=cfg.report.diversity_max,
                                               seed=cfg.report.seed, log=log)
@@ -138,18 +140,16 @@ def run_eval_stage(cfg: EvalConfig, run_dir: str | Path, log: Callable[[str], No
                 rep["notes"].append(f"no baseline dataset for {', '.join(missing)} in data/baselines/")
         else:
             rep["notes"].append("no generated dataset in data/: dataset report skipped")
-        curves, xlabel, psummary = policy_curves(run_dir / "policy")
+        curves, xlabel, psummary = policy_curves(run.policy.root)
         if curves:
             rep["policy_curves"], rep["policy_curves_x"] = curves, xlabel
         if psummary:
             rep["policy_summary"] = psummary
 
-    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint != "auto" else run_dir / "sft" / "hf"
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint != "auto" else run.sft.hf
     have_ckpt = (checkpoint / "config.json").is_file()
     if cfg.mia.enabled:
         if have_ckpt:
-            from teams_rl_jax.eval.mia import run_mia
-
             members, non, notes = mia_inputs(cfg, run_dir)
             if not non:
                 raise DataError("membership inference: no non-member records (set eval.mia.non_members)")
@@ -167,18 +167,14 @@ def run_eval_stage(cfg: EvalConfig, run_dir: str | Path, log: Callable[[str], No
     if b.data_dir is not None:
         if not have_ckpt:
             raise DataError(f"benchmarks: checkpoint not found: {checkpoint} (no config.json)")
-        from teams_rl_jax.eval.multiple_choice import build_mesh, evaluate_checkpoint
-
         res = evaluate_checkpoint(str(checkpoint), b.data_dir, b.tasks, limit=b.limit, batch_size=b.batch_size,
                                   max_length=b.max_length, dtype=b.dtype,
                                   mesh=build_mesh(b.mesh_data, b.mesh_fsdp, b.mesh_tensor), log=log)
-        (out / "benchmarks_per_doc.json").write_text(json.dumps({t: r["docs"] for t, r in res.items()}, sort_keys=True))
+        run.eval.benchmarks_per_doc.write_text(json.dumps({t: r["docs"] for t, r in res.items()}, sort_keys=True))
         rep["benchmarks"] = {t: {k: v for k, v in r.items() if k != "docs"} for t, r in res.items()}
     else:
         rep["notes"].append("benchmarks skipped (set eval.benchmarks.data_dir to a local benchmark dir)")
 
-    from teams_rl_jax.eval.report import write_report
-
     write_report(out, rep)
-    log(f"[eval] wrote {out / 'report.md'}")
+    log(f"[eval] wrote {run.eval.report_md}")
     return rep

@@ -13,6 +13,13 @@ from typing import Iterable
 
 import numpy as np
 
+from teams_rl_jax.data.tokenizer import build_word_tokenizer
+from teams_rl_jax.env import phrases
+from teams_rl_jax.env.operations import OPERATIONS
+from teams_rl_jax.eval.mia import _BUCKET, _loss_fn
+from teams_rl_jax.layout import RunLayout
+from teams_rl_jax.models import init, save_pretrained
+
 WORDS = ("sun moon star river stone tree cloud rain wind fire water earth light dark cold warm fast slow big "
          "small red blue green bird fish wolf horse seed leaf root snow ice sand hill road ship door book lamp "
          "salt bread milk iron gold glass rope bell clock").split()
@@ -23,8 +30,6 @@ def make_tiny_checkpoint(path: str | Path, texts: Iterable[str], *, seed: int = 
     """Save a random tiny Llama (transformers+torch) + a word tokenizer of ``texts`` to ``path``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from teams_rl_jax.data.tokenizer import build_word_tokenizer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -99,8 +104,6 @@ def overfit(lm, seqs, *, steps: int = 60, lr: float = 3e-3, batch: int = 16, see
     import jax.numpy as jnp
     import optax
 
-    from teams_rl_jax.eval.mia import _BUCKET, _loss_fn
-
     T = _BUCKET * int(np.ceil((max(len(x) for x, _ in seqs) - 1) / _BUCKET))
     n = len(seqs)
     ids, tgt, seg, tm = (np.zeros((n, T), np.int32) for _ in range(4))
@@ -130,10 +133,8 @@ def overfit(lm, seqs, *, steps: int = 60, lr: float = 3e-3, batch: int = 16, see
 def fake_run_dir(run_dir: str | Path, *, seed: int = 0, n: int = 24, checkpoint: bool = True) -> Path:
     """A run dir as the earlier stages leave it: data/generated.jsonl + summary.json, data/baselines/random/,
     policy/curves*.jsonl + summary.json and (``checkpoint``) a tiny random sft/hf export with its tokenizer."""
-    from teams_rl_jax.env import phrases
-    from teams_rl_jax.env.operations import OPERATIONS
-
     run = Path(run_dir)
+    layout = RunLayout(run)
     rng = np.random.default_rng(seed)
     texts = []
     for name, k in (("generated", 0), ("random", 1)):
@@ -154,25 +155,22 @@ def fake_run_dir(run_dir: str | Path, *, seed: int = 0, n: int = 24, checkpoint:
                    "duplicates": {"exact": 1, "near": k}, "queries": {"instructor": 60 + 9 * k, "reviewer": 60 + 9 * k,
                                                                       "expert": 30 + k},
                    "op_histogram": hist}
-        out = run / "data" if name == "generated" else run / "data" / "baselines" / name
-        write_jsonl(out / "generated.jsonl", recs)
-        (out / "summary.json").write_text(json.dumps(summary))
+        out = layout.data if name == "generated" else layout.data.baseline(name)
+        write_jsonl(out.records, recs)
+        out.summary.write_text(json.dumps(summary))
         texts += [r["instruction"] + " " + r["output"] for r in recs]
-    pol = run / "policy"
-    pol.mkdir(parents=True, exist_ok=True)
-    for fname, slope in (("curves.jsonl", 0.02), ("curves_random.jsonl", 0.0)):
+    pol = layout.policy
+    pol.root.mkdir(parents=True, exist_ok=True)
+    for path, slope in ((pol.curves(), 0.02), (pol.curves("random"), 0.0)):
         rows = [{"update": i + 1, "episodes": 8 * (i + 1), "return": float(slope * i + 0.1 * rng.random()),
                  "cumulative_queries": 0.0} for i in range(10)]
-        write_jsonl(pol / fname, rows)
-    (pol / "summary.json").write_text(json.dumps({"policy": {"final_return": 0.2, "mean_return": 0.1,
+        write_jsonl(path, rows)
+    pol.summary.write_text(json.dumps({"policy": {"final_return": 0.2, "mean_return": 0.1,
                                                               "total_queries": 0.0},
                                                    "baselines": {"random": {"final_return": 0.05, "mean_return": 0.05,
                                                                             "total_queries": 0.0}}}))
     if checkpoint:
         import jax
-
-        from teams_rl_jax.data.tokenizer import build_word_tokenizer
-        from teams_rl_jax.models import init, save_pretrained
 
         tok = build_word_tokenizer(texts + ["Below is an instruction that describes a task. Write a response that "
                                             "appropriately completes the request. ### Instruction: ### Response:"],
@@ -180,6 +178,6 @@ def fake_run_dir(run_dir: str | Path, *, seed: int = 0, n: int = 24, checkpoint:
         lm = init(dict(model_type="llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, bos_token_id=1,
                        eos_token_id=2, pad_token_id=0), jax.random.key(seed))
-        save_pretrained(lm, run / "sft" / "hf")
-        tok.save_pretrained(str(run / "sft" / "hf"))
+        save_pretrained(lm, layout.sft.hf)
+        tok.save_pretrained(str(layout.sft.hf))
     return run

@@ -10,7 +10,13 @@ import logging
 import os
 import sys
 
-from teams_rl_jax.errors import ConfigError, TeamsError
+import uvicorn
+
+from teams_rl_jax import cli
+from teams_rl_jax.backends.config import RoleConfig
+from teams_rl_jax.backends.flax_backend import FlaxBackend
+from teams_rl_jax.errors import ConfigError
+from teams_rl_jax.serve.app import Limits, make_app
 
 
 def parse_mesh(text: str | None) -> dict | None:
@@ -26,7 +32,7 @@ def parse_mesh(text: str | None) -> dict | None:
     return out
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m teams_rl_jax.serve", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="local Hugging Face checkpoint dir (tokenizer beside it)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -44,40 +50,37 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--max-n", type=int, default=8)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    args = p.parse_args(argv)
+    return p
+
+
+@cli.entry_point
+def main(argv=None) -> None:
+    """CLI entry point: serve until stopped; bad input prints one ``error:`` line and returns 2."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        from teams_rl_jax import host_malloc
-
-        host_malloc.configure()  # before JAX starts its CPU threads
-        import uvicorn
-
-        from teams_rl_jax.backends.config import RoleConfig
-        from teams_rl_jax.backends.flax_backend import FlaxBackend
-        from teams_rl_jax.serve.app import Limits, make_app
-
-        key = None
-        if args.api_key_env:
-            key = os.environ.get(args.api_key_env)
-            if not key:
-                raise ConfigError(f"--api-key-env: environment variable {args.api_key_env} is not set")
-        if not os.path.isdir(args.checkpoint):
-            raise ConfigError(f"--checkpoint: no such directory: {args.checkpoint}")
-        cfg = RoleConfig(backend="flax", checkpoint=args.checkpoint, dtype=args.dtype, mesh=parse_mesh(args.mesh),
-                         max_batch=args.max_batch, model=args.model_name)
-        cfg.validate()
-        backend = FlaxBackend.from_config(cfg, role="serve", min_batch=args.min_batch)
-        limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                        max_tokens=args.max_tokens, max_n=args.max_n)
-        app = make_app(backend, model_name=args.model_name, api_key=key, limits=limits,
-                       batch_wait_ms=args.batch_wait_ms)
-    except TeamsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    app, backend, key = build_app(args)
     logging.getLogger(__name__).info("serving %s on http://%s:%d/v1 (auth %s)", backend.model, args.host, args.port,
                                      "on" if key else "off")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
-    return 0
+
+
+def build_app(args: argparse.Namespace):
+    """``(app, backend, api key)`` from the parsed arguments; bad input raises ``ConfigError``."""
+    key = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            raise ConfigError(f"--api-key-env: environment variable {args.api_key_env} is not set")
+    if not os.path.isdir(args.checkpoint):
+        raise ConfigError(f"--checkpoint: no such directory: {args.checkpoint}")
+    cfg = RoleConfig(backend="flax", checkpoint=args.checkpoint, dtype=args.dtype, mesh=parse_mesh(args.mesh),
+                     max_batch=args.max_batch, model=args.model_name)
+    cfg.validate()
+    backend = FlaxBackend.from_config(cfg, role="serve", min_batch=args.min_batch)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                    max_tokens=args.max_tokens, max_n=args.max_n)
+    app = make_app(backend, model_name=args.model_name, api_key=key, limits=limits, batch_wait_ms=args.batch_wait_ms)
+    return app, backend, key
 
 
 if __name__ == "__main__":

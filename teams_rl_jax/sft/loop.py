@@ -45,7 +45,8 @@ from teams_rl_jax import sharding as shd
 from teams_rl_jax.data import BatchIterator, read_dataset, tokenize_dataset
 from teams_rl_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
 from teams_rl_jax.data.tokenize import prompt_text
-from teams_rl_jax.errors import ConfigError, TrainingError
+from teams_rl_jax.errors import ConfigError, DataError, TrainingError
+from teams_rl_jax.layout import RunLayout, SFTDir
 from teams_rl_jax.models import LM, init, load_pretrained, read_hf_config, save_pretrained
 from teams_rl_jax.models.lm import abstract_params, as_dtype
 from teams_rl_jax.sft import lora as lora_lib
@@ -67,21 +68,19 @@ def resolve_data_path(cfg: SFTConfig, run_dir: Path | None, log: Callable[[str],
     """
     if cfg.data.path != "auto":
         return cfg.data.path  # kept a string: a gs:// TFDS path must not become a local Path
-    generated = run_dir / "data" / "generated.jsonl" if run_dir is not None else None
+    generated = RunLayout(run_dir).data.records if run_dir is not None else None
     if generated is not None and generated.is_file():
         return generated
     if cfg.model.path is not None:
-        from teams_rl_jax.errors import DataError
-
         where = generated if generated is not None else "run_dir/data/generated.jsonl (no run dir given)"
         raise DataError(f"data.path is 'auto' but the generate stage's dataset {where} does not exist: run the "
                         f"generate stage first, or set data.path to an Alpaca JSON/JSONL file")
-    log(f"[sft] no generated dataset in {run_dir}/data; using the bundled demo set {DEMO_DATA.name} "
+    log(f"[sft] no generated dataset {generated}; using the bundled demo set {DEMO_DATA.name} "
         "(offline default only)")
     return DEMO_DATA
 
 
-def build_model_and_tokenizer(cfg: SFTConfig, examples, out_dir: Path | None, mesh, resume: bool = False):
+def build_model_and_tokenizer(cfg: SFTConfig, examples, out_dir: SFTDir | None, mesh, resume: bool = False):
     """Load (or randomly initialise) the LM in its shardings, and its tokenizer.
 
     ``resume``: the params will come from the Orbax checkpoint, so the returned LM holds abstract params
@@ -89,8 +88,8 @@ def build_model_and_tokenizer(cfg: SFTConfig, examples, out_dir: Path | None, me
     from the run dir, and ``model.path`` is not touched. A LoRA run still needs its frozen base.
     """
     m = cfg.model
-    saved_cfg = out_dir / "model_config.json" if out_dir is not None else None
-    saved_tok = out_dir / "tokenizer" if out_dir is not None else None
+    saved_cfg = out_dir.model_config if out_dir is not None else None
+    saved_tok = out_dir.tokenizer if out_dir is not None else None
     lean_resume = resume and saved_cfg.is_file() and (saved_tok / "tokenizer_config.json").is_file()
     if lean_resume:
         tok = load_tokenizer(saved_tok)
@@ -124,12 +123,12 @@ def build_model_and_tokenizer(cfg: SFTConfig, examples, out_dir: Path | None, me
 class _Metrics:
     """JSONL + TensorBoard + progress bar, process 0 only."""
 
-    def __init__(self, out_dir: Path | None, total: int, start: int, tensorboard: bool):
+    def __init__(self, out_dir: SFTDir | None, total: int, start: int, tensorboard: bool):
         self.on = out_dir is not None and jax.process_index() == 0
         self.tb = self.bar = None
         if not self.on:
             return
-        self.path = out_dir / "metrics.jsonl"
+        self.path = out_dir.metrics
         if self.path.exists():  # drop lines past the restored step (written before a crash)
             keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start]
             self.path.write_text("".join(l + "\n" for l in keep))
@@ -137,7 +136,7 @@ class _Metrics:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tb"))
+            self.tb = SummaryWriter(str(out_dir.tensorboard))
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, initial=start, desc="sft", dynamic_ncols=True, disable=None)
@@ -183,9 +182,9 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
     if jax.process_index() != 0:  # one process speaks for the run
         log = lambda msg: None  # noqa: E731
     run_dir = Path(run_dir) if run_dir is not None else None
-    out = run_dir / "sft" if run_dir is not None else None
+    out = RunLayout(run_dir).sft if run_dir is not None else None
     if out is not None and jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        out.root.mkdir(parents=True, exist_ok=True)
     mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if (cfg.global_batch // cfg.grad_accum) % shards:  # every device gets whole rows of every micro-batch
@@ -194,7 +193,7 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
 
     data_path = resolve_data_path(cfg, run_dir, log)
     examples = read_dataset(data_path, cfg.data.format, split=cfg.data.tfds_split)
-    mngr = _checkpoint_manager(out / "ckpt", cfg) if out is not None else None
+    mngr = _checkpoint_manager(out.ckpt, cfg) if out is not None else None
     resume_step = mngr.latest_step() if mngr is not None else None
     lm, tok = build_model_and_tokenizer(cfg, examples, out, mesh, resume=resume_step is not None)
     seqs, stats = tokenize_dataset(examples, tok, cfg.data.template, cfg.data.max_seq_len,
@@ -274,7 +273,7 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
             if not bool(m["finite"]):
                 raise TrainingError(f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
                                     f"grad_norm={float(m['grad_norm'])}); last good checkpoint kept in "
-                                    f"{out / 'ckpt' if out else '(no checkpoints)'}")
+                                    f"{out.ckpt if out else '(no checkpoints)'}")
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             tokens = int(m["tokens"])
@@ -303,7 +302,7 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
     return state
 
 
-def export(cfg: SFTConfig, lm, state: TrainState, tok, out: Path, log: Callable[[str], None] = print) -> None:
+def export(cfg: SFTConfig, lm, state: TrainState, tok, out: SFTDir, log: Callable[[str], None] = print) -> None:
     """Write ``out/hf`` (full or LoRA-merged weights, ``export_dtype``, ``export_shard_size`` shards) and, for
     LoRA with ``lora.export`` adapter/both, ``out/adapter`` (PEFT format), each with the tokenizer.
 
@@ -316,11 +315,11 @@ def export(cfg: SFTConfig, lm, state: TrainState, tok, out: Path, log: Callable[
     dirs = []
     if not use_lora or cfg.lora.export in ("merged", "both"):
         params = {**state.frozen, **state.params} if use_lora else state.params
-        save_pretrained(lm, out / "hf", params=params, dtype=dtype, max_shard_size=cfg.export_shard_size)
-        dirs.append(out / "hf")
+        save_pretrained(lm, out.hf, params=params, dtype=dtype, max_shard_size=cfg.export_shard_size)
+        dirs.append(out.hf)
     if use_lora and cfg.lora.export in ("adapter", "both"):
-        lora_lib.save_peft_adapter(lm, state.params, out / "adapter", base_model=m.path)
-        dirs.append(out / "adapter")
+        lora_lib.save_peft_adapter(lm, state.params, out.adapter, base_model=m.path)
+        dirs.append(out.adapter)
     if jax.process_index() == 0:
         for d in dirs:
             tok.save_pretrained(str(d))

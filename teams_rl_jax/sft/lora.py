@@ -28,11 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from teams_rl_jax import sharding as shd
 from teams_rl_jax.errors import CheckpointError
 from teams_rl_jax.models import nf4
 from teams_rl_jax.models.hf_io import SafetensorsFile, write_safetensors
 from teams_rl_jax.models.llama import CausalLM
 from teams_rl_jax.models.lm import _flat, _unflat
+from teams_rl_jax.sft.config import LoraSection
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -71,8 +73,6 @@ def logical_axes(lm, spec) -> dict:
 def shardings(lm, spec, mesh, rules=None) -> dict:
     """``NamedSharding`` of every adapter leaf: A and B follow their base weight's ``in``/``out`` axes
     (``lora_rank`` has no rule, so the small rank dim is replicated)."""
-    from teams_rl_jax import sharding as shd
-
     shapes = {"lora": nn.meta.unbox(_boxed(lm, spec))}
     return shd.logical_to_sharding(logical_axes(lm, spec), mesh, rules, shapes=shapes)
 
@@ -97,8 +97,6 @@ def quantize_base(lm, spec, mesh=None, rules=None) -> tuple[dict, Any]:
     are held: bf16 + NF4 = 2.56 bytes per weight, ~17 GB for 7B). A kernel whose input dim the block does
     not divide raises ``CheckpointError`` naming it.
     """
-    from teams_rl_jax import sharding as shd
-
     block = spec.quant_block
     flat = _flat(lm.params)
     targets = [p for p in flat if p[0] == "layers" and p[-1] == "kernel"]
@@ -211,8 +209,6 @@ def save_peft_adapter(lm, adapters: dict, path: str | Path, *, base_model: str |
 def load_peft_adapter(lm, path: str | Path) -> tuple[dict, Any]:
     """``({"lora": adapters}, spec)`` from a PEFT adapter dir written by :func:`save_peft_adapter` (or by
     PEFT for the same targets on every layer); errors name the file and the missing tensor."""
-    from teams_rl_jax.sft.config import LoraSection
-
     path = Path(path)
     cfg_path = path / ADAPTER_CONFIG
     try:
