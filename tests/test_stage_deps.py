@@ -191,7 +191,7 @@ def _paid(run_dir) -> int:
 
 REAL = ["stages=[generate,sft,eval]", "offline_demo=true", "generate.selector=random", "generate.max_seeds=8",
         "generate.batch_seeds=8", "generate.steps=2", "generate.baselines=[]", "generate.near_dup_threshold=null",
-        "generate.answer_max_new_tokens=8", "generate.progress=false", "sft.max_steps=2", "sft.global_batch=2",
+        "generate.progress=false", "sft.max_steps=2", "sft.global_batch=2",
         "sft.tensorboard=false", "sft.checkpoint.every=2", "eval.mia.max_examples=4", "eval.report.encoder=none",
         "eval.report.compare=[]"]
 
