@@ -175,7 +175,7 @@ def test_launch_script_runs_its_default_config(script, checkpoint, tmp_path):
     _stand_in(bin_dir, "srun", SRUN)
     _stand_in(bin_dir, "gcloud", GCLOUD)
     port = _slurm_port()
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "run dir"  # an extra argument with a space must reach train as one argument
     bench = T.benchmark_dir(tmp_path / "benchmarks")
     args = ["--run-dir", str(run_dir), *T.set_args(T.path_swaps(cfg, checkpoint, None, bench) + entry.sets)]
     env = T.cpu_env(max(1, entry.devices // TASKS), PATH=f"{bin_dir}:{os.environ['PATH']}", STANDIN_TASKS=str(TASKS),
