@@ -53,6 +53,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from teams_rl_jax import generate
+    from teams_rl_jax.backends.config import RoleConfig, RolesConfig
     from teams_rl_jax.backends.flax_backend import FlaxBackend
     from teams_rl_jax.env.seeds import offline_tokenizer
     from teams_rl_jax.evolve import GenerateConfig, read_seeds, run_generate_stage
@@ -67,8 +68,10 @@ def main() -> None:
     # eos_ids=(): rows run to --new tokens in both measurements (same work per call)
     expert = TokenCount(FlaxBackend.from_lm(lm, tok, role="expert", max_batch=args.batch, eos_ids=()))
     cfg = GenerateConfig(selector="random", operator_role="token_edit", steps=args.steps, max_seeds=args.batch,
-                         batch_seeds=args.batch, answer_max_new_tokens=args.new, near_dup_threshold=None,
+                         batch_seeds=args.batch, near_dup_threshold=None,
                          baselines=(), cache=False, progress=False, temperature=0.0)
+    # The expert's answer length is its role's (roles.expert.max_new_tokens); the role is only read for it.
+    roles = RolesConfig(expert=RoleConfig(backend="flax", checkpoint="unused", max_new_tokens=args.new))
     # The stage's prompt bucket: what the expert is sent (chat-rendered seeds), padded like the backend does.
     lens = [len(expert.inner.encode(expert.inner.render([{"role": "user", "content": s.text}])))
             for s in seeds[:args.batch]]
@@ -81,7 +84,7 @@ def main() -> None:
 
     def stage(tmp: Path):
         expert.tokens = 0
-        s = run_generate_stage(cfg, tmp, backends={"expert": expert}, log=lambda m: None)
+        s = run_generate_stage(cfg, tmp, roles, backends={"expert": expert}, log=lambda m: None)
         # the stage's own loop time: selection, operator, filters, expert calls, fsynced records
         # (one-time set-up of the selector/operator excluded)
         return expert.tokens / s["loop_seconds_this_run"]

@@ -236,13 +236,23 @@ def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterabl
         raise
 
 
+def is_secret(name: str, value: Any) -> bool:
+    """Whether a config field holds a secret: a non-empty string under a name with a secret word
+    (``api_key``, ``token``, ``password``, ``secret`` as a whole ``_``-separated word; so
+    ``max_new_tokens`` and ``tokenizer`` are not)."""
+    low = name.lower()
+    words = low.split("_")
+    return isinstance(value, str) and bool(value) and any(
+        (k in low) if "_" in k else (k in words) for k in SECRET_KEYS)
+
+
 def to_dict(obj: Any, redact: bool = True) -> Any:
     """Plain-dict view of a config dataclass tree (tuples become lists); secrets redacted."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out = {}
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)
-            if redact and v and any(s in f.name.lower() for s in SECRET_KEYS):
+            if redact and is_secret(f.name, v):
                 v = "***"
             out[f.name] = to_dict(v, redact)
         return out

@@ -7,7 +7,8 @@ Every stage and CLI takes its paths from :class:`RunLayout`; no other module spe
       .stages/<stage>.json        stage markers: fingerprint of what the outputs depend on + artifact digests
       cache/responses.sqlite      every paid LLM answer (shared by every stage, arm and rerun)
       models/tiny-expert/         the offline demo's tiny random expert
-      policy/                     policy.json, checkpoint/ (Orbax), curves*.jsonl/png, op_histogram.*, summary.json
+      policy/                     policy.json, checkpoint/ (Orbax), curves*.jsonl/png, op_histogram.*, summary.json,
+                                  state*/ (resumable runner states)
       data/                       generated.jsonl, summary.json, shards/, baselines/<name>/ (same shape as data/)
       sft/                        ckpt/ (Orbax), hf/ (HF export), adapter/ (PEFT), metrics.jsonl
       eval/                       report.md, report.json, *.png
@@ -69,6 +70,22 @@ class PolicyDir:
 
     def curves(self, name: str | None = None) -> Path:
         return self.root / ("curves.jsonl" if name is None else f"curves_{name}.jsonl")
+
+    @property
+    def curves_png(self) -> Path:
+        return self.root / "curves.png"
+
+    @property
+    def op_histogram(self) -> Path:
+        return self.root / "op_histogram.json"
+
+    @property
+    def op_histogram_png(self) -> Path:
+        return self.root / "op_histogram.png"
+
+    def state(self, name: str | None = None) -> Path:
+        """The resumable runner state of the policy (or of baseline ``name``)."""
+        return self.root / ("state" if name is None else f"state_{name}")
 
 
 @dataclass(frozen=True)

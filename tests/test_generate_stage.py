@@ -124,7 +124,7 @@ def test_counting_backend_accounting_and_filters(tmp_path):
     assert len({r["meta"]["seed_id"] for r in recs2}) == len(recs2) == s2["kept"] > 0
 
 
-def _save_policy(path: Path, env_kwargs=None, env="token_edit", seed=0):
+def _save_policy(path: Path, env_config=None, env="token_edit", seed=0):
     """A policy-stage output (random-init actor) for the token-edit env's observation."""
     import jax
 
@@ -133,8 +133,11 @@ def _save_policy(path: Path, env_kwargs=None, env="token_edit", seed=0):
     from teams_rl_jax.rl.train import init_params, make_network
 
     from teams_rl_jax import env as env_pkg
-    cfg = PolicyConfig(env=env, env_kwargs=dict(env_kwargs or {}), num_updates=1)
-    e, p = env_pkg.make("token_edit", **(env_kwargs or {}))
+    from teams_rl_jax.config import from_dict
+    from teams_rl_jax.env.config import EnvConfig
+
+    cfg = PolicyConfig(env=env, env_config=from_dict(EnvConfig, env_config or {}), num_updates=1)
+    e, p = env_pkg.make("token_edit", cfg.env_config)
     obs_dim = int(e.observation_size(p))
     net = make_network(cfg, e.num_actions)
     params = init_params(net, jax.random.PRNGKey(seed), obs_dim)
@@ -171,7 +174,7 @@ def test_policy_sees_the_training_observation(tmp_path):
 def test_policy_drives_llm_operator_and_random_is_comparable(tmp_path):
     """A token-edit policy drives LLM roles; a random run on the same seeds reports the same figures' shape.
 
-    Also: an LLM-env policy (env: llm, its tokenizer in env_kwargs) is accepted by generate.
+    Also: an LLM-env policy (env: llm, its tokenizer in env_config) is accepted by generate.
     """
     _save_policy(tmp_path / "policy")
     pol = run_generate_stage(_cfg(selector="policy"), tmp_path, backends=fake_roles(), log=lambda m: None)
@@ -187,7 +190,7 @@ def test_policy_drives_llm_operator_and_random_is_comparable(tmp_path):
 
     tok_dir = tmp_path / "tok"
     offline_tokenizer([s.text for s in read_seeds()]).save_pretrained(str(tok_dir))
-    _save_policy(tmp_path / "llm" / "policy", env_kwargs={"tokenizer": str(tok_dir)}, env="llm")
+    _save_policy(tmp_path / "llm" / "policy", env_config={"tokenizer": str(tok_dir)}, env="llm")
     s = run_generate_stage(_cfg(selector="policy", max_seeds=4), tmp_path / "llm", backends=fake_roles(),
                            log=lambda m: None)
     assert s["seeds_done"] == 4

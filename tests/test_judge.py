@@ -230,7 +230,7 @@ def test_load_tokenizer_pad_is_never_eos(spm_tok, bpe_tok, tmp_path):
 def test_text_level_builders():
     """Text builders for HTTP backends carry the instructions and the operation's wording."""
     from teams_rl_jax.data.chat import render_chat
-    from teams_rl_jax.env.judge import judge_messages, parse_judgement
+    from teams_rl_jax.roles.reviewer import judge_messages, parse_lenient
     from teams_rl_jax.env.prompts import expert_messages, instructor_messages
 
     m = judge_messages(" Describe a city. ", "Describe a city in winter.")
@@ -239,7 +239,7 @@ def test_text_level_builders():
     assert "Describe a city." in ins[0]["content"] and "more depth" in ins[0]["content"]
     assert render_chat(None, ins).endswith("ASSISTANT:")
     assert expert_messages("Sum these.", "1, 2")[0]["content"] == "Sum these.\n\n1, 2"
-    assert parse_judgement("Not Equal") == 1.0 and parse_judgement("Equal") == 0.0
+    assert parse_lenient("Not Equal") == 1.0 and parse_lenient("Equal") == 0.0
 
 
 def test_llm_env_rewards_follow_the_reviewer_and_buffers_hold_the_instructors_ids(spm_tok):

@@ -5,6 +5,7 @@ from YAML roles (in-process Flax: jitted; an HTTP role: the host-step loop, with
 Each test's docstring names the mutation it catches (also listed in tests/README.md).
 """
 
+import dataclasses
 import textwrap
 
 import jax
@@ -166,9 +167,8 @@ def _policy_yaml(tmp_path, roles_yaml: str, extra_env: str = "") -> tuple[Policy
           hidden_sizes: [8]
           ppo: {{num_minibatches: 2}}
           seed: {SEED}
-          env_kwargs:
+          env_config:
             max_len: {L}
-            max_new_tokens: 8
             episode_length: 3
             max_seeds: 8
             operations: [{", ".join(ACTIONS)}]
@@ -187,7 +187,7 @@ def test_policy_stage_llm_env_from_yaml_with_flax_roles_is_jitted(tmp_path, tok_
     tok, _ = tok_and_seeds
     ins, rev = _save_checkpoints(tmp_path, tok)
     cfg, roles = _policy_yaml(tmp_path, f"""
-        instructor: {{backend: flax, checkpoint: {ins}, dtype: float32}}
+        instructor: {{backend: flax, checkpoint: {ins}, dtype: float32, max_new_tokens: 8}}
         reviewer: {{backend: flax, checkpoint: {rev}, dtype: float32}}
     """)
     roles = cfglib.from_dict(RolesConfig, roles, "roles")
@@ -255,7 +255,7 @@ def test_policy_stage_with_http_roles_uses_the_host_step_loop(tmp_path, tok_and_
     counter = QueryCounter()
     instructor, reviewer = FakeInstructor(counter), FakeReviewer(counter)
     cfg, _ = _policy_yaml(tmp_path, "{}", extra_env=f"tokenizer: {tok_dir}")
-    cfg = cfg.replace(env_kwargs={**cfg.env_kwargs, "reward_weights": {"reviewer": 1.0}})
+    cfg = cfg.replace(env_config=dataclasses.replace(cfg.env_config, reward_weights={"reviewer": 1.0}))
     logs = []
     run_policy_stage(cfg, tmp_path / "run", roles={"instructor": instructor, "reviewer": reviewer}, log=logs.append)
     assert any("host-step" in line for line in logs)

@@ -10,7 +10,7 @@ from helpers import rng, seed
 from teams_rl_jax import generate
 from teams_rl_jax.env import OPERATIONS, operation_templates
 from teams_rl_jax.env.assemble import concat_left_padded, cut_at_eos
-from teams_rl_jax.env.judge import not_equal_probability, parse_judgement
+from teams_rl_jax.env.judge import not_equal_probability
 from teams_rl_jax.env.llm_operator import LLMOperator, LLMOperatorParams, operation_piece_ids
 from teams_rl_jax.env.prompts import instructor_prompt
 from teams_rl_jax.env.seeds import read_seed_records
@@ -252,9 +252,3 @@ def test_judge_reward_is_softmax_of_answer_logits():
     expect = np.exp(two[:, 1]) / np.exp(two).sum(-1)
     np.testing.assert_allclose(np.asarray(got), expect, atol=1e-6)
     assert np.asarray(not_equal_probability(jnp.zeros((1, 97)), answers)).tolist() == [0.5]
-
-
-@pytest.mark.parametrize("text,want", [("Not Equal", 1.0), ("equal.", 0.0), (" Not  equal", 1.0),
-                                        ("I cannot tell", None), ("They are the same", 0.0)])
-def test_parse_judgement(text, want):
-    assert parse_judgement(text) == want

@@ -6,6 +6,7 @@ stages); ``-m slow`` runs the real offline default (no arguments) and the wheel/
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -112,9 +113,10 @@ def test_generate_through_own_serve_openai_backend(tmp_path):
             time.sleep(1)
         role = RoleConfig(backend="openai", base_url=f"http://127.0.0.1:{port}/v1", model=ckpt.name,
                           max_concurrency=8, timeout_s=120, max_retries=1)
-        roles = RolesConfig(instructor=role, reviewer=role, expert=role)
+        roles = RolesConfig(instructor=dataclasses.replace(role, max_new_tokens=16), reviewer=role,
+                            expert=dataclasses.replace(role, max_new_tokens=12))
         cfg = GenerateConfig(selector="random", operator_role="instructor", max_seeds=4, steps=2, batch_seeds=4,
-                             max_new_tokens=16, answer_max_new_tokens=12, near_dup_threshold=None, baselines=(),
+                             near_dup_threshold=None, baselines=(),
                              progress=False, drop_truncated=False)  # a random model never stops: keep its rewrites
         s = run_generate_stage(cfg, tmp_path, roles, log=lambda m: None)
         assert s["seeds_done"] == 4
@@ -162,5 +164,5 @@ def test_wheel_contains_default_config_and_seeds(tmp_path):
                         str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
-    assert "teams_rl_jax/data/evolve_seeds.jsonl" in names
+    assert "teams_rl_jax/data/seeds.jsonl" in names
     assert "teams_rl_jax/configs/default.yaml" in names

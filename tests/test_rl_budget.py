@@ -1,6 +1,6 @@
 """The query budget on the env as the pipeline configures it: the token-edit env with the ``stop``
 operation and a per-step query charge (``simulated_queries``, what the LLM env's instructor and
-reviewer would cost), built by the policy stage's own ``make_env`` from ``policy.env_kwargs``.
+reviewer would cost), built by the policy stage's own ``make_env`` from ``policy.env_config``.
 
 Each test's docstring names the mutation it catches (also listed in tests/README.md).
 """
@@ -9,18 +9,18 @@ import jax
 import numpy as np
 import pytest
 
-from teams_rl_jax.env import OPERATIONS, STOP
+from teams_rl_jax.env import OPERATIONS, STOP, EnvConfig
 from teams_rl_jax.rl import PolicyConfig, PPOConfig, QueryBudgetConfig, make_train
 from teams_rl_jax.rl.stage import make_env
 
 SEED = 7
 FAST = {"xla_backend_optimization_level": 0}
-ENV_KWARGS = {"operations": list(OPERATIONS) + [STOP], "simulated_queries": {"instructor": 1.0, "reviewer": 1.0}}
+ENV_CONFIG = EnvConfig(operations=tuple(OPERATIONS) + (STOP,), simulated_queries={"instructor": 1.0, "reviewer": 1.0})
 BUDGET = 4.0  # queries per episode = two evolutions of the six allowed
 
 
 def _config(**kw) -> PolicyConfig:
-    return PolicyConfig(env="token_edit", env_kwargs=ENV_KWARGS, num_envs=64, num_steps=6, hidden_sizes=(32, 32),
+    return PolicyConfig(env="token_edit", env_config=ENV_CONFIG, num_envs=64, num_steps=6, hidden_sizes=(32, 32),
                         seed=SEED, **kw)
 
 

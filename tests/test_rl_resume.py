@@ -17,7 +17,8 @@ import pytest
 
 from teams_rl_jax.errors import CheckpointError
 from teams_rl_jax.rl import PolicyConfig
-from teams_rl_jax.rl.stage import load_policy, run_policy_stage
+from teams_rl_jax.rl.checkpoint import load_policy
+from teams_rl_jax.rl.stage import run_policy_stage
 
 SEED = 3
 CHILD = textwrap.dedent("""

@@ -9,7 +9,8 @@ import pytest
 
 from teams_rl_jax.errors import CheckpointError
 from teams_rl_jax.rl import PolicyConfig, PPOConfig, policy_action
-from teams_rl_jax.rl.stage import load_policy, run_policy_stage
+from teams_rl_jax.rl.checkpoint import load_policy
+from teams_rl_jax.rl.stage import run_policy_stage
 
 
 def test_policy_stage_writes_artifacts_and_reloads(tmp_path):

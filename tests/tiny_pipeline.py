@@ -133,9 +133,10 @@ ARTIFACTS = {"policy": "policy/policy.json", "generate": "data/generated.jsonl",
              "eval": "eval/report.json"}
 # Size overrides, grouped by what they shrink (keys the lead may rename when the config schema moves).
 POLICY = ["policy.num_envs=2", "policy.num_updates=1"]
-LLM_ENV = ["policy.env_kwargs.max_len=64", "policy.env_kwargs.max_new_tokens=8"]
-GENERATE = ["generate.max_seeds=2", "generate.batch_seeds=2", "generate.steps=2", "generate.max_new_tokens=8",
-            "generate.answer_max_new_tokens=8",
+LLM_ENV = ["policy.env_config.max_len=64"]
+INSTRUCTOR = ["roles.instructor.max_new_tokens=8"]  # reply lengths are the roles' own
+EXPERT = ["roles.expert.max_new_tokens=8"]
+GENERATE = ["generate.max_seeds=2", "generate.batch_seeds=2", "generate.steps=2",
             "generate.drop_truncated=false"]  # a random model never stops: keep its cut rewrites
 SFT = ["sft.max_steps=2", "sft.global_batch=8", "sft.grad_accum=1", "sft.data.max_seq_len=64",
        "sft.data.drop_remainder=false"]  # 2 seeds give fewer rows than one batch
@@ -153,12 +154,10 @@ class Shrink:
 
 
 SHRINK: dict[str, Shrink] = {
-    "llama2_7b_gpu.yaml": Shrink(POLICY + LLM_ENV + GENERATE + SFT + EVAL, devices=8),
-    "llama2_7b_tpu_pod.yaml": Shrink(POLICY + LLM_ENV + GENERATE + SFT + EVAL, devices=8),
-    "openai_endpoint.yaml": Shrink(
-        POLICY + LLM_ENV + GENERATE + SFT + EVAL,
-        xfail="issue 17 part 2: an HTTP instructor needs a local tokenizer (fixed on helper B's branch)"),
-    "policy_llm.yaml": Shrink(POLICY + LLM_ENV),
+    "llama2_7b_gpu.yaml": Shrink(POLICY + LLM_ENV + INSTRUCTOR + EXPERT + GENERATE + SFT + EVAL, devices=8),
+    "llama2_7b_tpu_pod.yaml": Shrink(POLICY + LLM_ENV + INSTRUCTOR + EXPERT + GENERATE + SFT + EVAL, devices=8),
+    "openai_endpoint.yaml": Shrink(POLICY + LLM_ENV + INSTRUCTOR + EXPERT + GENERATE + SFT + EVAL),
+    "policy_llm.yaml": Shrink(POLICY + LLM_ENV + INSTRUCTOR),
     "sft_lora_llama7b.yaml": Shrink(SFT_ONLY),
     "sft_paper_llama7b.yaml": Shrink(SFT_ONLY, devices=8),
     "sft_tiny.yaml": Shrink(["sft.max_steps=2"]),  # already tiny: only fewer steps

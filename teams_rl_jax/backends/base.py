@@ -26,11 +26,19 @@ FinishReason = Literal["stop", "length"]
 @dataclasses.dataclass(frozen=True)
 class Completion:
     """One answer: ``text``; ``token_ids`` when the backend knows them (None for most HTTP servers);
-    ``finish_reason``: ``"stop"`` (EOS or a stop string) or ``"length"`` (cut by ``max_new_tokens``)."""
+    ``finish_reason``: ``"stop"`` (EOS or a stop string) or ``"length"`` (cut by ``max_new_tokens``);
+    ``completion_tokens``: the answer's length in the serving model's tokens (an HTTP endpoint's
+    ``usage.completion_tokens``; ``len(token_ids)`` when left unset and the ids are known; None when
+    neither is known)."""
 
     text: str
     token_ids: tuple[int, ...] | None = None
     finish_reason: FinishReason = "stop"
+    completion_tokens: int | None = None
+
+    def __post_init__(self):
+        if self.completion_tokens is None and self.token_ids is not None:
+            object.__setattr__(self, "completion_tokens", len(self.token_ids))
 
 
 class QueryCounter:

@@ -156,7 +156,7 @@ class CachedBackend:
             rows = []
             for i, c in zip(miss, got):
                 resp = {"text": c.text, "token_ids": list(c.token_ids) if c.token_ids is not None else None,
-                        "finish_reason": c.finish_reason}
+                        "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens}
                 hits[keys[i]] = resp
                 rows.append((keys[i], self.kind, self.model, "complete", self.role, self.tag, reqs[i], resp))
             self.cache.put_many(rows)
@@ -165,7 +165,8 @@ class CachedBackend:
         for k in keys:
             r = hits[k]
             ids = tuple(r["token_ids"]) if r.get("token_ids") is not None else None
-            out.append(Completion(text=r["text"], token_ids=ids, finish_reason=r.get("finish_reason", "stop")))
+            out.append(Completion(text=r["text"], token_ids=ids, finish_reason=r.get("finish_reason", "stop"),
+                                  completion_tokens=r.get("completion_tokens")))
         return out
 
     def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:

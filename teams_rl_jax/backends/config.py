@@ -14,6 +14,10 @@ from typing import Literal
 from teams_rl_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+REVIEWER_PARSERS = ("exact", "lenient")
+# A role's reply length when ``roles.<role>.max_new_tokens`` is unset: a rewritten instruction, the
+# reviewer's "Equal"/"Not Equal" (8 tokens leave room for a short sentence), an expert answer.
+DEFAULT_MAX_NEW_TOKENS = {"instructor": 256, "reviewer": 8, "expert": 512}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +38,11 @@ class RoleConfig:
     max_retries: int = 5               # openai: retries after the first attempt
     backoff_s: float = 0.5             # openai: base of the exponential backoff (full jitter)
     max_backoff_s: float = 30.0        # openai: cap of one backoff sleep (and of an honoured Retry-After)
+    # Longest reply, in every stage that calls this role (None = DEFAULT_MAX_NEW_TOKENS[role]).
+    max_new_tokens: int | None = None
+    # reviewer: how its text reply is read (roles.reviewer.parse_reply): "exact" = the reference
+    # code's rule (the stripped reply is "Not Equal"), "lenient" = chat answers in sentences.
+    parser: Literal["exact", "lenient"] = "lenient"
 
     def validate(self) -> None:
         """One-line ConfigError naming the key at fault (``config.from_dict`` calls it; so does ``build``)."""
@@ -59,6 +68,10 @@ class RoleConfig:
             # A value that is not a variable name is most likely the key itself pasted by mistake:
             # refuse it without echoing it.
             raise ConfigError("api_key_env: expected the NAME of an environment variable (letters, digits, _)")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.parser not in REVIEWER_PARSERS:
+            raise ConfigError(f"parser: expected one of {list(REVIEWER_PARSERS)}, got {self.parser!r}")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch: must be >= 1, got {self.max_batch}")
         if self.max_concurrency < 1:
@@ -78,3 +91,22 @@ class RolesConfig:
     instructor: RoleConfig | None = None
     reviewer: RoleConfig | None = None
     expert: RoleConfig | None = None
+
+
+def role_config(roles, role: str, backend=None) -> RoleConfig | None:
+    """``roles.<role>`` (a RolesConfig or mapping), else the built backend's ``config`` attribute (the
+    ``backend`` given, or a built backend standing in ``roles``), else None."""
+    spec = roles.get(role) if isinstance(roles, dict) else getattr(roles, role, None)
+    backend = spec if backend is None and not isinstance(spec, RoleConfig) else backend
+    if isinstance(spec, RoleConfig):
+        return spec
+    cfg = getattr(backend, "config", None)
+    return cfg if isinstance(cfg, RoleConfig) else None
+
+
+def max_new_tokens(roles, role: str, backend=None) -> int:
+    """The reply length of ``role``: ``roles.<role>.max_new_tokens``, else the role's default."""
+    cfg = role_config(roles, role, backend)
+    if cfg is not None and cfg.max_new_tokens is not None:
+        return int(cfg.max_new_tokens)
+    return DEFAULT_MAX_NEW_TOKENS[role]

@@ -178,15 +178,19 @@ class OpenAIBackend:
 
     def _one(self, prompt: Prompt, kw: dict) -> Completion:
         if self.chat:
-            choice = self._with_retries(lambda: _first_choice(self._client.chat.completions.create(
+            resp = self._with_retries(lambda: _one_choice(self._client.chat.completions.create(
                 model=self.model, messages=self._messages(prompt), **kw)))
-            text = (choice.message.content if choice.message is not None else None) or ""
+            text = (resp[0].message.content if resp[0].message is not None else None) or ""
         else:
-            choice = self._with_retries(lambda: _first_choice(self._client.completions.create(
+            resp = self._with_retries(lambda: _one_choice(self._client.completions.create(
                 model=self.model, prompt=self._text(prompt), **kw)))
-            text = choice.text or ""
+            text = resp[0].text or ""
+        choice, usage = resp
         reason = "length" if choice.finish_reason == "length" else "stop"
-        return Completion(text=text, token_ids=None, finish_reason=reason)
+        # One choice per request, so the reply's usage is this answer's length in the served model's tokens.
+        served = getattr(usage, "completion_tokens", None) if usage is not None else None
+        return Completion(text=text, token_ids=None, finish_reason=reason,
+                          completion_tokens=int(served) if served is not None else None)
 
     def complete(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None
@@ -235,3 +239,8 @@ def _first_choice(resp):
     if not choices:
         raise _Retryable("unparseable reply (no choices)")
     return choices[0]
+
+
+def _one_choice(resp):
+    """``(first choice, usage or None)`` of a reply (see :func:`_first_choice`)."""
+    return _first_choice(resp), getattr(resp, "usage", None)

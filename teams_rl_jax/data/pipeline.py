@@ -24,6 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from teams_rl_jax.data.packing import KEYS, empty_rows, pack_rows, unpacked_rows
+from teams_rl_jax.data.readers import read_dataset
+from teams_rl_jax.data.tokenize import tokenize_dataset
 from teams_rl_jax.errors import CheckpointError, ConfigError, DataError
 
 _CACHED_EPOCHS = 2  # the current epoch plus one looked-ahead (steps_per_epoch of the next)
@@ -127,9 +129,6 @@ def make_batch_iterator(cfg, tokenizer, *, global_batch: int, path: str | None =
     ``path`` overrides ``cfg.path`` (e.g. the SFT stage's resolution of ``"auto"``). Returns
     ``(BatchIterator, TokenizeStats)``; the stats line goes to ``log`` when given.
     """
-    from teams_rl_jax.data.readers import read_dataset
-    from teams_rl_jax.data.tokenize import tokenize_dataset
-
     cfg.validate()
     path = cfg.path if path is None else path
     if path == "auto":

@@ -22,12 +22,13 @@ an object; other keys are ignored.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from teams_rl_jax.data.example import Example, require_str
+from teams_rl_jax.data.tfds_io import read_tfds
 from teams_rl_jax.errors import DataError
 
 FORMATS = ("auto", "alpaca", "alpaca_jsonl", "jsonl", "sharegpt", "tfds")
@@ -35,38 +36,13 @@ _HUMAN = ("human", "user")
 _ASSISTANT = ("gpt", "assistant", "chatgpt", "bard", "model")
 
 
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """One SFT example: instruction (+ optional input, chat history, system prompt) and the target output."""
-
-    instruction: str
-    output: str
-    input: str = ""
-    history: tuple[tuple[str, str], ...] = ()  # earlier (user, assistant) exchanges
-    meta: dict | None = None
-    system: str | None = None  # chat system prompt (Vicuna's default when None)
-
-
-def _require_str(obj: dict, key: str, where: str, required: bool, nonempty: bool) -> str:
-    if key not in obj or obj[key] is None:
-        if required:
-            raise DataError(f"{where}: missing field '{key}'")
-        return ""
-    value = obj[key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
-    if nonempty and not value.strip():
-        raise DataError(f"{where}: field '{key}' is empty")
-    return value
-
-
 def _alpaca_example(obj: Any, where: str) -> Example:
     """Validate one Alpaca-style record."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    instruction = _require_str(obj, "instruction", where, required=True, nonempty=True)
-    output = _require_str(obj, "output", where, required=True, nonempty=True)
-    input_ = _require_str(obj, "input", where, required=False, nonempty=False)
+    instruction = require_str(obj, "instruction", where, required=True, nonempty=True)
+    output = require_str(obj, "output", where, required=True, nonempty=True)
+    input_ = require_str(obj, "input", where, required=False, nonempty=False)
     meta = obj.get("meta")
     if meta is not None and not isinstance(meta, dict):
         raise DataError(f"{where}: field 'meta' must be an object, got {type(meta).__name__}")
@@ -117,7 +93,7 @@ def _sharegpt_example(obj: Any, where: str) -> Example:
     return Example(instruction, output, "", history, meta, system)
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """``(line number, parsed object)`` for each non-blank line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -129,7 +105,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
-def _iter_json_list(path: Path) -> Iterator[tuple[int, Any]]:
+def iter_json_list(path: Path) -> Iterator[tuple[int, Any]]:
     """``(line where the element starts, element)`` for each element of a top-level JSON list.
 
     Parses element by element (``raw_decode``) so a bad record is reported at its own line.
@@ -176,7 +152,21 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, Any]]:
         raise DataError(f"{path}:{line_at(skip_ws(i + 1))}: invalid JSON (extra data after the list)")
 
 
-def _first_char(path: Path) -> str:
+def iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(row number from 1, row as a dict)`` of a Parquet file (needs pyarrow: a one-line DataError without it)."""
+    try:
+        import pyarrow.parquet as pq  # optional: installed with datasets / the tfds extra
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises many types; report one line
+        raise DataError(f"{path}: cannot read Parquet ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    yield from enumerate(table.to_pylist(), 1)
+
+
+def first_char(path: Path) -> str:
+    """The first non-blank character of a text file (``[`` for a JSON list), ``""`` when empty."""
     with open(path, encoding="utf-8") as f:
         while chunk := f.read(4096):
             stripped = chunk.lstrip(" \t\r\n\ufeff")
@@ -188,19 +178,19 @@ def _first_char(path: Path) -> str:
 def read_alpaca_json(path: str | Path) -> list[Example]:
     """A JSON list of Alpaca records; errors name the line where the bad record starts."""
     path = Path(path)
-    return [_alpaca_example(obj, f"{path}:{line}") for line, obj in _iter_json_list(path)]
+    return [_alpaca_example(obj, f"{path}:{line}") for line, obj in iter_json_list(path)]
 
 
 def read_jsonl(path: str | Path) -> list[Example]:
     """JSONL of Alpaca-style records (``meta`` kept); errors name ``file:line``."""
     path = Path(path)
-    return [_alpaca_example(obj, f"{path}:{line}") for line, obj in _iter_jsonl(path)]
+    return [_alpaca_example(obj, f"{path}:{line}") for line, obj in iter_jsonl(path)]
 
 
 def read_sharegpt(path: str | Path) -> list[Example]:
     """ShareGPT conversations (JSONL, or one JSON list); one :class:`Example` per conversation."""
     path = Path(path)
-    it = _iter_json_list(path) if _first_char(path) == "[" else _iter_jsonl(path)
+    it = iter_json_list(path) if first_char(path) == "[" else iter_jsonl(path)
     return [_sharegpt_example(obj, f"{path}:{line}") for line, obj in it]
 
 
@@ -213,8 +203,8 @@ def detect_format(path: str | Path) -> str:
     if _is_tfds_path(path):
         return "tfds"
     path = Path(path)
-    if _first_char(path) == "[":
-        for _, first in _iter_json_list(path):
+    if first_char(path) == "[":
+        for _, first in iter_json_list(path):
             return "sharegpt" if isinstance(first, dict) and ("conversations" in first or "messages" in first) \
                 else "alpaca"
         return "alpaca"
@@ -238,8 +228,6 @@ def read_dataset(path: str | Path, format: str = "auto", *, split: str = "train"
     if format not in FORMATS:
         raise DataError(f"unknown dataset format {format!r} (valid: {', '.join(FORMATS)})")
     if format == "tfds" or (format == "auto" and _is_tfds_path(path)):
-        from teams_rl_jax.data.tfds_io import read_tfds
-
         examples = read_tfds(path, split=split)
     else:
         path = Path(path)

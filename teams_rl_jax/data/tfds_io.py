@@ -3,7 +3,7 @@
 :func:`write_tfds` stores examples with ``tfds.dataset_builders.store_as_tfds_dataset`` under
 ``data_dir/name/version`` (TFRecord files + ``dataset_info.json``; ``data_dir`` may be ``gs://...``).
 :func:`read_tfds` opens such a directory with ``tfds.builder_from_directory`` (no builder class needed)
-and returns :class:`~teams_rl_jax.data.readers.Example` records, in the written order.
+and returns :class:`~teams_rl_jax.data.example.Example` records, in the written order.
 
 Features: ``instruction``, ``input``, ``output``, ``system`` (Text) and ``history``, ``meta`` (Text
 holding JSON, since chat history and generation metadata have no fixed shape). ``system`` is ``""``
@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from teams_rl_jax.data.readers import Example
+from teams_rl_jax.data.example import Example
 from teams_rl_jax.errors import ConfigError, DataError
 
 _TEXT_FIELDS = ("instruction", "input", "output", "system", "history", "meta")

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from teams_rl_jax.data.readers import Example
+from teams_rl_jax.data.example import Example
 from teams_rl_jax.data.templates import VICUNA_SEP2, get_template
 from teams_rl_jax.errors import ConfigError
 

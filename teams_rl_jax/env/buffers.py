@@ -171,12 +171,17 @@ def pad_rows(rows: Sequence[Sequence[int]], width: int | None = None, pad_id: in
 @struct.dataclass
 class Instruction:
     """One instruction as the env sees it (leading batch axes allowed): buffer, length and features
-    computed once per edit (``embedding float32 [D]``, ``distinct`` = number of distinct token ids)."""
+    computed once per edit (``embedding float32 [D]``, ``distinct`` = number of distinct token ids).
+
+    ``served``: its length in the instructor's (served model's) tokens, -1 where unknown; equal to
+    ``length`` when the buffers hold that model's own ids; from the endpoint's ``usage`` when they
+    hold the env's byte-level encoding (HTTP roles). None = not tracked (use ``length``)."""
 
     tokens: jax.Array
     length: jax.Array
     embedding: jax.Array
     distinct: jax.Array
+    served: jax.Array | None = None
 
 
 def distinct_count(tokens: jax.Array, length: jax.Array) -> jax.Array:

@@ -1,7 +1,7 @@
 """``EnvConfig``: the instruction-evolution env's settings (operator, episode, buffers, rewards, rules).
 
-Load with ``teams_rl_jax.config.from_dict(EnvConfig, d)`` or pass fields to
-``teams_rl_jax.env.make(name, **fields)`` (what the policy stage's ``env_kwargs`` does).
+Load with ``teams_rl_jax.config.from_dict(EnvConfig, d)`` or pass it (or fields) to
+``teams_rl_jax.env.make(name, config)``; the policy stage's ``policy.env_config`` section is one.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from typing import Literal
 
 from teams_rl_jax.env.operations import OPERATIONS
 from teams_rl_jax.errors import ConfigError
+
+# Reward terms an LLM role adds when the env is built from roles (env.factory): weight them by name.
+ROLE_TERMS = ("reviewer",)
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,8 @@ class EnvConfig:
     # reward terms report: e.g. {instructor: 1, reviewer: 1} makes the token-edit env cost what the
     # LLM env would, so a query budget has something to trade there too.
     simulated_queries: dict[str, float] = field(default_factory=dict)
-    # LLM instructor (``operator: llm`` built from ``roles``): rewrite length limit (None = max_len)
-    # and sampling.
-    max_new_tokens: int | None = None
+    # LLM instructor (``operator: llm`` built from ``roles``): sampling. Its rewrite length limit is
+    # the role's own, ``roles.instructor.max_new_tokens``.
     temperature: float = 0.7
     top_p: float = 0.95
 
@@ -86,7 +88,8 @@ class EnvConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name, w in self.reward_weights.items():
-            REWARD_TERMS.get(name)
+            if name not in ROLE_TERMS:  # role terms are registered when make() builds the role
+                REWARD_TERMS.get(name)
             if not math.isfinite(w):
                 raise ConfigError(f"reward_weights.{name} must be finite, got {w}")
         for name, p in self.elimination.items():
@@ -96,8 +99,6 @@ class EnvConfig:
         for role, q in self.simulated_queries.items():
             if not (math.isfinite(q) and q >= 0):
                 raise ConfigError(f"simulated_queries.{role} must be >= 0, got {q}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not (0 < self.top_p <= 1) or self.temperature < 0:
             raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         if "stop" in self.operations and len(self.operations) == 1:

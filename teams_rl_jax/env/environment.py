@@ -1,4 +1,4 @@
-"""The functional instruction-evolution env (gymnax style) and ``make``.
+"""The functional instruction-evolution env (gymnax style) and ``build_env`` (``env.factory.make`` calls it).
 
 ``obs, state = env.reset(key, params, seeds=None)``;
 ``obs, state, reward, done, info = env.step(key, state, action, params)``. One environment per call,
@@ -38,6 +38,7 @@ from teams_rl_jax.env.embedding import EMBEDDINGS
 from teams_rl_jax.env.operations import STOP
 from teams_rl_jax.env.rewards import REWARD_TERMS, RewardTerm, register_term
 from teams_rl_jax.env.seeds import SeedBatch, decode, offline_tokenizer, read_seed_records, seeds_from_texts
+from teams_rl_jax.env.spaces import Box, Discrete
 from teams_rl_jax.errors import ConfigError
 
 ROLES = ("instructor", "reviewer")
@@ -65,6 +66,9 @@ class EnvParams:
     terminate_on_elimination: jax.Array  # bool []
     episode_length: int = struct.field(pytree_node=False, default=6)
     max_len: int = struct.field(pytree_node=False, default=128)
+    # Whether buffer lengths are the instructor's own token counts (its tokenizer fills the buffers);
+    # False for the byte-level text encoding of HTTP roles: a seed's served length is then unknown.
+    buffer_is_served: bool = struct.field(pytree_node=False, default=True)
 
 
 @struct.dataclass
@@ -101,52 +105,13 @@ def _rows(mask: jax.Array, like: jax.Array) -> jax.Array:
     return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
 
 
-@dataclasses.dataclass(frozen=True)
-class Discrete:
-    """gymnax's ``Discrete`` space: actions ``0 .. n-1``."""
-
-    n: int
-    dtype: Any = jnp.int32
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return ()
-
-    def sample(self, key: jax.Array) -> jax.Array:
-        """A uniform action."""
-        return jax.random.randint(key, (), 0, self.n).astype(self.dtype)
-
-    def contains(self, x: jax.Array) -> jax.Array:
-        """Whether ``x`` is a valid action."""
-        return (x >= 0) & (x < self.n)
-
-
-@dataclasses.dataclass(frozen=True)
-class Box:
-    """gymnax's ``Box`` space: real vectors of ``shape`` in ``[low, high]``."""
-
-    low: float
-    high: float
-    shape: tuple[int, ...]
-    dtype: Any = jnp.float32
-
-    def sample(self, key: jax.Array) -> jax.Array:
-        """A uniform sample (standard normal where the box is unbounded)."""
-        if jnp.isfinite(self.low) and jnp.isfinite(self.high):
-            return jax.random.uniform(key, self.shape, self.dtype, self.low, self.high)
-        return jax.random.normal(key, self.shape, self.dtype)
-
-    def contains(self, x: jax.Array) -> jax.Array:
-        """Whether ``x`` lies in the box."""
-        return jnp.all((x >= self.low) & (x <= self.high))
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class EvolveEnv:
     """Instruction-evolution env (gymnax's split). Build with :func:`make`.
 
     ``operator``: ``apply(key, op_ids, tokens, lengths, params[, context][, active]) -> (tokens,
-    lengths, queries)`` on batches, indexed by the env's operations *without* ``stop`` (in order);
+    lengths, queries[, served])`` on batches (``served``: lengths in the served model's tokens, -1 =
+    unknown; text operators report them from the endpoint's usage), indexed by the env's operations *without* ``stop`` (in order);
     ``embed_fn(params, tokens [L], length) -> [D]``; ``terms`` and ``rules`` as registered in
     ``env.rewards`` / ``env.elimination``. ``params`` (set by :func:`make`) is ``default_params``.
 
@@ -211,6 +176,17 @@ class EvolveEnv:
         return tuple(dict.fromkeys(ROLES + tuple(t.role for t in self.terms if t.role)
                                    + tuple(r for r, _ in self.simulated_queries)))
 
+    def role_stats(self) -> dict[str, dict]:
+        """Host-side counts of the text roles, by role (``env.host_roles``): the instructor's ``calls``,
+        ``rows``, ``rejected``; the reviewer's ``calls``, ``rows``, ``unparseable``. Empty for jitted roles."""
+        out = {}
+        if isinstance(getattr(self.operator, "stats", None), dict):
+            out["instructor"] = dict(self.operator.stats)
+        for t in self.terms:
+            if t.role and isinstance(getattr(t.fn, "stats", None), dict):
+                out[t.role] = dict(t.fn.stats)
+        return out
+
     def embedding_size(self, params: EnvParams) -> int:
         """Embedding width ``D`` (by shape evaluation, so any ``embed_fn`` works)."""
         out = jax.eval_shape(self.embed_fn, params.embed, jax.ShapeDtypeStruct((params.max_len,), jnp.int32),
@@ -221,12 +197,16 @@ class EvolveEnv:
         """``D + num_actions + 1``."""
         return self.embedding_size(params or self.default_params) + self.num_actions + 1
 
-    def describe(self, params: EnvParams, tokens: jax.Array, length: jax.Array) -> Instruction:
-        """Buffer + features (embedding, distinct-token count) of one instruction."""
+    def describe(self, params: EnvParams, tokens: jax.Array, length: jax.Array, served=None) -> Instruction:
+        """Buffer + features (embedding, distinct-token count) of one instruction; ``served`` (its
+        length in the served model's tokens, -1 = unknown) defaults to ``length`` where
+        ``params.buffer_is_served``, else to -1."""
         length = jnp.asarray(length, jnp.int32)
         emb = self.embed_fn(params.embed, tokens, length).astype(jnp.float32)
+        default = length if params.buffer_is_served else jnp.full_like(length, -1)
+        served = default if served is None else jnp.where(jnp.asarray(served) >= 0, served, default)
         return Instruction(tokens=tokens.astype(jnp.int32), length=length, embedding=emb,
-                           distinct=distinct_count(tokens, length))
+                           distinct=distinct_count(tokens, length), served=jnp.asarray(served, jnp.int32))
 
     def get_obs(self, state: EnvState, params: EnvParams | None = None) -> jax.Array:
         """``float32 [D + A + 1]``: embedding, one-hot previous action, step fraction (one env)."""
@@ -310,9 +290,10 @@ class EvolveEnv:
             extra["context"] = {"domain": state.domain, "seed": state.seed}
         if getattr(self.operator, "wants_active", False):
             extra["active"] = active
-        new_tokens, new_len, op_queries = self.operator.apply(
-            k_op, op_map[action], before.tokens, before.length, params.operator, **extra)
-        after = jax.vmap(self.describe, in_axes=(None, 0, 0))(params, materialize(new_tokens), new_len)
+        out = self.operator.apply(k_op, op_map[action], before.tokens, before.length, params.operator, **extra)
+        new_tokens, new_len, op_queries = out[:3]
+        served = out[3] if len(out) > 3 else jnp.full_like(new_len, -1)  # text operators: usage counts
+        after = jax.vmap(self.describe, in_axes=(None, 0, 0, 0))(params, materialize(new_tokens), new_len, served)
         after = jax.tree.map(lambda b, a: jnp.where(_rows(active, b), a, b), before, after)
 
         queries = {role: jnp.zeros((n,), jnp.float32) for role in self.roles}
@@ -403,15 +384,16 @@ def _load_tokenizer(cfg: EnvConfig, tokenizer, seed_texts: Sequence[str]):
     return offline_tokenizer(seed_texts, cfg.vocab_size)
 
 
-def make(name: str | None = "token_edit", config: EnvConfig | dict | None = None, *, tokenizer=None,
-         seeds: SeedBatch | Sequence[str] | None = None, domains: Sequence[str | None] | None = None,
-         operator=None, operator_params=None, embed_fn=None, embed_params=None,
-         reward_terms: Sequence[RewardTerm] = (), term_params: dict | None = None,
-         **overrides) -> tuple[EvolveEnv, EnvParams]:
-    """Build ``(env, env_params)`` for ``name`` (``"token_edit"`` or ``"llm"``).
+def build_env(name: str | None = "token_edit", config: EnvConfig | dict | None = None, *, tokenizer=None,
+              seeds: SeedBatch | Sequence[str] | None = None, domains: Sequence[str | None] | None = None,
+              operator=None, operator_params=None, embed_fn=None, embed_params=None,
+              reward_terms: Sequence[RewardTerm] = (), term_params: dict | None = None,
+              buffer_is_served: bool = True, **overrides) -> tuple[EvolveEnv, EnvParams]:
+    """Assemble ``(env, env_params)`` for ``name`` (``"token_edit"`` or ``"llm"``) from objects; the
+    one factory, ``env.factory.make``, calls it (and builds the LLM roles first).
 
-    ``config`` (an :class:`EnvConfig` or dict) plus keyword overrides of its fields (the policy
-    stage's ``env_kwargs``) set everything by name. Python objects plug in directly:
+    ``config`` (an :class:`EnvConfig` or dict) plus keyword overrides of its fields set everything
+    by name. Python objects plug in directly:
 
     * ``tokenizer``: a Hugging Face tokenizer or a local dir (default: ``config.tokenizer``, else the
       offline word-level tokenizer built from the seeds and phrase banks).
@@ -423,6 +405,8 @@ def make(name: str | None = "token_edit", config: EnvConfig | dict | None = None
     * ``embed_fn`` + ``embed_params``: replace the hashed embedding (e.g. a sentence encoder).
     * ``reward_terms`` + ``term_params``: extra :class:`RewardTerm` objects (e.g. the reviewer judge;
       registered by name) and their params; weight them in ``reward_weights``.
+    * ``buffer_is_served``: False when the buffers hold the byte-level text encoding of HTTP roles
+      (lengths in the served model's tokens then come from the operator; ``EnvParams``).
     """
     for term in reward_terms:  # so that config.reward_weights may name them
         register_term(term)
@@ -476,7 +460,7 @@ def make(name: str | None = "token_edit", config: EnvConfig | dict | None = None
         penalties=jnp.asarray([cfg.elimination[r] for r in rules], jnp.float32),
         term_params=tp, revert_eliminated=jnp.asarray(cfg.revert_eliminated),
         terminate_on_elimination=jnp.asarray(cfg.terminate_on_elimination),
-        episode_length=cfg.episode_length, max_len=cfg.max_len)
+        episode_length=cfg.episode_length, max_len=cfg.max_len, buffer_is_served=bool(buffer_is_served))
     env = EvolveEnv(operator=operator, operations=tuple(cfg.operations), terms=terms, rule_names=rules,
                     embed_fn=embed_fn, tokenizer=tok, config=cfg, params=params,
                     simulated_queries=tuple((r, float(q)) for r, q in cfg.simulated_queries.items()))

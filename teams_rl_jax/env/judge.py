@@ -7,8 +7,8 @@ rule). We keep the decision but make it dense and parse-free for a local reviewe
     P(Not Equal) = softmax([logit(first token of " Equal"), logit(first token of " Not Equal")])[1]
 
 read from the reviewer's next-token distribution after the prompt, in one batched forward pass. At 0.5
-it makes the same decision as the text judge. :func:`parse_judgement` is the text judge for API
-backends that only return text (send :func:`judge_messages`).
+it makes the same decision as the text judge. API backends that only return text go through the
+text reviewer (``roles.reviewer``: the same prompt, ``judge_messages``, and its reply parsers).
 
 The prompt is in the reviewer's own chat format (its chat template, else Vicuna v1.1). The answer
 token ids are read in context: the first token of prompt + answer after the prompt (``▁Equal``
@@ -19,29 +19,15 @@ prompt's encoding.
 
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from teams_rl_jax.errors import ConfigError
+from teams_rl_jax.roles.reviewer import JUDGE_INSTRUCTION, judge_messages  # the one reviewer prompt
 
-# Our wording of the paper's comparison prompt (WizardLM's equality check); each instruction on its own
-# line. Rendered with the reviewer's chat template when it has one, else Vicuna v1.1 (data.chat).
-JUDGE_INSTRUCTION = (
-    "Here are two instructions written for an AI assistant. Decide whether they are equal, meaning that "
-    "they have the same constraints and requirements, and the same depth and breadth of inquiry.\n"
-    "First instruction:\n{old}\n"
-    "Second instruction:\n{new}\n"
-    "Answer with exactly one of: Equal, Not Equal. Do not explain."
-)
 ANSWERS = (" Equal", " Not Equal")  # index 1 = information gain = reward
-
-
-def judge_messages(old: str, new: str, *, instruction: str = JUDGE_INSTRUCTION) -> list[dict[str, str]]:
-    """Chat messages asking the reviewer whether ``new`` gains over ``old`` (text / HTTP backends)."""
-    return [{"role": "user", "content": instruction.format(old=old.strip(), new=new.strip())}]
 
 
 def judge_prompt(old: str, new: str, tokenizer=None) -> str:
@@ -92,19 +78,6 @@ def judge_reward(lm, params, prompt_ids: jax.Array, prompt_mask: jax.Array, answ
 
 def _positions(mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-
-
-_NOT_EQUAL = re.compile(r"\bnot\s+equal\b|\bunequal\b|\bdifferent\b", re.IGNORECASE)
-_EQUAL = re.compile(r"\bequal\b|\bsame\b", re.IGNORECASE)
-
-
-def parse_judgement(text: str) -> float | None:
-    """Text judge: 1.0 for "Not Equal", 0.0 for "Equal", ``None`` when the reply says neither."""
-    if _NOT_EQUAL.search(text):
-        return 1.0
-    if _EQUAL.search(text):
-        return 0.0
-    return None
 
 
 def reviewer_term(lm, tokenizer, *, env_tokenizer=None, name: str = "reviewer", chat: bool = True):

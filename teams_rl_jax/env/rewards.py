@@ -72,8 +72,13 @@ def novelty(key: jax.Array, before: Instruction, after: Instruction, aux: dict) 
 
 
 def length_gain(key: jax.Array, before: Instruction, after: Instruction, aux: dict) -> jax.Array:
-    """Clipped token-length gain, ``clip(delta / scale, -1, 1)``."""
-    delta = (after.length - before.length).astype(jnp.float32)
+    """Clipped token-length gain, ``clip(delta / scale, -1, 1)``: in the served model's tokens
+    (``Instruction.served``) where both are known, else in buffer tokens."""
+    delta = after.length - before.length
+    if before.served is not None and after.served is not None:
+        known = (before.served >= 0) & (after.served >= 0)
+        delta = jnp.where(known, after.served - before.served, delta)
+    delta = delta.astype(jnp.float32)
     return jnp.clip(delta / aux["params"]["scale"], -1.0, 1.0)
 
 

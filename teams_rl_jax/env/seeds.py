@@ -1,10 +1,8 @@
-"""Seed instructions: the :class:`SeedBatch` pytree, building it from text, the packaged default seeds,
-the offline tokenizer, and decoding token buffers back into text."""
+"""Seed instructions in the env: the :class:`SeedBatch` pytree, building it from text, the offline
+tokenizer, and decoding token buffers back into text (the seeds are read by :mod:`teams_rl_jax.data.seeds`)."""
 
 from __future__ import annotations
 
-import json
-from importlib import resources
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -13,10 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from teams_rl_jax.data.seeds import read_seeds
 from teams_rl_jax.env.buffers import encode, pad_rows
 from teams_rl_jax.errors import DataError
-
-DEFAULT_SEEDS = "seeds.jsonl"  # package data of teams_rl_jax.env
 
 
 @struct.dataclass
@@ -36,39 +33,12 @@ class SeedBatch:
 
 def read_seed_records(path: str | Path | None = None, field: str = "instruction",
                       limit: int | None = None) -> tuple[list[str], list[str | None]]:
-    """``(texts, domains)`` from a JSONL file with one ``{field: ..., "domain": ...}`` per line.
-
-    ``path=None`` reads the packaged default seeds (48 instructions of our own wording, 16 domains).
-    Errors name ``file:line``.
+    """``(texts, domains)`` of the seeds :func:`teams_rl_jax.data.seeds.read_seeds` reads (``path=None``:
+    the bundled seeds). A seed's text is its instruction with its input folded in, as the generate
+    stage's token-edit operator sees it. Errors name ``file:line``.
     """
-    if path is None:
-        text = resources.files("teams_rl_jax.env").joinpath(DEFAULT_SEEDS).read_text(encoding="utf-8")
-        where = f"teams_rl_jax/env/{DEFAULT_SEEDS}"
-    else:
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"seed file not found: {path}")
-        text, where = path.read_text(encoding="utf-8"), str(path)
-    texts: list[str] = []
-    domains: list[str | None] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}:{lineno}: invalid JSON ({e.msg})") from None
-        value = rec.get(field) if isinstance(rec, dict) else None
-        if not isinstance(value, str) or not value.strip():
-            raise DataError(f"{where}:{lineno}: missing or empty string field {field!r}")
-        texts.append(value.strip())
-        domain = rec.get("domain")
-        domains.append(str(domain) if domain is not None else None)
-        if limit is not None and len(texts) >= limit:
-            break
-    if not texts:
-        raise DataError(f"{where}: no seed instructions")
-    return texts, domains
+    seeds = read_seeds(path, limit, field=field)
+    return [s.text for s in seeds], [s.domain for s in seeds]
 
 
 def domain_ids(domains: Sequence[str | None]) -> np.ndarray:
@@ -108,9 +78,9 @@ def seeds_from_texts(texts: Sequence[str], tokenizer, max_len: int, domains: Seq
     return SeedBatch(tokens=jnp.asarray(buf), lengths=jnp.asarray(lens), domains=jnp.asarray(dom))
 
 
-def offline_tokenizer(texts: Sequence[str], vocab_size: int = 8192):
-    """Word-level tokenizer (no hub) covering ``texts`` plus every phrase the env itself uses."""
-    from teams_rl_jax.data.tokenizer import build_word_tokenizer
+def tokenizer_corpus(texts: Sequence[str]) -> list[str]:
+    """``texts`` plus every phrase the env itself uses (banks, concrete terms, template phrases, stop
+    words, punctuation): what the env's own tokenizers are built from."""
     from teams_rl_jax.env import phrases
 
     corpus = list(texts)
@@ -122,7 +92,14 @@ def offline_tokenizer(texts: Sequence[str], vocab_size: int = 8192):
     words = sorted(phrases.STOPWORDS)
     corpus += [" ".join(words), " ".join(w.title() for w in words), phrases.SORRY_WORD, phrases.SORRY_WORD.title(),
                " ".join("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")]  # every ASCII punctuation mark
-    return build_word_tokenizer(corpus, vocab_size=vocab_size)
+    return corpus
+
+
+def offline_tokenizer(texts: Sequence[str], vocab_size: int = 8192):
+    """Word-level tokenizer (no hub) covering ``texts`` plus every phrase the env itself uses."""
+    from teams_rl_jax.data.tokenizer import build_word_tokenizer
+
+    return build_word_tokenizer(tokenizer_corpus(texts), vocab_size=vocab_size)
 
 
 def decode(tokenizer, tokens, lengths) -> str | list[str]:

@@ -25,7 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from teams_rl_jax.data.readers import read_dataset
+from teams_rl_jax.data.tokenize import tokenize_dataset
+from teams_rl_jax.data.tokenizer import load_tokenizer
 from teams_rl_jax.errors import DataError
+from teams_rl_jax.eval.report import plot_roc
+from teams_rl_jax.models.lm import load_pretrained
 
 _BUCKET = 32
 
@@ -44,8 +49,6 @@ def _loss_fn(lm):
 def tokenize_records(examples, tokenizer, template: str = "alpaca", max_seq_len: int = 256
                      ) -> list[tuple[np.ndarray, np.ndarray]]:
     """``[(ids, loss_mask)]`` by the SFT tokenization (examples whose response does not fit are dropped)."""
-    from teams_rl_jax.data.tokenize import tokenize_dataset
-
     seqs, _ = tokenize_dataset(examples, tokenizer, template, max_seq_len)
     return seqs
 
@@ -99,30 +102,6 @@ def reference_attack(target_members, target_non, ref_members, ref_non) -> dict:
                           -(np.asarray(target_non) - np.asarray(ref_non)))
 
 
-def plot_roc(path: str | Path, attacks: dict[str, dict], title: str = "membership inference") -> None:
-    """ROC curves of several attacks (``{name: attack_metrics(...)}``), log-log like Carlini et al. too."""
-    from teams_rl_jax.eval.report import save_figure
-
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    for name, m in sorted(attacks.items()):
-        for ax in axes:
-            ax.plot(m["roc"]["fpr"], m["roc"]["tpr"], label=f"{name} (AUC {m['auc']:.3f})")
-    for ax in axes:
-        ax.plot([1e-4, 1], [1e-4, 1], "k:", lw=0.8)
-        ax.set_xlabel("false positive rate")
-        ax.set_ylabel("true positive rate")
-    axes[1].set_xscale("log")
-    axes[1].set_yscale("log")
-    axes[1].set_xlim(1e-3, 1)
-    axes[1].set_ylim(1e-3, 1)
-    axes[0].legend(loc="lower right", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
 def _record_key(ex) -> tuple:
     return (ex.instruction.strip(), ex.input.strip(), ex.output.strip())
 
@@ -137,12 +116,8 @@ def run_mia(checkpoint: str | Path, members, non_members, *, reference: str | Pa
             template: str = "alpaca", max_seq_len: int = 256, max_examples: int = 256, batch_size: int = 16,
             plot: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Run the attacks on a local HF checkpoint. ``members``/``non_members``: dataset paths or lists of
-    :class:`~teams_rl_jax.data.readers.Example`. Non-members that are also members are removed; both sides
+    :class:`~teams_rl_jax.data.example.Example`. Non-members that are also members are removed; both sides
     are cut to ``max_examples``. Returns ``{"loss": metrics, "reference": metrics?, ...}``."""
-    from teams_rl_jax.data.readers import read_dataset
-    from teams_rl_jax.data.tokenizer import load_tokenizer
-    from teams_rl_jax.models import load_pretrained
-
     mem = read_dataset(members) if isinstance(members, (str, Path)) else list(members)
     non = read_dataset(non_members) if isinstance(non_members, (str, Path)) else list(non_members)
     non = disjoint(non, mem)

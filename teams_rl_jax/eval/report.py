@@ -148,6 +148,27 @@ def plot_curves(path: Path, curves: dict[str, list[list[float]]], xlabel: str) -
 
 
 # ---- markdown ---------------------------------------------------------------------------------------------
+def plot_roc(path: str | Path, attacks: dict[str, dict], title: str = "membership inference") -> None:
+    """ROC curves of several attacks (``{name: attack_metrics(...)}``), log-log like Carlini et al. too."""
+    plt = _mpl()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for name, m in sorted(attacks.items()):
+        for ax in axes:
+            ax.plot(m["roc"]["fpr"], m["roc"]["tpr"], label=f"{name} (AUC {m['auc']:.3f})")
+    for ax in axes:
+        ax.plot([1e-4, 1], [1e-4, 1], "k:", lw=0.8)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+    axes[1].set_xscale("log")
+    axes[1].set_yscale("log")
+    axes[1].set_xlim(1e-3, 1)
+    axes[1].set_ylim(1e-3, 1)
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def render_markdown(rep: dict, plots: list[str]) -> str:
     ds = rep.get("datasets", [])
     lines = ["# TeaMs-RL eval report", ""]
@@ -226,8 +247,6 @@ def write_report(out_dir: str | Path, rep: dict) -> dict[str, Path]:
         plot_curves(out / "reward_vs_queries.png", rep["policy_curves"], rep.get("policy_curves_x", "queries"))
         plots.append("reward_vs_queries.png")
     if rep.get("mia"):
-        from teams_rl_jax.eval.mia import plot_roc
-
         attacks = {k: v for k, v in rep["mia"].items() if isinstance(v, dict) and "roc" in v}
         if attacks:
             plot_roc(out / "roc.png", attacks)

@@ -3,13 +3,13 @@
 (Named ``evolve`` because ``teams_rl_jax.generate`` is already the LM decode function.)
 
 ``run_generate_stage(GenerateConfig, run_dir, roles)`` -> ``run_dir/data/generated.jsonl`` +
-``summary.json``. Modules: ``config`` (:class:`GenerateConfig`), ``records`` (seeds, crash-safe
-JSONL), ``selectors`` (policy / random / fixed / paper), ``operators`` (LLM role or token edit),
+``summary.json``. Modules: ``config`` (:class:`GenerateConfig`), ``records`` (crash-safe
+JSONL; seeds come from ``teams_rl_jax.data.seeds``), ``selectors`` (policy / random / fixed / paper), ``operators`` (LLM role or token edit),
 ``filters`` (elimination rules, duplicates), ``stage``.
 """
 
 from teams_rl_jax.evolve.config import GenerateConfig
-from teams_rl_jax.evolve.records import Seed, read_seeds
+from teams_rl_jax.data.seeds import Seed, read_seeds
 
 __all__ = ["GenerateConfig", "Seed", "outputs_complete", "read_seeds", "run_generate_stage"]
 

@@ -34,9 +34,9 @@ class GenerateConfig:
     judge: bool = True  # ask the reviewer (when configured) "Equal"/"Not Equal" for rule 1
     near_dup_threshold: float | None = 0.95  # MiniLM cosine at or above it = near-duplicate; null = off
     encoder: str | None = None  # local HF BERT dir; None = the packaged all-MiniLM-L6-v2
-    max_new_tokens: int = 256  # for a rewrite (cut by it = eliminated, unless drop_truncated is false)
+    # Reply lengths are the roles' own (roles.<role>.max_new_tokens): a rewrite cut by it is
+    # eliminated as truncated unless drop_truncated is false.
     drop_truncated: bool = True
-    answer_max_new_tokens: int = 512  # for the expert's answer
     temperature: float = 0.7
     top_p: float = 0.95
     batch_seeds: int = 32  # seeds evolved together: one batched call per role per step
@@ -56,8 +56,6 @@ class GenerateConfig:
             raise ConfigError(f"max_seeds must be >= 1, got {self.max_seeds}")
         if self.near_dup_threshold is not None and not 0.0 < self.near_dup_threshold <= 1.0:
             raise ConfigError(f"near_dup_threshold must be in (0, 1] or null, got {self.near_dup_threshold}")
-        if self.max_new_tokens < 1 or self.answer_max_new_tokens < 1:
-            raise ConfigError("max_new_tokens and answer_max_new_tokens must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError("need temperature >= 0 and 0 < top_p <= 1")
         for b in self.baselines:

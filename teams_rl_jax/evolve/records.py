@@ -1,4 +1,4 @@
-"""Seed reading and crash-safe record files of the generate stage.
+"""Crash-safe record files of the generate stage (seeds are read by :mod:`teams_rl_jax.data.seeds`).
 
 Two append-only JSONL files per process shard: ``generated.jsonl`` (Alpaca records with ``meta``)
 and ``progress.jsonl`` (one line per *finished* seed: its eliminations, duplicates and queries).
@@ -13,76 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
-from teams_rl_jax.errors import DataError
-
-BUNDLED_SEEDS = "evolve_seeds.jsonl"  # package data of teams_rl_jax.data (our own ~100 seeds)
-
-
-@dataclass(frozen=True)
-class Seed:
-    """One seed instruction: a stable ``id``, ``instruction``, optional ``input`` and ``domain``."""
-
-    id: str
-    instruction: str
-    input: str = ""
-    domain: str | None = None
-
-    @property
-    def text(self) -> str:
-        """What gets evolved: the instruction with its input folded in (as WizardLM does)."""
-        return self.instruction if not self.input else f"{self.instruction}\n{self.input}"
-
-
-def read_seeds(path: str | Path | None = None, limit: int | None = None) -> list[Seed]:
-    """Seeds from an Alpaca JSON list or JSONL file (``None``: the bundled set). Errors name file:line."""
-    if path is None:
-        text = resources.files("teams_rl_jax.data").joinpath(BUNDLED_SEEDS).read_text(encoding="utf-8")
-        where = f"teams_rl_jax/data/{BUNDLED_SEEDS}"
-    else:
-        p = Path(path)
-        if not p.is_file():
-            raise DataError(f"seed file not found: {p}")
-        text, where = p.read_text(encoding="utf-8"), str(p)
-    rows: list[tuple[int, Any]] = []
-    if text.lstrip().startswith("["):
-        try:
-            rows = list(enumerate(json.loads(text), 1))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}:{e.lineno}: invalid JSON ({e.msg})") from None
-        line_word = "record"
-    else:
-        line_word = "line"
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}:{n}: invalid JSON ({e.msg})") from None
-    seeds: list[Seed] = []
-    seen: set[str] = set()
-    for n, rec in rows:
-        at = f"{where}:{n}" if line_word == "line" else f"{where} record {n}"
-        if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str) or not rec["instruction"].strip():
-            raise DataError(f"{at}: missing or empty string field 'instruction'")
-        inp = rec.get("input") or ""
-        if not isinstance(inp, str):
-            raise DataError(f"{at}: field 'input' must be a string")
-        sid = str(rec.get("id", f"seed-{len(seeds):05d}"))
-        if sid in seen:
-            raise DataError(f"{at}: duplicate seed id {sid!r}")
-        seen.add(sid)
-        dom = rec.get("domain")
-        seeds.append(Seed(sid, rec["instruction"].strip(), inp.strip(), str(dom) if dom is not None else None))
-        if limit is not None and len(seeds) >= limit:
-            break
-    if not seeds:
-        raise DataError(f"{where}: no seed instructions")
-    return seeds
+from teams_rl_jax.data.seeds import Seed, read_seeds  # noqa: F401 - re-exported for the stage
 
 
 def _read_lines(path: Path) -> tuple[list[dict], int]:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from teams_rl_jax.env import factory
 from teams_rl_jax.env.operations import OPERATIONS
 from teams_rl_jax.errors import ConfigError
 
@@ -67,30 +68,9 @@ class ScheduleSelector:
 
 
 def observation_env(policy_config: Any, roles: Any = None):
-    """``(env, env_params)`` whose observation equals the policy stage's env's.
-
-    The observation depends on the env's tokenizer, embedding and episode length, not on its
-    operator, so an LLM-env policy gets the token-edit build of the same settings (its tokenizer:
-    ``env_kwargs.tokenizer``, else the instructor's flax checkpoint dir).
-    """
-    from teams_rl_jax import env as env_pkg
-
-    kind = policy_config.env
-    kwargs = dict(policy_config.env_kwargs)
-    if kind == "token_edit":
-        return env_pkg.make("token_edit", **kwargs)
-    if kind == "llm":
-        kwargs.pop("operator", None)
-        if "tokenizer" not in kwargs:
-            inst = getattr(roles, "instructor", None) if roles is not None else None
-            if inst is None or getattr(inst, "backend", None) != "flax":
-                raise ConfigError("generate: the policy was trained in the LLM env; its observation needs the "
-                                  "env's tokenizer (set policy.env_kwargs.tokenizer or a flax roles.instructor)")
-            kwargs["tokenizer"] = inst.checkpoint
-        ops = [op for op in kwargs.get("operations", OPERATIONS) if op != STOP]
-        kwargs["operations"] = tuple(ops)
-        return env_pkg.make("token_edit", **kwargs)
-    raise ConfigError(f"generate: cannot rebuild the observation of policy env {kind!r} (token_edit or llm)")
+    """``(env, env_params)`` whose observation equals the policy stage's env's (``env.factory.observation_env``:
+    the token-edit build of the same settings and buffer tokenizer)."""
+    return factory.observation_env(policy_config.env, policy_config.env_config, roles)
 
 
 class PolicySelector:

@@ -5,13 +5,16 @@
 * ``generated.jsonl``: ``{"instruction", "input", "output", "meta": {"seed_id", "selector", "ops",
   "step", "judge", "queries": {role: n}, "answer_finish"}}`` (``queries``: what that seed had cost
   when the record was made).
-* ``summary.json``: kept, eliminations by rule, duplicates dropped, queries by role (paid + replayed),
+* ``summary.json``: kept, eliminations by rule, duplicates dropped, unparseable reviewer replies (by
+  role), queries by role (paid + replayed),
   paid and replayed separately, queries per kept instruction, operation histogram.
 * ``baselines/<name>/``: the same for each baseline selector, over the same seeds and query budget.
 * ``shards/``: per-process record and progress files (merged into ``generated.jsonl`` at the end).
 
 Per batch of ``batch_seeds`` seeds and per step: the selector picks each live seed's operation; the
-operator role rewrites (one batched ``complete``); the reviewer judges (one batched call); rules 1/4
+operator role rewrites (one batched ``complete``, the text instructor of ``roles.instructor``); the
+reviewer judges (one batched call, ``roles.reviewer``); each role's reply length is
+``roles.<role>.max_new_tokens``; rules 1/4
 and duplicates filter; the expert answers the survivors (one batched call); rules 2-3 filter the
 answers. An eliminated evolution is dropped and the seed continues from its previous instruction
 (as in the env, ``revert_eliminated``). Multi-host: seed ``i`` belongs to process ``i % count``.
@@ -19,18 +22,23 @@ answers. An eliminated evolution is dropped and the seed continues from its prev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from teams_rl_jax.backends.base import QueryCounter
+from teams_rl_jax.backends.config import max_new_tokens, role_config
+from teams_rl_jax.env.prompts import expert_messages
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.evolve import filters as F
 from teams_rl_jax.evolve.config import GenerateConfig
 from teams_rl_jax.evolve.records import (AppendLog, Seed, _read_lines, read_seeds, recover, write_json_atomic,
                                          write_jsonl_atomic)
+from teams_rl_jax.evolve.operators import LLMRewriter, token_edit_operator
 from teams_rl_jax.evolve.selectors import STOP, make_selector
+from teams_rl_jax.roles.reviewer import Reviewer
 
 ROLES = ("instructor", "reviewer", "expert")
 
@@ -74,6 +82,26 @@ def build_backends(cfg: GenerateConfig, roles: Any, run_dir: Path, backends: dic
     return build_roles(only, QueryCounter(), cache=wrap)
 
 
+@dataclasses.dataclass
+class _Roles:
+    """What the evolve loop calls besides the operator: the expert (and its reply length) and the
+    text reviewer (None: no reviewer, rule 1 by text only)."""
+
+    expert: Any
+    expert_max_new_tokens: int
+    reviewer: Reviewer | None
+
+
+def text_roles(bk: dict, roles: Any) -> _Roles:
+    """The expert and the text :class:`Reviewer` (its ``max_new_tokens`` and ``parser`` from
+    ``roles.reviewer``) over the stage's backends."""
+    reviewer = None
+    if bk.get("reviewer") is not None:
+        cfg = role_config(roles, "reviewer")
+        reviewer = Reviewer(bk["reviewer"], max_new_tokens(roles, "reviewer"), cfg.parser if cfg else "lenient")
+    return _Roles(bk.get("expert"), max_new_tokens(roles, "expert"), reviewer)
+
+
 def _process() -> tuple[int, int]:
     try:
         import jax
@@ -98,6 +126,7 @@ class _Batch:
         self.dups: list[dict[str, int]] = [{"exact": 0, "near": 0} for _ in range(n)]
         self.records: list[list[dict]] = [[] for _ in range(n)]
         self.judge: list[float | None] = [None] * n
+        self.unparseable: list[dict[str, int]] = [{"reviewer": 0} for _ in range(n)]
         self.stopped = [False] * n
 
     def charge(self, i: int, q: dict[str, int]) -> None:
@@ -105,16 +134,12 @@ class _Batch:
             self.queries[i][r] = self.queries[i].get(r, 0) + n
 
 
-def _answer(bk: dict, cfg: GenerateConfig, batch: _Batch, items: list[tuple[int, str, int]]) -> list[tuple[int, str, int, str, str]]:
+def _answer(rs: _Roles, cfg: GenerateConfig, batch: _Batch, items: list[tuple[int, str, int]]) -> list[tuple[int, str, int, str, str]]:
     """Expert answers for ``(i, instruction, step)``; returns survivors of rules 2-3 with answer + finish."""
     if not items:
         return []
-    expert = bk["expert"]
-    from teams_rl_jax.env.prompts import expert_messages
-
-    got = expert.complete([expert_messages(x) for _, x, _ in items],
-                          max_new_tokens=cfg.answer_max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                          seed=cfg.seed)
+    got = rs.expert.complete([expert_messages(x) for _, x, _ in items], max_new_tokens=rs.expert_max_new_tokens,
+                             temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     out = []
     for (i, text, step), c in zip(items, got):
         batch.charge(i, {"expert": 1})
@@ -134,8 +159,8 @@ def _record(batch: _Batch, i: int, text: str, step: int, answer: str, finish: st
                      "answer_finish": finish}}
 
 
-def _evolve_batch(cfg: GenerateConfig, batch: _Batch, selector, operator, bk: dict, dedup: F.Deduper) -> None:
-    reviewer = bk.get("reviewer")
+def _evolve_batch(cfg: GenerateConfig, batch: _Batch, selector, operator, rs: _Roles, dedup: F.Deduper) -> None:
+    reviewer = rs.reviewer
     name = selector.name
     for t in range(cfg.steps):
         live = [i for i, a in enumerate(batch.alive) if a]
@@ -159,13 +184,11 @@ def _evolve_batch(cfg: GenerateConfig, batch: _Batch, selector, operator, bk: di
             batch.charge(i, q)
         verdict: dict[int, float | None] = {}
         if reviewer is not None:
-            from teams_rl_jax.env.judge import judge_messages, parse_judgement
-
-            msgs = [judge_messages(batch.cur[i], x) for i, (x, _, _) in zip(idx, new)]
-            got = reviewer.complete(msgs, max_new_tokens=8, temperature=0.0, top_p=1.0, seed=cfg.seed)
-            for i, c in zip(idx, got):
+            got = reviewer.judge([batch.cur[i] for i in idx], [x for x, _, _ in new], seed=cfg.seed)
+            for i, v in zip(idx, got):
                 batch.charge(i, {"reviewer": 1})
-                verdict[i] = parse_judgement(c.text)
+                batch.unparseable[i]["reviewer"] += v is None
+                verdict[i] = v
         accepted = []
         for (i, op), (text, truncated, _) in zip(act, new):
             judge = verdict.get(i)
@@ -188,7 +211,7 @@ def _evolve_batch(cfg: GenerateConfig, batch: _Batch, selector, operator, bk: di
                     batch.dups[i][dup] += 1
                 else:
                     todo.append((i, text, t + 1))
-            for i, text, step, answer, finish in _answer(bk, cfg, batch, todo):
+            for i, text, step, answer, finish in _answer(rs, cfg, batch, todo):
                 batch.records[i].append(_record(batch, i, text, step, answer, finish, name))
         else:
             for i, op, text, judge in accepted:
@@ -203,7 +226,7 @@ def _evolve_batch(cfg: GenerateConfig, batch: _Batch, selector, operator, bk: di
                 batch.dups[i][dup] += 1
             else:
                 todo.append((i, batch.cur[i], len(batch.chain[i])))
-        for i, text, step, answer, finish in _answer(bk, cfg, batch, todo):
+        for i, text, step, answer, finish in _answer(rs, cfg, batch, todo):
             batch.records[i].append(_record(batch, i, text, step, answer, finish, name))
 
 
@@ -233,6 +256,8 @@ def summarize(progress: list[dict], paid_by_role: dict[str, int] | None, selecto
         "replayed": replayed,
         "queries_per_kept": total / kept if kept else None,
         "stopped_early": sum(bool(p.get("stopped")) for p in progress),
+        # Replies the reviewer's parser could not read (scored Equal), by role.
+        "unparseable": {"reviewer": sum(p.get("unparseable", {}).get("reviewer", 0) for p in progress)},
         "op_histogram": dict(sorted(hist.items())),
     }
 
@@ -262,14 +287,11 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
     bk = build_backends(cfg, roles, run_dir, backends, tag=tag)
     sel = make_selector(name, cfg, run_dir, roles)
     if cfg.operator_role == "token_edit":
-        from teams_rl_jax.evolve.operators import token_edit_operator
-
         operator = token_edit_operator(seeds, seed=cfg.seed, batch=cfg.batch_seeds)
     else:
-        from teams_rl_jax.evolve.operators import LLMOperator
-
-        operator = LLMOperator(bk[cfg.operator_role], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                               top_p=cfg.top_p, seed=cfg.seed)
+        operator = LLMRewriter(bk[cfg.operator_role], max_new_tokens=max_new_tokens(roles, cfg.operator_role),
+                               temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+    rs = text_roles(bk, roles)
     dedup = F.Deduper(cfg.near_dup_threshold, cfg.encoder)
     dedup.add([r["instruction"] for r in kept])
     if todo:
@@ -290,13 +312,13 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
                 break
             chunk = todo[start:start + cfg.batch_seeds]
             batch = _Batch([s for _, s in chunk], [i for i, _ in chunk])
-            _evolve_batch(cfg, batch, sel, operator, bk, dedup)
+            _evolve_batch(cfg, batch, sel, operator, rs, dedup)
             for i, s in enumerate(batch.seeds):
                 for r in batch.records[i]:
                     records.write(r)
                 prog.write({"seed_id": s.id, "records": len(batch.records[i]), "eliminated": batch.elim[i],
                             "duplicates": batch.dups[i], "queries": batch.queries[i], "ops": batch.chain[i],
-                            "stopped": batch.stopped[i]})
+                            "stopped": batch.stopped[i], "unparseable": batch.unparseable[i]})
                 q = sum(batch.queries[i].values())
                 used += q
                 asked += q

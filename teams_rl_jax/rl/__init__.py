@@ -3,8 +3,9 @@
 ``make_train(config, env) -> train(key, env_params, seeds=None) -> (runner_state, metrics)``
 (env params and seeds are arguments, never closure constants); the shared rollout is
 :mod:`~teams_rl_jax.rl.rollout`, each algorithm one file (``trpo``, ``ppo``, ``baselines``).
-``run_policy_stage`` (in :mod:`teams_rl_jax.rl.stage`, imported lazily: it pulls in Orbax and
-matplotlib) trains and writes the stage's artifacts.
+``run_policy_stage`` (in :mod:`teams_rl_jax.rl.stage`) trains and writes the stage's artifacts;
+``load_policy``/``save_policy`` are in :mod:`teams_rl_jax.rl.checkpoint`, the curves and plots in
+:mod:`teams_rl_jax.rl.curves`. The three are imported lazily (Orbax), so importing the package stays light.
 """
 
 from teams_rl_jax.rl.baselines import paper_overrides, paper_schedule, schedule_ops, schedule_table
@@ -18,10 +19,14 @@ from teams_rl_jax.rl.trpo import conjugate_gradient, fisher_vector_product, trpo
 
 
 def __getattr__(name):
-    if name in ("run_policy_stage", "load_policy", "save_policy"):
+    if name == "run_policy_stage":
         from teams_rl_jax.rl import stage
 
-        return getattr(stage, name)
+        return stage.run_policy_stage
+    if name in ("load_policy", "save_policy"):
+        from teams_rl_jax.rl import checkpoint
+
+        return getattr(checkpoint, name)
     raise AttributeError(f"module 'teams_rl_jax.rl' has no attribute {name!r}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import flax.struct as struct
 import jax
 import jax.numpy as jnp
 
@@ -18,7 +19,20 @@ from teams_rl_jax.rl.config import PolicyConfig
 from teams_rl_jax.rl.gae import discounted_returns, gae, normalize
 from teams_rl_jax.rl.lagrange import query_cost
 from teams_rl_jax.rl.rollout import RolloutCarry, Transition
-from teams_rl_jax.rl.trpo import Batch
+
+
+@struct.dataclass
+class Batch:
+    """Flat training batch ``[B, ...]`` for a policy update (invalid rows have ``weights == 0``)."""
+
+    obs: jax.Array
+    actions: jax.Array
+    advantages: jax.Array
+    targets: jax.Array
+    weights: jax.Array
+    old_logits: jax.Array
+    old_values: jax.Array
+    action_mask: jax.Array | None = None
 
 
 class Algorithm(NamedTuple):

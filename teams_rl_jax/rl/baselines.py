@@ -17,6 +17,7 @@ import numpy as np
 
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.models import policy as P
+from teams_rl_jax.rl.algorithm import Algorithm
 from teams_rl_jax.rl.config import NAMED_SCHEDULES, OPERATIONS, validate_schedule
 
 # 0-based steps at which the reference generator forces breadth.
@@ -93,8 +94,6 @@ def _no_learning(params, opt_state, traj, last, multiplier, key):
 
 def make_random(config, num_actions: int):
     """WizardLM's uniform choice as an :class:`~teams_rl_jax.rl.algorithm.Algorithm` (nothing to learn)."""
-    from teams_rl_jax.rl.algorithm import Algorithm
-
     def act(params, key, obs, t, mask):
         return random_action(key, mask), uniform_logits(mask), jnp.zeros(mask.shape[:-1])
 
@@ -103,8 +102,6 @@ def make_random(config, num_actions: int):
 
 def make_fixed(config, num_actions: int, operations: tuple[str, ...]):
     """A fixed per-step schedule (``config.schedule``) as an :class:`~teams_rl_jax.rl.algorithm.Algorithm`."""
-    from teams_rl_jax.rl.algorithm import Algorithm
-
     table = schedule_table(config.schedule, config.num_steps, operations)  # numpy: a small constant
 
     def act(params, key, obs, t, mask):

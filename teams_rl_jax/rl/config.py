@@ -16,10 +16,14 @@ from teams_rl_jax.errors import ConfigError
 
 # The six Evol-Instruct operations in the default action order; an env may reorder or subset them
 # (``env.operations``), and the baselines map names through the env's own list.
+from teams_rl_jax.env.config import EnvConfig
 from teams_rl_jax.env.operations import OPERATIONS, STOP  # noqa: E402  (single source of truth)
 
 # Every action name a config may mention: the six operations and ``stop`` (ends the episode).
 ACTION_NAMES = OPERATIONS + (STOP,)
+
+# Envs the policy stage builds by name (``env.factory``; "synthetic" is registered by rl.testing).
+ENV_NAMES = ("token_edit", "llm", "synthetic")
 
 # Named fixed schedules understood by ``schedule`` (see teams_rl_jax.rl.baselines).
 NAMED_SCHEDULES = ("paper", "round_robin")
@@ -157,10 +161,11 @@ class PolicyConfig:
     loop: Literal["jit", "host"] = "jit"
     host_rollout: Literal["scan", "step"] = "scan"
     seed: int = 0
-    # Env used by the policy stage: teams_rl_jax.env.make(env, **env_kwargs); "synthetic" is the
-    # test env of teams_rl_jax.rl.testing.
+    # Env used by the policy stage: teams_rl_jax.env.make(env, env_config, roles=roles): "token_edit",
+    # "llm" (instructor and reviewer from the pipeline's roles), or "synthetic" (the test env of
+    # teams_rl_jax.rl.testing). env_config: the env's typed settings (checked when the config loads).
     env: str = "token_edit"
-    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    env_config: EnvConfig = field(default_factory=EnvConfig)
     # Baselines the stage also runs on the same number of episodes, for the comparison plot. None =
     # ("random", "paper") on the LLM-free envs and none on the LLM env, where each baseline costs as
     # many instructor and reviewer queries as the policy run itself.
@@ -203,9 +208,12 @@ class PolicyConfig:
                 )
         if self.host_rollout == "step" and self.loop != "host":
             raise ConfigError("host_rollout='step' needs loop='host'")
+        if self.env not in ENV_NAMES:
+            raise ConfigError(f"env: unknown env {self.env!r} (valid: {', '.join(ENV_NAMES)})")
         self.trpo.validate()
         self.ppo.validate()
         self.queries.validate()
+        self.env_config.validate()
 
     def replace(self, **changes: Any) -> "PolicyConfig":
         """Copy with fields changed (re-validated)."""

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from teams_rl_jax.models import policy as P
+from teams_rl_jax.rl.algorithm import Algorithm, Batch, actor_critic_batch, init_params
 from teams_rl_jax.rl.config import PPOConfig
 from teams_rl_jax.rl.gae import masked_mean
-from teams_rl_jax.rl.trpo import Batch
 
 
 def clipped_surrogate(ratio: jax.Array, advantages: jax.Array, clip_eps: float) -> jax.Array:
@@ -98,8 +98,6 @@ def ppo_update(
 
 def make_ppo(config, network):
     """PPO as an :class:`~teams_rl_jax.rl.algorithm.Algorithm` (GAE targets, Adam state carried)."""
-    from teams_rl_jax.rl.algorithm import Algorithm, actor_critic_batch, init_params
-
     tx = make_optimizer(config.ppo, config.num_updates)
 
     def init(key, obs_dim):

@@ -16,6 +16,8 @@ import flax.struct as struct
 import jax
 import jax.numpy as jnp
 
+from teams_rl_jax.env.factory import register_env
+
 NUM_ACTIONS = 6
 DEFAULT_OPTIMAL = (2, 5, 0, 3, 1, 4)
 
@@ -27,6 +29,7 @@ class SyntheticParams:
     optimal: jax.Array
     query_costs: jax.Array
     allowed: jax.Array
+    pool: jax.Array | None = None  # default reset embeddings [S, embed_dim] (None: N(0, 1) draws)
     horizon: int = struct.field(pytree_node=False, default=6)
     embed_dim: int = struct.field(pytree_node=False, default=8)
     terminate_action: int = struct.field(pytree_node=False, default=-1)
@@ -57,7 +60,9 @@ class SyntheticEnv:
         return jnp.concatenate([state.embedding, prev, frac]).astype(jnp.float32)
 
     def reset(self, key: jax.Array, params: SyntheticParams, seeds: jax.Array | None = None):
-        """Start an episode; the embedding is a random row of ``seeds [S, embed_dim]`` (or N(0, 1))."""
+        """Start an episode; the embedding is a random row of ``seeds [S, embed_dim]`` (default
+        ``params.pool``; neither: N(0, 1))."""
+        seeds = params.pool if seeds is None else seeds
         if seeds is None:
             emb = jax.random.normal(key, (params.embed_dim,))
         else:
@@ -123,3 +128,16 @@ def random_return(params: SyntheticParams) -> float:
 def synthetic_seeds(key: jax.Array, num: int = 32, embed_dim: int = 8) -> jax.Array:
     """A pool of ``num`` random embeddings (the env's ``seeds`` argument)."""
     return jax.random.normal(key, (num, embed_dim))
+
+
+def _synthetic_env(config, *, roles=None, counter=None, seed: int = 0, **kwargs):
+    """The factory's ``"synthetic"`` env (``env.make("synthetic", seed=...)``): ``make_synthetic(**kwargs)``
+    with a pool of ``num_seeds`` (32) random embeddings drawn from ``seed + 1``. ``config`` (an
+    ``EnvConfig``) is not read: the synthetic env has none of its settings."""
+    num_seeds = int(kwargs.pop("num_seeds", 32))
+    env, params = make_synthetic(**kwargs)
+    pool = synthetic_seeds(jax.random.PRNGKey(seed + 1), num_seeds, params.embed_dim)
+    return env, params.replace(pool=pool)
+
+
+register_env("synthetic", _synthetic_env)

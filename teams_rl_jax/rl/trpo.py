@@ -20,22 +20,9 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from teams_rl_jax.models import policy as P
+from teams_rl_jax.rl.algorithm import Algorithm, Batch, actor_critic_batch, init_params
 from teams_rl_jax.rl.config import TRPOConfig
 from teams_rl_jax.rl.gae import masked_mean
-
-
-@struct.dataclass
-class Batch:
-    """Flat training batch ``[B, ...]`` for a policy update (invalid rows have ``weights == 0``)."""
-
-    obs: jax.Array
-    actions: jax.Array
-    advantages: jax.Array
-    targets: jax.Array
-    weights: jax.Array
-    old_logits: jax.Array
-    old_values: jax.Array
-    action_mask: jax.Array | None = None
 
 
 def conjugate_gradient(
@@ -284,8 +271,6 @@ def trpo_update(network, params: Any, batch: Batch, cfg: TRPOConfig) -> tuple[An
 def make_trpo(config, network):
     """TRPO as an :class:`~teams_rl_jax.rl.algorithm.Algorithm`: sample from the policy, one
     :func:`trpo_update` per rollout (critic on discounted returns, as the reference)."""
-    from teams_rl_jax.rl.algorithm import Algorithm, actor_critic_batch, init_params
-
     def init(key, obs_dim):
         return init_params(network, key, obs_dim), ()
 

@@ -1,0 +1,207 @@
+"""The one env factory (gymnax's ``registration.make``): every env the stages build, by name.
+
+``env, env_params = make(name, config, roles=..., **objects)``:
+
+* ``"token_edit"``: the LLM-free env (phrase-bank edits, 0 queries);
+* ``"llm"``: the instructor-LM env. With ``roles`` (the pipeline's ``roles`` section, or built
+  backends) the instructor and reviewer are built here: in-process Flax roles become the jitted
+  operator (``env.llm_operator``) and logit judge (``env.judge``); a role behind HTTP becomes the
+  text role through ``env.host_roles`` (``io_callback``; the stage then steps the env from Python). Without
+  ``roles`` pass ``operator=``/``operator_params=`` (and reward terms) as objects;
+* other names registered with :func:`register_env` (``rl.testing`` registers ``"synthetic"``).
+
+The instruction buffers' tokenizer (:func:`buffer_tokenizer`): ``EnvConfig.tokenizer`` when set,
+else a Flax instructor's own tokenizer, else (an HTTP instructor and no local tokenizer) the env's
+lossless byte-level encoding (``env.byte_tokenizer``): lengths in the served model's tokens then
+come from the endpoint's ``usage`` (``Instruction.served``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax.numpy as jnp
+
+from teams_rl_jax import backends
+from teams_rl_jax.backends.config import RoleConfig, RolesConfig, max_new_tokens, role_config
+from teams_rl_jax.config import from_dict
+from teams_rl_jax.data.tokenizer import choose_pad_id, eos_token_ids, load_tokenizer
+from teams_rl_jax.env.byte_tokenizer import byte_level_tokenizer
+from teams_rl_jax.env.config import EnvConfig
+from teams_rl_jax.env.environment import EnvParams, EvolveEnv, build_env
+from teams_rl_jax.env.host_roles import HostOperator, host_reviewer_term
+from teams_rl_jax.env.judge import reviewer_term
+from teams_rl_jax.env.llm_operator import LLMOperator
+from teams_rl_jax.env.operations import STOP
+from teams_rl_jax.env.prompts import operation_templates
+from teams_rl_jax.env.registry import Registry
+from teams_rl_jax.env.seeds import read_seed_records
+from teams_rl_jax.errors import ConfigError
+from teams_rl_jax.roles.instructor import Instructor
+from teams_rl_jax.roles.reviewer import Reviewer
+
+ROLE_NAMES = ("instructor", "reviewer")
+EnvBuilder = Callable[..., "tuple[Any, Any]"]
+ENVS: Registry[EnvBuilder] = Registry("env")
+
+
+def register_env(name: str, builder: EnvBuilder) -> EnvBuilder:
+    """Register ``builder(config, *, roles, counter, seed, **objects) -> (env, params)`` as ``name``."""
+    return ENVS.register(name, builder)
+
+
+def make(name: str = "token_edit", config: EnvConfig | Mapping | None = None, *, roles: Any = None,
+         counter=None, seed: int = 0, **objects) -> tuple[Any, Any]:
+    """``(env, env_params)`` of env ``name`` (see the module docstring). ``config``: an
+    :class:`EnvConfig` or a dict of its fields; ``objects``: Python objects and field overrides
+    (``tokenizer``, ``seeds``, ``operator`` ...; see ``environment.build_env``); ``seed``: the run's
+    seed, for envs that draw their seed pool at random (``synthetic``)."""
+    return ENVS.get(name)(config, roles=roles, counter=counter, seed=seed, **objects)
+
+
+def _token_edit(config, *, roles=None, counter=None, seed=0, **objects):
+    return build_env("token_edit", config, **objects)
+
+
+def _llm(config, *, roles=None, counter=None, seed=0, **objects):
+    if roles is None:
+        return build_env("llm", config, **objects)
+    return make_llm_env(config, roles, counter=counter, **objects)
+
+
+register_env("token_edit", _token_edit)
+register_env("llm", _llm)
+
+
+# ------------------------------------------------------------------------------------------ LLM env
+def _role(roles: Any, name: str) -> Any:
+    if roles is None:
+        return None
+    return roles.get(name) if isinstance(roles, Mapping) else getattr(roles, name, None)
+
+
+def _is_built(spec: Any) -> bool:
+    return callable(getattr(spec, "complete", None))
+
+
+def is_in_process(backend: Any) -> bool:
+    """Whether ``backend`` is a local Flax model the env can compile into its step."""
+    return getattr(backend, "lm", None) is not None and getattr(backend, "tokenizer", None) is not None
+
+
+def role_configs(roles: Any) -> dict[str, RoleConfig | None]:
+    """``{role: RoleConfig}`` of the env's roles (a built backend's entry is None)."""
+    out = {}
+    for r in ROLE_NAMES:
+        spec = _role(roles, r)
+        if spec is None or _is_built(spec) or isinstance(spec, RoleConfig):
+            out[r] = None if _is_built(spec) else spec
+        else:
+            out[r] = from_dict(RoleConfig, dict(spec), f"roles.{r}")
+    return out
+
+
+def build_env_roles(roles: Any, counter=None) -> dict[str, Any]:
+    """``{role: backend}`` for the instructor and reviewer (configs built together, so two roles on
+    one checkpoint share one loaded model; built backends used as they are)."""
+    cfgs = role_configs(roles)
+    built = backends.build_roles(RolesConfig(**cfgs), counter)
+    return {r: (_role(roles, r) if _is_built(_role(roles, r)) else built.get(r)) for r in ROLE_NAMES}
+
+
+def buffer_tokenizer(config: EnvConfig, instructor: Any):
+    """``(tokenizer, buffer_is_served)`` for the instruction buffers (see the module docstring)."""
+    if config.tokenizer is not None:
+        return load_tokenizer(config.tokenizer), True
+    if isinstance(instructor, RoleConfig):  # a config, not yet built (the generate stage's rebuild)
+        if instructor.backend == "flax":
+            return load_tokenizer(instructor.checkpoint), True
+    elif is_in_process(instructor):
+        return instructor.tokenizer, True
+    texts, _ = read_seed_records(config.seeds_path, config.seed_field, config.max_seeds)
+    return byte_level_tokenizer(texts, config.vocab_size), False
+
+
+def _params(backend: Any):
+    params = getattr(backend, "params", None)
+    return params if params is not None else backend.lm.params
+
+
+def _operator(config: EnvConfig, instructor, tok, roles, ops):
+    """The instructor as the env's operator: jitted in-process, else the text role on the host."""
+    new_tokens = max_new_tokens(roles, "instructor", instructor)
+    if is_in_process(instructor) and tok is instructor.tokenizer:
+        # Longer than the buffer + its EOS is discarded anyway: do not generate past it.
+        op, op_params = LLMOperator.create(instructor.lm, tok, operation_templates(ops), max_len=config.max_len,
+                                           max_new_tokens=min(new_tokens, config.max_len + 1),
+                                           temperature=config.temperature, top_p=config.top_p,
+                                           chat=bool(getattr(instructor, "chat", True)))
+        return op, op_params.replace(lm_params=_params(instructor))
+    text = Instructor(instructor, new_tokens, config.temperature, config.top_p)
+    pad = choose_pad_id(tok, eos_token_ids(tok))  # pad is never EOS (id 0 is a real token in Llama-3)
+    return HostOperator(text, tok, ops, config.max_len, int(pad)), jnp.zeros((), jnp.float32)
+
+
+def _reviewer(reviewer, tok, roles, jitted_ok: bool):
+    """``(term, term_params or None, on_host)``: the jitted logit judge where the reviewer is
+    in-process and reads the env's own ids, else the text reviewer on the host."""
+    if jitted_ok and is_in_process(reviewer):
+        try:  # env_tokenizer: the judge refuses buffers of another tokenizer instead of mixing ids
+            term, _ = reviewer_term(reviewer.lm, reviewer.tokenizer, env_tokenizer=tok,
+                                    chat=bool(getattr(reviewer, "chat", True)))
+            return term, _params(reviewer), False
+        except ConfigError:  # different tokenizers: the reviewer reads text instead of ids
+            pass
+    cfg = role_config(roles, "reviewer", reviewer)
+    text = Reviewer(reviewer, max_new_tokens(roles, "reviewer", reviewer), cfg.parser if cfg else "lenient")
+    return host_reviewer_term(text, tok), None, True
+
+
+def make_llm_env(config: EnvConfig | Mapping | None, roles: Any, *, counter=None, **objects):
+    """``(env, env_params)`` of the LLM env from ``config`` and ``roles`` (instructor required; without
+    a reviewer the reward is the env's own terms; ``reward_weights`` gets ``reviewer: 1.0`` by
+    default when a reviewer is configured)."""
+    base = from_dict(EnvConfig, _fields(config) | {"operator": "llm"}, "policy.env_config")
+    built = build_env_roles(roles, counter)
+    instructor, reviewer = built["instructor"], built["reviewer"]
+    if instructor is None:
+        raise ConfigError("roles.instructor: policy.env 'llm' needs an instructor (backend: flax or openai)")
+    tok, is_served = buffer_tokenizer(base, instructor)
+    ops = tuple(op for op in base.operations if op != STOP)
+    operator, op_params = _operator(base, instructor, tok, roles, ops)
+    host_roles = () if isinstance(operator, LLMOperator) else ("instructor",)
+    weights = dict(base.reward_weights)
+    terms, term_params = [], {}
+    if reviewer is not None:
+        weights.setdefault("reviewer", 1.0)
+        term, params, on_host = _reviewer(reviewer, tok, roles, jitted_ok=not host_roles)
+        terms.append(term)
+        if params is not None:
+            term_params[term.name] = params
+        host_roles += ("reviewer",) if on_host else ()
+    env, params = build_env("llm", base, tokenizer=tok, operator=operator, operator_params=op_params,
+                            reward_terms=terms, term_params=term_params, reward_weights=weights,
+                            buffer_is_served=is_served, **objects)
+    return dataclasses.replace(env, host_roles=host_roles), params
+
+
+def _fields(config: EnvConfig | Mapping | None) -> dict:
+    if isinstance(config, EnvConfig):
+        return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    return dict(config or {})
+
+
+def observation_env(name: str, config: EnvConfig, roles: Any = None) -> tuple[EvolveEnv, EnvParams]:
+    """The token-edit build of env ``name``'s settings: the same tokenizer, embedding and episode
+    length, so the same observation of a text (the generate stage feeds a trained policy with it).
+    Builds no LLM: a Flax instructor's tokenizer is read from its checkpoint dir."""
+    if name == "token_edit":
+        return make("token_edit", config)
+    if name != "llm":
+        raise ConfigError(f"generate: cannot rebuild the observation of policy env {name!r} (token_edit or llm)")
+    base = from_dict(EnvConfig, _fields(config) | {"operator": "token_edit"}, "policy.env_config")
+    tok, is_served = buffer_tokenizer(base, role_configs(roles).get("instructor") if roles is not None else None)
+    ops = tuple(op for op in base.operations if op != STOP)
+    return build_env("token_edit", dataclasses.replace(base, operations=ops), tokenizer=tok,
+                     buffer_is_served=is_served)
