@@ -136,6 +136,9 @@ POLICY = ["policy.num_envs=2", "policy.num_updates=1"]
 LLM_ENV = ["policy.env_config.max_len=64"]
 INSTRUCTOR = ["roles.instructor.max_new_tokens=8"]  # reply lengths are the roles' own
 EXPERT = ["roles.expert.max_new_tokens=8"]
+# The paper's exact rule reads every reply but "Not Equal" as Equal: a random reviewer would eliminate
+# every rewrite (no_gain) and leave SFT an empty dataset. The lenient parser reads its noise as unparseable.
+LENIENT = ["roles.reviewer.parser=lenient"]
 GENERATE = ["generate.max_seeds=2", "generate.batch_seeds=2", "generate.steps=2",
             "generate.drop_truncated=false"]  # a random model never stops: keep its cut rewrites
 SFT = ["sft.max_steps=2", "sft.global_batch=8", "sft.grad_accum=1", "sft.data.max_seq_len=64",
@@ -154,8 +157,9 @@ class Shrink:
 
 
 SHRINK: dict[str, Shrink] = {
-    "llama2_7b_gpu.yaml": Shrink(POLICY + LLM_ENV + INSTRUCTOR + EXPERT + GENERATE + SFT + EVAL, devices=8),
-    "llama2_7b_tpu_pod.yaml": Shrink(POLICY + LLM_ENV + INSTRUCTOR + EXPERT + GENERATE + SFT + EVAL, devices=8),
+    "llama2_7b_gpu.yaml": Shrink(POLICY + LLM_ENV + INSTRUCTOR + EXPERT + LENIENT + GENERATE + SFT + EVAL, devices=8),
+    "llama2_7b_tpu_pod.yaml": Shrink(POLICY + LLM_ENV + INSTRUCTOR + EXPERT + LENIENT + GENERATE + SFT + EVAL,
+                                     devices=8),
     "openai_endpoint.yaml": Shrink(POLICY + LLM_ENV + INSTRUCTOR + EXPERT + GENERATE + SFT + EVAL),
     "policy_llm.yaml": Shrink(POLICY + LLM_ENV + INSTRUCTOR),
     "sft_lora_llama7b.yaml": Shrink(SFT_ONLY),
