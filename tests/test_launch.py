@@ -177,8 +177,11 @@ def test_launch_script_runs_its_default_config(script, checkpoint, tmp_path):
     port = _slurm_port()
     run_dir = tmp_path / "run dir"  # an extra argument with a space must reach train as one argument
     bench = T.benchmark_dir(tmp_path / "benchmarks")
-    args = ["--run-dir", str(run_dir), *T.set_args(T.path_swaps(cfg, checkpoint, None, bench) + entry.sets)]
-    env = T.cpu_env(max(1, entry.devices // TASKS), PATH=f"{bin_dir}:{os.environ['PATH']}", STANDIN_TASKS=str(TASKS),
+    # SFT's mesh spans every process's devices: the global batch must cover them all.
+    sets = entry.sets + [f"sft.global_batch={entry.devices * TASKS}"]
+    args = ["--run-dir", str(run_dir), *T.set_args(T.path_swaps(cfg, checkpoint, None, bench) + sets)]
+    # Each task is one host with the devices the config's per-host role meshes ask for (8 GPUs per node).
+    env = T.cpu_env(entry.devices, PATH=f"{bin_dir}:{os.environ['PATH']}", STANDIN_TASKS=str(TASKS),
                     STANDIN_LOGS=str(logs), STANDIN_PORT=str(port), STANDIN_JOB_ID=str(port - SLURM_PORT_BASE),
                     TPU_NAME="test-v5p-16", ZONE="test-zone", REPO=str(repo))
     env.pop("PYTHONPATH", None)  # the package comes from the checkout, as on a cluster

@@ -130,7 +130,11 @@ class FlaxBackend:
     @classmethod
     def from_config(cls, cfg, *, role: str, counter: QueryCounter | None = None, **kw) -> "FlaxBackend":
         """Load ``cfg.checkpoint`` (a ``RoleConfig`` with ``backend: flax``) in ``cfg.dtype`` onto ``cfg.mesh``;
-        ``kw`` go to the constructor (e.g. ``min_batch``)."""
+        ``kw`` go to the constructor (e.g. ``min_batch``).
+
+        A role's mesh is over this process's own devices (``jax.local_devices()``): in a multi-process run
+        every host holds its own replica and serves its own share of the seeds (the generate stage gives
+        seed ``i`` to process ``i % count``), so ``roles.<role>.mesh`` sizes are per host."""
         from teams_rl_jax.data.tokenizer import load_tokenizer
         from teams_rl_jax.models import load_pretrained
 
@@ -138,7 +142,7 @@ class FlaxBackend:
         if cfg.mesh is not None:
             from teams_rl_jax import sharding
 
-            mesh = sharding.make_mesh(**cfg.mesh)
+            mesh = sharding.make_mesh(**cfg.mesh, devices=jax.local_devices())
         lm = load_pretrained(cfg.checkpoint, cfg.dtype, mesh=mesh)
         tok = load_tokenizer(cfg.checkpoint)
         return cls(lm, tok, role=role, counter=counter, model=cfg.model, max_batch=cfg.max_batch, chat=cfg.chat,

@@ -97,11 +97,12 @@ class LoglikelihoodScorer:
             rows = mesh.shape["data"] * mesh.shape["fsdp"]
             self.batch_size = rows * math.ceil(self.batch_size / rows)
             self.params = jax.device_put(lm.params if params is None else params, shd.param_shardings(lm, mesh))
-            b = shd.batch_sharding(mesh)
+            b = self._batch_sharding = shd.batch_sharding(mesh)
             self._fn = jax.jit(self._score, in_shardings=(shd.param_shardings(lm, mesh), b, b, b, b),
                                out_shardings=(shd.replicated(mesh), shd.replicated(mesh)))
         else:
             self.params = lm.params if params is None else params
+            self._batch_sharding = None
             self._fn = jax.jit(self._score)
 
     def _score(self, params, ids, seg, targets, tmask):
@@ -140,8 +141,11 @@ class LoglikelihoodScorer:
                 n = len(inp)
                 ids[r, :n], tgt[r, :n], seg[r, :n] = inp, targets, 1
                 tmask[r, n - n_cont:n] = True
+            batch = (ids, seg, tgt, tmask)
+            if self._batch_sharding is not None:  # placed first: a multi-process run refuses numpy with a sharding
+                batch = jax.device_put(batch, self._batch_sharding)
             with shd.activation_rules(self.mesh):  # the model's activation sharding annotations (no-op without mesh)
-                ll, greedy = self._fn(self.params, ids, seg, tgt, tmask)
+                ll, greedy = self._fn(self.params, *batch)
             ll, greedy = np.asarray(ll, np.float64), np.asarray(greedy)
             for r, i in enumerate(idx):
                 out[i] = (float(ll[r]), bool(greedy[r]))
@@ -203,12 +207,14 @@ def evaluate_docs(scorer: LoglikelihoodScorer, tokenizer, docs: Sequence[Doc], t
 
 
 def build_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1):
-    """A mesh for the scorer, or None on a single device (no sharding constraints needed)."""
-    if jax.device_count() == 1:
+    """A mesh over this process's devices for the scorer, or None on a single device (no sharding
+    constraints needed). In a multi-process run each host scores on its own devices (the eval stage's
+    work is small next to SFT's; only process 0 writes the report)."""
+    if jax.local_device_count() == 1:
         return None
     from teams_rl_jax import sharding as shd
 
-    return shd.make_mesh(data, fsdp, tensor)
+    return shd.make_mesh(data, fsdp, tensor, devices=jax.local_devices())
 
 
 def evaluate_checkpoint(checkpoint: str, data_dir: str, tasks: Sequence[str], *, limit: int | None = None,

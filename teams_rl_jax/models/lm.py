@@ -277,7 +277,7 @@ def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
 
 
 def _load_leaf_lean(reader: CheckpointReader, p, abstract, L: int, param_dtype) -> jax.Array:
-    """One parameter on the default device, built in one host buffer filled one HF tensor at a time.
+    """One parameter on this process's first device, built in one host buffer filled one HF tensor at a time.
 
     On CPU the aligned buffer becomes the device array (zero-copy), so the host peak is the model plus
     one tensor; on an accelerator the host holds at most this one leaf while it is copied over.
@@ -295,7 +295,7 @@ def _load_leaf_lean(reader: CheckpointReader, p, abstract, L: int, param_dtype) 
                 dst[:, a:a + step] = t.T  # cast and transpose straight into place
             else:
                 dst[a:a + step] = t
-    return jax.device_put(buf, jax.devices()[0])
+    return jax.device_put(buf, jax.local_devices()[0])  # this process's first device (multi-process runs too)
 
 
 _READ_BLOCK = 1 << 20  # bytes per read when streaming a tensor into its parameter buffer
