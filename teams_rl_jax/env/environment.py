@@ -25,9 +25,9 @@ the jitted judge's P(Not Equal)), minus penalties only where ``elimination_penal
 ``info``: ``queries`` ({role: float32}; ``instructor`` and ``reviewer`` always present, token edits
 cost 0, LLM operator calls 1 instructor query, a reward term with a role its ``cost``),
 ``terminated``, ``truncated`` (the episode ran out of steps), ``reward_terms`` (raw, unweighted),
-``penalty``, ``eliminated`` ({reason: bool}: every configured rule, and always ``truncated``: the
-instructor's rewrite was cut by its ``max_new_tokens`` or did not fit the buffer, so the old instruction
-was kept), ``length`` (instruction tokens after the step), ``paper_cost`` (the reference's cost: 1 per
+``penalty``, ``eliminated`` ({reason: bool}: every configured rule, and with an LLM operator always
+``truncated``: the instructor's rewrite was cut by its ``max_new_tokens`` or did not fit the buffer, so
+the old instruction was kept), ``length`` (instruction tokens after the step), ``paper_cost`` (the reference's cost: 1 per
 operation applied, 0 for ``stop``; its ``info["cost"]`` is the negation).
 """
 
@@ -345,7 +345,9 @@ class EvolveEnv:
         flags = jax.vmap(lambda b, a, x: eliminated_tokens(b, a, params.tables, self.rule_names, x))(
             before, after, rule_aux)
         flags = {r: f & active for r, f in flags.items()}
-        reasons = {**flags, "truncated": cut & active}  # reported even where the rule is not configured
+        reasons = dict(flags)
+        if len(out) > 4:  # an LLM operator: its cut rewrites are reported even where the rule is not configured
+            reasons["truncated"] = cut & active
         hit = (jnp.stack([flags[r] for r in self.rule_names], axis=-1) if self.rule_names
                else jnp.zeros((n, 0), bool))
         eliminated = hit.any(-1)
