@@ -203,3 +203,16 @@ def test_default_reward_is_unchanged_shaped():
     np.testing.assert_array_equal(np.asarray(params.penalties), 1.0)
     _, p2 = make("token_edit", {"elimination_penalties": False})
     np.testing.assert_array_equal(np.asarray(p2.penalties), 0.0)
+
+
+def test_paper_cost_is_one_per_operation_applied_and_stop_is_free():
+    """The reference's cost: 1 per operation applied, 0 for stop (its unused none_query_action), beside
+    our per-role queries. Mutation caught: paper_cost charged on stopped rows."""
+    env, params, _, _ = _env(operations=list(REFERENCE_ORDER) + ["stop"])
+    _, state = env.reset_batch(jax.random.split(jax.random.PRNGKey(SEED), N), params)
+    action = jnp.asarray([0, env.stop_action] * (N // 2), jnp.int32)
+    obs, _, reward, _, info = jax.jit(env.step_batch)(jax.random.PRNGKey(SEED + 2), state, action, params)
+    applied = np.asarray(action) != env.stop_action
+    np.testing.assert_array_equal(np.asarray(info["paper_cost"]), applied.astype(float))
+    np.testing.assert_array_equal(np.asarray(info["queries"]["reviewer"]), applied.astype(float))
+    np.testing.assert_array_equal(np.asarray(obs)[~applied], 0.0)  # stop has no place in the reference's one-hot
