@@ -159,6 +159,9 @@ def rollout_metrics(traj: Transition, num_actions: int, roles: tuple[str, ...]) 
     onehot = jax.nn.one_hot(traj.action, num_actions) * valid[..., None]
     by_step = jnp.sum(onehot, axis=1) / jnp.maximum(jnp.sum(valid, axis=1), 1.0)[:, None]
     queries = {k: per_episode(v) for k, v in traj.queries.items()}
+    # Eliminated steps per episode by reason; absent for an env without rules (a saved-metrics file
+    # cannot hold an empty dict, and a resumed history must keep one structure).
+    eliminated = {"eliminated": {k: per_episode(v) for k, v in traj.eliminated.items()}} if traj.eliminated else {}
     return {
         "return": per_episode(traj.reward),
         "episode_length": per_episode(jnp.ones_like(valid)),
@@ -168,5 +171,5 @@ def rollout_metrics(traj: Transition, num_actions: int, roles: tuple[str, ...]) 
         "op_histogram": jnp.sum(onehot, axis=(0, 1)) / jnp.maximum(jnp.sum(valid), 1.0),
         "op_by_step": by_step,
         "entropy": masked_mean(P.entropy(traj.logits), valid),
-        "eliminated": {k: per_episode(v) for k, v in traj.eliminated.items()},  # steps per episode, by reason
+        **eliminated,
     }
