@@ -106,6 +106,17 @@ def materialize(x: jax.Array) -> jax.Array:
     return jnp.zeros_like(x).at[..., idx].set(x, unique_indices=True, indices_are_sorted=True)
 
 
+def reference_one_hot(prev_action: jax.Array, operations: Sequence[str]) -> jax.Array:
+    """``observation: paper``: ``float32 [..., 6]`` one-hot of the operation ``prev_action`` (an index
+    into ``operations``) in the reference's order (``REFERENCE_ORDER``); zeros for -1 (reset), ``stop``
+    and operations the reference does not have. The generate stage can call it with the policy's own
+    action list."""
+    table = jnp.asarray([REFERENCE_ORDER.index(op) if op in REFERENCE_ORDER else -1 for op in operations], jnp.int32)
+    prev = jnp.asarray(prev_action, jnp.int32)
+    idx = jnp.where(prev >= 0, table[jnp.maximum(prev, 0)], -1)
+    return (jax.nn.one_hot(idx, len(REFERENCE_ORDER)) * (idx >= 0)[..., None]).astype(jnp.float32)
+
+
 def _batch1(tree):
     return jax.tree.map(lambda x: x[None], tree)
 
@@ -230,10 +241,7 @@ class EvolveEnv:
         ``observation: paper`` the reference's ``float32 [6]`` one-hot of the last operation."""
         params = params or self.default_params
         if self.observation_kind == "paper":
-            table = jnp.asarray([REFERENCE_ORDER.index(op) if op in REFERENCE_ORDER else -1 for op in self.operations],
-                                jnp.int32)
-            idx = jnp.where(state.prev_action >= 0, table[jnp.maximum(state.prev_action, 0)], -1)
-            return (jax.nn.one_hot(idx, len(REFERENCE_ORDER)) * (idx >= 0)).astype(jnp.float32)
+            return reference_one_hot(state.prev_action, self.operations)
         prev = jax.nn.one_hot(state.prev_action, self.num_actions) * (state.prev_action >= 0)
         frac = jnp.reshape(state.t / params.episode_length, (1,))
         return jnp.concatenate([state.instruction.embedding, prev, frac]).astype(jnp.float32)
