@@ -15,6 +15,10 @@ from teams_rl_jax.errors import ConfigError
 
 # Reward terms an LLM role adds when the env is built from roles (env.factory): weight them by name.
 ROLE_TERMS = ("reviewer",)
+# ``EnvConfig.reward``: what a step earns (docs/design.md "The paper's method (issue 18)").
+REWARDS = ("shaped", "reviewer_soft", "reviewer_binary")
+# ``EnvConfig.observation``: what the policy sees.
+OBSERVATIONS = ("embedding", "paper")
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,19 @@ class EnvConfig:
     embed_dim: int = 64
     embed_buckets: int = 512
     embed_seed: int = 0
-    # Reward: term name -> weight (see env/rewards.py for the default's rationale).
+    # Reward (docs/design.md "The paper's method"):
+    # * "shaped" (ours, the default): the weighted terms of ``reward_weights`` (+ ``reviewer: 1.0`` when
+    #   the env is built with a reviewer role) minus the elimination penalties;
+    # * "reviewer_binary" [paper]: the reviewer's greedy-decoded reply, parsed with
+    #   ``roles.reviewer.parser`` (``exact`` = the reference rule: 1 iff the stripped reply is "Not
+    #   Equal"); an in-process reviewer decodes too (the text reviewer on the host); one query per step;
+    # * "reviewer_soft" (ours): P(Not Equal) from one forward pass of an in-process reviewer (env.judge).
+    # The two reviewer rewards ignore ``reward_weights`` and need a reviewer role.
+    reward: Literal["shaped", "reviewer_soft", "reviewer_binary"] = "shaped"
+    # Observation: "embedding" (ours: instruction embedding, one-hot previous action, step fraction) or
+    # "paper" (the reference: one-hot of the last operation in the reference's index order, zeros at reset).
+    observation: Literal["embedding", "paper"] = "embedding"
+    # Term name -> weight of the "shaped" reward (see env/rewards.py for the default's rationale).
     reward_weights: dict[str, float] = field(
         default_factory=lambda: {"novelty": 1.0, "length_gain": 0.5, "distinct_gain": 0.5})
     length_scale: float = 20.0  # tokens of growth worth a full length_gain (paper: +10..20 words)
@@ -49,6 +65,9 @@ class EnvConfig:
     # Elimination rule name -> penalty (WizardLM's four rules; see env/elimination.py).
     elimination: dict[str, float] = field(
         default_factory=lambda: {"no_gain": 1.0, "sorry_short": 1.0, "stopwords_only": 1.0, "template_copy": 1.0})
+    # Whether an eliminated step pays its rules' penalties (False: the rules are still checked and
+    # reported in ``info["eliminated"]``, and ``revert_eliminated`` still applies; the paper: no penalty).
+    elimination_penalties: bool = True
     sorry_max_words: int = 80
     # An eliminated evolution is dropped (instruction unchanged, its reward terms zeroed) ...
     revert_eliminated: bool = True
@@ -71,6 +90,10 @@ class EnvConfig:
         from teams_rl_jax.env.operations import OPERATION_REGISTRY
         from teams_rl_jax.env.rewards import REWARD_TERMS
 
+        if self.reward not in REWARDS:
+            raise ConfigError(f"reward: expected one of {list(REWARDS)}, got {self.reward!r}")
+        if self.observation not in OBSERVATIONS:
+            raise ConfigError(f"observation: expected one of {list(OBSERVATIONS)}, got {self.observation!r}")
         if self.episode_length < 1:
             raise ConfigError(f"episode_length must be >= 1, got {self.episode_length}")
         if self.max_len < 8:

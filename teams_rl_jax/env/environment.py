@@ -12,13 +12,23 @@ elimination rules check the result; an eliminated evolution is dropped (``revert
 penalised. ``truncated`` = out of steps (``episode_length``), ``terminated`` = ended early (an
 elimination with ``terminate_on_elimination``); ``done = terminated | truncated``.
 
-Observation (``float32 [D + A + 1]``): the instruction embedding, one-hot previous action (zeros at
-the first step), step fraction ``t / episode_length``.
+Observation (``EnvConfig.observation``): ``"embedding"`` (``float32 [D + A + 1]``): the instruction
+embedding, one-hot previous action (zeros at the first step), step fraction ``t / episode_length``;
+``"paper"`` (``float32 [6]``): the reference's one-hot of the last operation in its index order
+(``operations.REFERENCE_ORDER``), zeros at reset (and after ``stop``). The reference also normalises it
+with a running mean/std (ZFilter, clip 5) in its training loop; we feed the raw one-hot.
+
+Reward (``EnvConfig.reward``): ``"shaped"``: the weighted terms minus the elimination penalties;
+``"reviewer_binary"`` / ``"reviewer_soft"``: the reviewer term alone (the text reviewer's parsed verdict /
+the jitted judge's P(Not Equal)), minus penalties only where ``elimination_penalties`` is set.
 
 ``info``: ``queries`` ({role: float32}; ``instructor`` and ``reviewer`` always present, token edits
 cost 0, LLM operator calls 1 instructor query, a reward term with a role its ``cost``),
-``terminated``, ``truncated``, ``reward_terms`` (raw, unweighted), ``penalty``, ``eliminated``
-({rule: bool}), ``length`` (instruction tokens after the step).
+``terminated``, ``truncated`` (the episode ran out of steps), ``reward_terms`` (raw, unweighted),
+``penalty``, ``eliminated`` ({reason: bool}: every configured rule, and with an LLM operator always
+``truncated``: the instructor's rewrite was cut by its ``max_new_tokens`` or did not fit the buffer, so
+the old instruction was kept), ``length`` (instruction tokens after the step), ``paper_cost`` (the reference's cost: 1 per
+operation applied, 0 for ``stop``; its ``info["cost"]`` is the negation).
 """
 
 from __future__ import annotations
@@ -35,8 +45,8 @@ from teams_rl_jax.env.buffers import Instruction, distinct_count
 from teams_rl_jax.env.config import EnvConfig
 from teams_rl_jax.env.elimination import VocabTables, build_vocab_tables, eliminated_tokens
 from teams_rl_jax.env.embedding import EMBEDDINGS
-from teams_rl_jax.env.operations import STOP
-from teams_rl_jax.env.rewards import REWARD_TERMS, RewardTerm, register_term
+from teams_rl_jax.env.operations import REFERENCE_ORDER, STOP
+from teams_rl_jax.env.rewards import REVIEWER_REWARDS, REWARD_TERMS, RewardTerm, register_term
 from teams_rl_jax.env.seeds import SeedBatch, decode, offline_tokenizer, read_seed_records, seeds_from_texts
 from teams_rl_jax.env.spaces import Box, Discrete
 from teams_rl_jax.errors import ConfigError
@@ -94,6 +104,17 @@ def materialize(x: jax.Array) -> jax.Array:
     """
     idx = jnp.arange(x.shape[-1])
     return jnp.zeros_like(x).at[..., idx].set(x, unique_indices=True, indices_are_sorted=True)
+
+
+def reference_one_hot(prev_action: jax.Array, operations: Sequence[str]) -> jax.Array:
+    """``observation: paper``: ``float32 [..., 6]`` one-hot of the operation ``prev_action`` (an index
+    into ``operations``) in the reference's order (``REFERENCE_ORDER``); zeros for -1 (reset), ``stop``
+    and operations the reference does not have. The generate stage can call it with the policy's own
+    action list."""
+    table = jnp.asarray([REFERENCE_ORDER.index(op) if op in REFERENCE_ORDER else -1 for op in operations], jnp.int32)
+    prev = jnp.asarray(prev_action, jnp.int32)
+    idx = jnp.where(prev >= 0, table[jnp.maximum(prev, 0)], -1)
+    return (jax.nn.one_hot(idx, len(REFERENCE_ORDER)) * (idx >= 0)[..., None]).astype(jnp.float32)
 
 
 def _batch1(tree):
@@ -193,8 +214,15 @@ class EvolveEnv:
                              jax.ShapeDtypeStruct((), jnp.int32))
         return int(out.shape[-1])
 
+    @property
+    def observation_kind(self) -> str:
+        """``EnvConfig.observation`` (``"embedding"`` without a config)."""
+        return getattr(self.config, "observation", "embedding")
+
     def observation_size(self, params: EnvParams | None = None) -> int:
-        """``D + num_actions + 1``."""
+        """``D + num_actions + 1`` (``"embedding"``), 6 (``"paper"``)."""
+        if self.observation_kind == "paper":
+            return len(REFERENCE_ORDER)
         return self.embedding_size(params or self.default_params) + self.num_actions + 1
 
     def describe(self, params: EnvParams, tokens: jax.Array, length: jax.Array, served=None) -> Instruction:
@@ -209,8 +237,11 @@ class EvolveEnv:
                            distinct=distinct_count(tokens, length), served=jnp.asarray(served, jnp.int32))
 
     def get_obs(self, state: EnvState, params: EnvParams | None = None) -> jax.Array:
-        """``float32 [D + A + 1]``: embedding, one-hot previous action, step fraction (one env)."""
+        """``float32 [D + A + 1]``: embedding, one-hot previous action, step fraction (one env); with
+        ``observation: paper`` the reference's ``float32 [6]`` one-hot of the last operation."""
         params = params or self.default_params
+        if self.observation_kind == "paper":
+            return reference_one_hot(state.prev_action, self.operations)
         prev = jax.nn.one_hot(state.prev_action, self.num_actions) * (state.prev_action >= 0)
         frac = jnp.reshape(state.t / params.episode_length, (1,))
         return jnp.concatenate([state.instruction.embedding, prev, frac]).astype(jnp.float32)
@@ -290,9 +321,13 @@ class EvolveEnv:
             extra["context"] = {"domain": state.domain, "seed": state.seed}
         if getattr(self.operator, "wants_active", False):
             extra["active"] = active
+        if getattr(self.operator, "reports_truncated", False):
+            extra["with_truncated"] = True
         out = self.operator.apply(k_op, op_map[action], before.tokens, before.length, params.operator, **extra)
         new_tokens, new_len, op_queries = out[:3]
         served = out[3] if len(out) > 3 else jnp.full_like(new_len, -1)  # text operators: usage counts
+        # LLM operators: the rewrite was cut (max_new_tokens or the buffer) and the old instruction kept.
+        cut = jnp.asarray(out[4], bool).reshape(n) if len(out) > 4 else jnp.zeros((n,), bool)
         after = jax.vmap(self.describe, in_axes=(None, 0, 0, 0))(params, materialize(new_tokens), new_len, served)
         after = jax.tree.map(lambda b, a: jnp.where(_rows(active, b), a, b), before, after)
 
@@ -312,10 +347,15 @@ class EvolveEnv:
 
         # The reviewer-role term is the judge: its P(Not Equal) < 0.5 means "Equal" (no_gain rule).
         judge = next((terms[t.name] for t in self.terms if t.role == "reviewer"), None)
-        rule_aux = {"terms": terms} if judge is None else {"terms": terms, "judge": judge}
+        rule_aux = {"terms": terms, "truncated": cut}
+        if judge is not None:
+            rule_aux["judge"] = judge
         flags = jax.vmap(lambda b, a, x: eliminated_tokens(b, a, params.tables, self.rule_names, x))(
             before, after, rule_aux)
         flags = {r: f & active for r, f in flags.items()}
+        reasons = dict(flags)
+        if len(out) > 4:  # an LLM operator: its cut rewrites are reported even where the rule is not configured
+            reasons["truncated"] = cut & active
         hit = (jnp.stack([flags[r] for r in self.rule_names], axis=-1) if self.rule_names
                else jnp.zeros((n, 0), bool))
         eliminated = hit.any(-1)
@@ -342,7 +382,8 @@ class EvolveEnv:
             "truncated": truncated & live,
             "reward_terms": {name: v * active for name, v in terms.items()},
             "penalty": penalty * active,
-            "eliminated": flags,
+            "eliminated": reasons,
+            "paper_cost": active.astype(jnp.float32),
             "length": new_state.instruction.length,
             "discount": jnp.where(new_state.done, 0.0, 1.0).astype(jnp.float32),
         }
@@ -382,6 +423,22 @@ def _load_tokenizer(cfg: EnvConfig, tokenizer, seed_texts: Sequence[str]):
 
         return load_tokenizer(path)
     return offline_tokenizer(seed_texts, cfg.vocab_size)
+
+
+def _reward_terms(cfg: EnvConfig, given: Sequence[RewardTerm]) -> tuple[tuple[RewardTerm, ...], list[float]]:
+    """``(terms, weights)`` of ``cfg.reward``: ``shaped``: the terms named in ``reward_weights``, weighted;
+    ``reviewer_binary`` / ``reviewer_soft``: the one reviewer term (of the ``verdict`` it needs), weight 1."""
+    if cfg.reward == "shaped":
+        return tuple(REWARD_TERMS.get(n) for n in cfg.reward_weights), [cfg.reward_weights[n] for n in cfg.reward_weights]
+    named = [REWARD_TERMS.get(n) for n in cfg.reward_weights if n in REWARD_TERMS]
+    reviewers = list({t.name: t for t in [*given, *named] if t.role == "reviewer"}.values())
+    if len(reviewers) != 1:
+        raise ConfigError(f"reward: {cfg.reward} needs one reviewer (roles.reviewer), got {len(reviewers)}")
+    want = REVIEWER_REWARDS[cfg.reward]
+    if reviewers[0].verdict != want:
+        raise ConfigError(f"reward: {cfg.reward} needs a reviewer whose verdict is {want!r}, "
+                          f"got {reviewers[0].verdict!r} (term {reviewers[0].name!r})")
+    return (reviewers[0],), [1.0]
 
 
 def build_env(name: str | None = "token_edit", config: EnvConfig | dict | None = None, *, tokenizer=None,
@@ -444,7 +501,7 @@ def build_env(name: str | None = "token_edit", config: EnvConfig | dict | None =
         if embed_params is None:
             embed_params = spec.init(jax.random.PRNGKey(cfg.embed_seed), cfg.embed_buckets, cfg.embed_dim)
 
-    terms = tuple(REWARD_TERMS.get(n) for n in cfg.reward_weights)
+    terms, weights = _reward_terms(cfg, reward_terms)
     # The buffers hold the env tokenizer's ids and go to the instructor/reviewer as they are: a role
     # built with another tokenizer would read other words from the same ids, so refuse it here.
     from teams_rl_jax.env.judge import check_role_tokenizers
@@ -456,8 +513,8 @@ def build_env(name: str | None = "token_edit", config: EnvConfig | dict | None =
     params = EnvParams(
         seeds=pool, operator=operator_params, embed=embed_params,
         tables=build_vocab_tables(tok, cfg.sorry_max_words),
-        weights=jnp.asarray([cfg.reward_weights[t.name] for t in terms], jnp.float32),
-        penalties=jnp.asarray([cfg.elimination[r] for r in rules], jnp.float32),
+        weights=jnp.asarray(weights, jnp.float32),
+        penalties=jnp.asarray([cfg.elimination[r] if cfg.elimination_penalties else 0.0 for r in rules], jnp.float32),
         term_params=tp, revert_eliminated=jnp.asarray(cfg.revert_eliminated),
         terminate_on_elimination=jnp.asarray(cfg.terminate_on_elimination),
         episode_length=cfg.episode_length, max_len=cfg.max_len, buffer_is_served=bool(buffer_is_served))

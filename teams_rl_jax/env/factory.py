@@ -143,25 +143,32 @@ def _operator(config: EnvConfig, instructor, tok, roles, ops):
     return HostOperator(text, tok, ops, config.max_len, int(pad)), jnp.zeros((), jnp.float32)
 
 
-def _reviewer(reviewer, tok, roles, jitted_ok: bool):
+def _reviewer(reviewer, tok, roles, jitted_ok: bool, reward: str = "shaped"):
     """``(term, term_params or None, on_host)``: the jitted logit judge where the reviewer is
-    in-process and reads the env's own ids, else the text reviewer on the host."""
-    if jitted_ok and is_in_process(reviewer):
+    in-process and reads the env's own ids, else the text reviewer on the host. ``reward:
+    reviewer_binary`` always takes the text reviewer (the reply is decoded, greedy, and parsed with
+    ``roles.reviewer.parser``; ``exact`` for a built backend without a config); ``reviewer_soft``
+    needs the jitted judge."""
+    if reward != "reviewer_binary" and jitted_ok and is_in_process(reviewer):
         try:  # env_tokenizer: the judge refuses buffers of another tokenizer instead of mixing ids
             term, _ = reviewer_term(reviewer.lm, reviewer.tokenizer, env_tokenizer=tok,
                                     chat=bool(getattr(reviewer, "chat", True)))
             return term, _params(reviewer), False
         except ConfigError:  # different tokenizers: the reviewer reads text instead of ids
             pass
+    if reward == "reviewer_soft":
+        raise ConfigError("policy.env_config.reward: reviewer_soft needs an in-process (flax) reviewer and "
+                          "instructor on the env's tokenizer; use reviewer_binary for a text reviewer")
     cfg = role_config(roles, "reviewer", reviewer)
-    text = Reviewer(reviewer, max_new_tokens(roles, "reviewer", reviewer), cfg.parser if cfg else "lenient")
+    parser = cfg.parser if cfg else ("exact" if reward == "reviewer_binary" else "lenient")
+    text = Reviewer(reviewer, max_new_tokens(roles, "reviewer", reviewer), parser)
     return host_reviewer_term(text, tok), None, True
 
 
 def make_llm_env(config: EnvConfig | Mapping | None, roles: Any, *, counter=None, **objects):
     """``(env, env_params)`` of the LLM env from ``config`` and ``roles`` (instructor required; without
     a reviewer the reward is the env's own terms; ``reward_weights`` gets ``reviewer: 1.0`` by
-    default when a reviewer is configured)."""
+    default when a reviewer is configured). ``config.reward`` picks the reviewer's form (``_reviewer``)."""
     base = from_dict(EnvConfig, _fields(config) | {"operator": "llm"}, "policy.env_config")
     built = build_env_roles(roles, counter)
     instructor, reviewer = built["instructor"], built["reviewer"]
@@ -175,7 +182,7 @@ def make_llm_env(config: EnvConfig | Mapping | None, roles: Any, *, counter=None
     terms, term_params = [], {}
     if reviewer is not None:
         weights.setdefault("reviewer", 1.0)
-        term, params, on_host = _reviewer(reviewer, tok, roles, jitted_ok=not host_roles)
+        term, params, on_host = _reviewer(reviewer, tok, roles, jitted_ok=not host_roles, reward=base.reward)
         terms.append(term)
         if params is not None:
             term_params[term.name] = params

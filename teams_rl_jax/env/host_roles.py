@@ -37,6 +37,8 @@ class HostOperator:
 
     A rewrite that is empty, truncated (``finish_reason == "length"``) or longer than the buffer
     keeps the old instruction; it still cost its query, and ``stats["rejected"]`` counts it.
+    ``with_truncated``: also return ``truncated [B]`` (cut or longer than the buffer: the env's
+    elimination reason ``truncated``; an empty rewrite is not one).
     """
 
     instructor: Instructor
@@ -46,22 +48,26 @@ class HostOperator:
     pad_id: int = 0
     stats: dict = dataclasses.field(default_factory=lambda: {"calls": 0, "rows": 0, "rejected": 0})
     wants_active = True
+    reports_truncated = True
 
-    def apply(self, key, op_ids, tokens, lengths, params=None, active=None):
+    def apply(self, key, op_ids, tokens, lengths, params=None, active=None, with_truncated: bool = False):
         if active is None:
             active = jnp.ones(op_ids.shape, bool)
         seed = jax.random.randint(key, (), 0, np.iinfo(np.int32).max)
         shapes = (jax.ShapeDtypeStruct(tokens.shape, jnp.int32), jax.ShapeDtypeStruct(lengths.shape, jnp.int32),
-                  jax.ShapeDtypeStruct(op_ids.shape, jnp.float32), jax.ShapeDtypeStruct(lengths.shape, jnp.int32))
-        return jax.experimental.io_callback(self._host, shapes, op_ids, tokens, lengths, active, seed, ordered=False)
+                  jax.ShapeDtypeStruct(op_ids.shape, jnp.float32), jax.ShapeDtypeStruct(lengths.shape, jnp.int32),
+                  jax.ShapeDtypeStruct(lengths.shape, jnp.bool_))
+        out = jax.experimental.io_callback(self._host, shapes, op_ids, tokens, lengths, active, seed, ordered=False)
+        return out if with_truncated else out[:4]
 
     def _host(self, op_ids, tokens, lengths, active, seed):
         tokens, lengths = np.array(tokens, np.int32), np.array(lengths, np.int32)
         queries = np.zeros(op_ids.shape, np.float32)
         served = np.full(lengths.shape, -1, np.int32)
+        cut = np.zeros(lengths.shape, bool)
         rows = np.nonzero(np.asarray(active))[0]
         if rows.size == 0:
-            return tokens, lengths, queries, served
+            return tokens, lengths, queries, served, cut
         texts = _texts(self.tokenizer, tokens[rows], lengths[rows])
         outs = self.instructor.rewrite(texts, [self.operations[int(op_ids[r])] for r in rows], seed=int(seed))
         self.stats["calls"] += 1
@@ -71,12 +77,13 @@ class HostOperator:
             ids = encode(self.tokenizer, out.text) if out.text else []
             if out.truncated or not ids or len(ids) > self.max_len:
                 self.stats["rejected"] += 1
+                cut[r] = bool(out.truncated or len(ids) > self.max_len)
                 continue
             tokens[r] = self.pad_id
             tokens[r, : len(ids)] = ids
             lengths[r] = len(ids)
             served[r] = -1 if out.served_tokens is None else out.served_tokens
-        return tokens, lengths, queries, served
+        return tokens, lengths, queries, served, cut
 
 
 def host_reviewer_term(reviewer: Reviewer, tokenizer, *, name: str = "reviewer") -> RewardTerm:
@@ -102,4 +109,4 @@ def host_reviewer_term(reviewer: Reviewer, tokenizer, *, name: str = "reviewer")
                                             old.tokens, old.length, new.tokens, new.length, active, ordered=False)
 
     fn.stats = reviewer.stats  # RewardTerm is frozen: the counts hang on its function (term.fn.stats)
-    return RewardTerm(name, fn, role="reviewer", cost=1.0)
+    return RewardTerm(name, fn, role="reviewer", cost=1.0, verdict="decoded")

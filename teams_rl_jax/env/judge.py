@@ -106,7 +106,7 @@ def reviewer_term(lm, tokenizer, *, env_tokenizer=None, name: str = "reviewer", 
         return judge_reward(lm, aux["params"], prompt, mask, answers)
 
     fn.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
-    return RewardTerm(name, fn, role="reviewer", cost=1.0), lm.params
+    return RewardTerm(name, fn, role="reviewer", cost=1.0, verdict="soft"), lm.params
 
 
 def judge_prompt_ids(pieces, old_tokens, old_len, new_tokens, new_len, pad_id: int):

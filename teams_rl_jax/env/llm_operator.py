@@ -159,12 +159,18 @@ class LLMOperator:
         new_lengths = jnp.where(empty, lengths, new_lengths)
         return Rewrite(new_tokens, new_lengths, jnp.ones(op_ids.shape, jnp.float32), truncated)
 
+    reports_truncated = True  # the env asks apply() for the truncated flags (its "truncated" reason)
+
     def apply(self, key: jax.Array, op_ids: jax.Array, tokens: jax.Array, lengths: jax.Array,
-              params: LLMOperatorParams):
+              params: LLMOperatorParams, with_truncated: bool = False):
         """Rewrite each row: ``(new_tokens [B, max_len], new_lengths [B], queries [B] = 1)`` (the operator
         interface). A truncated rewrite is replaced by the old instruction here, so a cut-off text never
-        enters an env that only reads this 3-tuple (its ``no_gain`` rule then drops the step); callers
-        that count truncations use :meth:`rewrite` and the ``truncated`` elimination rule."""
+        enters the env (its ``no_gain`` rule then drops the step). ``with_truncated``: also return
+        ``served`` (-1: unknown) and ``truncated [B]``, which the env reports as elimination reason
+        ``truncated``."""
         r = self.rewrite(key, op_ids, tokens, lengths, params)
         keep_old = r.truncated
-        return (jnp.where(keep_old[:, None], tokens, r.tokens), jnp.where(keep_old, lengths, r.lengths), r.queries)
+        out = (jnp.where(keep_old[:, None], tokens, r.tokens), jnp.where(keep_old, lengths, r.lengths), r.queries)
+        if with_truncated:
+            return out + (jnp.full(lengths.shape, -1, jnp.int32), keep_old)
+        return out

@@ -22,6 +22,16 @@ OPERATIONS = (
     "breadth",
 )
 
+# The reference code's index order of the operations in its one-hot observation (the decoder of
+# ``Evol_gpt_policy.step``; ``observation: paper``), by our names.
+REFERENCE_ORDER = (
+    "breadth",
+    "add_constraints",
+    "deepening",
+    "concretizing",
+    "increase_reasoning_steps",
+    "complicate_input",
+)
 
 # The action that ends an episode: no rewrite, no query, the instruction is kept. Add it to
 # ``EnvConfig.operations`` to let the policy decide when one more evolution is not worth its queries

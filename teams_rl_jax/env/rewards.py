@@ -49,6 +49,8 @@ class RewardTerm:
     """A named reward term: ``fn``, the query role it spends (or None) and its cost per call.
 
     ``init(config) -> pytree`` builds its default ``aux["params"]`` from the ``EnvConfig`` (or None).
+    ``verdict`` (reviewer terms): ``"decoded"`` = the reviewer's decoded reply, parsed (0/1; ``reward:
+    reviewer_binary``), ``"soft"`` = P(Not Equal) from one forward pass (``reward: reviewer_soft``).
     """
 
     name: str
@@ -56,6 +58,11 @@ class RewardTerm:
     role: str | None = None
     cost: float = 0.0
     init: Callable[[Any], Any] | None = None
+    verdict: str | None = None
+
+
+# ``EnvConfig.reward`` -> the reviewer term's ``verdict`` it needs.
+REVIEWER_REWARDS = {"reviewer_binary": "decoded", "reviewer_soft": "soft"}
 
 
 REWARD_TERMS: Registry[RewardTerm] = Registry("reward term")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from teams_rl_jax.layout import PolicyDir
-from teams_rl_jax.rl.config import PolicyConfig
+from teams_rl_jax.rl.config import STOP, PolicyConfig
 
 
 def _pyplot():
@@ -47,6 +47,9 @@ def curve_rows(metrics: dict, config: PolicyConfig, names: list[str]) -> list[di
             if k in metrics:
                 row[k] = float(metrics[k][i])
         row["op_histogram"] = {n: float(x) for n, x in zip(names, metrics["op_histogram"][i])}
+        # The reference's cost, 1 per operation applied (``stop`` is free), beside our per-role queries.
+        row["paper_cost"] = row["episode_length"] * (1.0 - row["op_histogram"].get(STOP, 0.0))
+        row["eliminated"] = {k: float(v[i]) for k, v in metrics.get("eliminated", {}).items()}
         rows.append(row)
     return rows
 
@@ -115,9 +118,17 @@ def plot_histogram(path: Path, hists: dict[str, dict]) -> None:
 
 
 def summarize(rows: list[dict], num_updates: int) -> dict:
-    """Final (mean over the last 10% of updates) and mean return, queries and episodes of one run."""
+    """Final (mean over the last 10% of updates) and mean return, queries and episodes of one run; run
+    totals of the reference's cost (``paper_cost``) and of eliminated steps by reason (``eliminated``,
+    ``truncated`` among them on the LLM env)."""
     tail = max(1, num_updates // 10)
+    episodes = [r["episodes"] - (rows[i - 1]["episodes"] if i else 0) for i, r in enumerate(rows)]
+    reasons = sorted({k for r in rows for k in r.get("eliminated", {})})
     return {
+        # totals over the run: the reference's cost (1 per operation applied) and eliminated steps by reason
+        "paper_cost": float(sum(r["paper_cost"] * e for r, e in zip(rows, episodes))),
+        "eliminated": {k: float(sum(r["eliminated"].get(k, 0.0) * e for r, e in zip(rows, episodes)))
+                       for k in reasons},
         "final_return": float(np.mean([x["return"] for x in rows[-tail:]])),
         "mean_return": float(np.mean([x["return"] for x in rows])),
         "final_queries_per_episode": float(np.mean([x["queries_total"] for x in rows[-tail:]])),

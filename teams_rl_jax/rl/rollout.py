@@ -38,6 +38,7 @@ class Transition:
     valid: jax.Array  # 1.0 while the episode had not ended before this step
     queries: dict
     action_mask: jax.Array
+    eliminated: dict = struct.field(default_factory=dict)  # reason -> 1.0 where this step was eliminated
 
 
 @struct.dataclass
@@ -128,6 +129,7 @@ def make_rollout(config: PolicyConfig, env, act: Callable):
             done=done, valid=carry.alive,
             queries={k: jnp.asarray(v, jnp.float32) * carry.alive for k, v in info["queries"].items()},
             action_mask=mask,
+            eliminated={k: jnp.asarray(v, jnp.float32) * carry.alive for k, v in info.get("eliminated", {}).items()},
         )
         alive = carry.alive * (1.0 - done.astype(jnp.float32))
         return RolloutCarry(env_state=env_state, obs=obs, alive=alive, key=key), tr
@@ -144,7 +146,8 @@ def pad_steps(steps: list[Transition], T: int) -> Transition:
     copies (so the update compiles once whatever the number of steps actually taken)."""
     last = steps[-1]
     pad = last.replace(valid=jnp.zeros_like(last.valid), reward=jnp.zeros_like(last.reward),
-                       queries=jax.tree_util.tree_map(jnp.zeros_like, last.queries))
+                       queries=jax.tree_util.tree_map(jnp.zeros_like, last.queries),
+                       eliminated=jax.tree_util.tree_map(jnp.zeros_like, last.eliminated))
     steps = list(steps) + [pad] * (T - len(steps))
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *steps)
 
@@ -156,6 +159,9 @@ def rollout_metrics(traj: Transition, num_actions: int, roles: tuple[str, ...]) 
     onehot = jax.nn.one_hot(traj.action, num_actions) * valid[..., None]
     by_step = jnp.sum(onehot, axis=1) / jnp.maximum(jnp.sum(valid, axis=1), 1.0)[:, None]
     queries = {k: per_episode(v) for k, v in traj.queries.items()}
+    # Eliminated steps per episode by reason; absent for an env without rules (a saved-metrics file
+    # cannot hold an empty dict, and a resumed history must keep one structure).
+    eliminated = {"eliminated": {k: per_episode(v) for k, v in traj.eliminated.items()}} if traj.eliminated else {}
     return {
         "return": per_episode(traj.reward),
         "episode_length": per_episode(jnp.ones_like(valid)),
@@ -165,4 +171,5 @@ def rollout_metrics(traj: Transition, num_actions: int, roles: tuple[str, ...]) 
         "op_histogram": jnp.sum(onehot, axis=(0, 1)) / jnp.maximum(jnp.sum(valid), 1.0),
         "op_by_step": by_step,
         "entropy": masked_mean(P.entropy(traj.logits), valid),
+        **eliminated,
     }
