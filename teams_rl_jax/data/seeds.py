@@ -59,6 +59,15 @@ def _seed(rec: Any, where: str, index: int, field: str) -> Seed:
                 str(dom) if dom is not None else None)
 
 
+def check_seed_file(path: str | Path | None, key: str = "seeds") -> None:
+    """A one-line DataError naming ``path`` (the config's ``key``) when that seed file is missing;
+    ``None`` (the bundled seeds) passes."""
+    if path is not None and not Path(path).is_file():
+        raise DataError(f"{key}: seed file not found: {path} (this config expects an Alpaca-format file there, "
+                        f"e.g. Stanford Alpaca's alpaca_data.json; download it or set {key}: PATH; "
+                        f"{key}: null = the bundled seeds, for the offline default only)")
+
+
 def read_seeds(path: str | Path | None = None, limit: int | None = None, *, field: str = "instruction") -> list[Seed]:
     """The first ``limit`` seeds (all when None) of ``path`` (``None``: the bundled set).
 
