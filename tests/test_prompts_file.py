@@ -106,7 +106,7 @@ class Recorder:
             self.contents.append(content)
             if self.role == "instructor":
                 old = content.split("rewrite\n", 1)[1].split("\nzebra end", 1)[0] if "zebra" in content else "x"
-                out.append(Completion(f"{old} with {len(self.contents)} careful extra steps"))
+                out.append(Completion(f"{old} with careful extra steps"))  # the same rewrite of the same text
             elif self.role == "reviewer":
                 out.append(Completion("Not Equal"))
             else:
@@ -123,19 +123,21 @@ def test_custom_prompts_reach_the_roles_in_the_generate_stage_and_input_stays_ap
     the expert's question."""
     seeds = tmp_path / "alpaca.json"
     seeds.write_text(json.dumps([{"instruction": "Sort the numbers.", "input": "3, 1, 2", "output": "1, 2, 3"},
-                                 {"instruction": "Name a bird.", "input": "", "output": "Robin"}]))
+                                 {"instruction": "Name a bird.", "input": "", "output": "Robin"},
+                                 {"instruction": "Sort the numbers.", "input": "9, 8", "output": "8, 9"}]))
     bk = {r: Recorder(r) for r in ("instructor", "reviewer", "expert")}
-    cfg = GenerateConfig(selector="random", operator_role="instructor", steps=2, batch_seeds=2, baselines=(),
+    cfg = GenerateConfig(selector="random", operator_role="instructor", steps=2, batch_seeds=3, baselines=(),
                          cache=False, near_dup_threshold=None, progress=False)
     s = run_generate_stage(cfg, tmp_path / "run", backends=bk, log=lambda m: None, seeds=seeds, prompts=custom)
     ins, rev, exp = bk["instructor"].contents, bk["reviewer"].contents, bk["expert"].contents
-    assert len(ins) == 4 and all(c.startswith("zebra ") and c.endswith("zebra end") for c in ins), ins
-    assert all("3, 1, 2" not in c for c in ins)  # the instructor sees the instruction alone
-    assert len(rev) == 4 and all(c.startswith("walrus compares\nfirst ") for c in rev), rev
+    assert len(ins) == 6 and all(c.startswith("zebra ") and c.endswith("zebra end") for c in ins), ins
+    assert all("3, 1, 2" not in c and "9, 8" not in c for c in ins)  # the instructor sees the instruction alone
+    assert len(rev) == 6 and all(c.startswith("walrus compares\nfirst ") for c in rev), rev
     recs = [json.loads(line) for line in (tmp_path / "run" / "data" / "generated.jsonl").read_text().splitlines()]
-    assert s["kept"] == len(recs) == 4
+    # Seeds 0 and 2 share an instruction and differ by input: same rewrites, not duplicates of each other.
+    assert s["kept"] == len(recs) == 6
     by_seed = {r["meta"]["seed_id"]: r for r in recs}
-    assert by_seed["seed-00000"]["input"] == "3, 1, 2" and by_seed["seed-00001"]["input"] == ""
+    assert [by_seed[f"seed-0000{i}"]["input"] for i in range(3)] == ["3, 1, 2", "", "9, 8"]
     assert all("3, 1, 2" not in r["instruction"] for r in recs)
     assert sum(c.endswith("\n\n3, 1, 2") for c in exp) == 2  # the expert answers instruction + input
 
