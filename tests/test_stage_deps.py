@@ -17,7 +17,7 @@ import pytest
 
 from teams_rl_jax import config as cfglib
 from teams_rl_jax import stages
-from teams_rl_jax.errors import ConfigError
+from teams_rl_jax.errors import ConfigError, DataError
 from teams_rl_jax.layout import RunLayout
 from teams_rl_jax.train import TrainConfig, run
 
@@ -239,3 +239,13 @@ def test_changed_seeds_or_prompts_need_force_for_the_stages_that_use_them(tmp_pa
         with pytest.raises(ConfigError, match=rf"stage '{stage}' .*rerun it with --force"):
             _run(_cfg(tmp_path, *base, f"seeds={a}", f"stages=[{stage}]"))
     assert fake.calls == []
+
+
+def test_missing_seed_file_stops_before_any_stage(tmp_path, monkeypatch):
+    """A config's ``seeds`` file that is not there is one line naming it, before any stage runs or the run dir
+    is made. Catches: the check dropped (the policy stage would train before generate found no file)."""
+    fake = FakeStages().install(monkeypatch)
+    missing = tmp_path / "alpaca_data.json"
+    with pytest.raises(DataError, match=rf"seeds: seed file not found: {missing}"):
+        _run(_cfg(tmp_path, f"seeds={missing}"))
+    assert fake.calls == [] and not (tmp_path / "run").exists()
