@@ -112,7 +112,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
 def from_dict(cls: type[T], data: dict | None, path: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) dict, rejecting unknown keys and wrong types.
 
-    Missing keys take the dataclass defaults. ``path`` prefixes key names in error messages.
+    Missing keys take the dataclass defaults. ``path`` prefixes key names in error messages. A key in
+    the class's ``MOVED_KEYS`` (``{old key: where it is now}``) is an error naming its new place.
     After construction, a ``validate()`` method on the dataclass (if any) is called.
     """
     data = dict(data or {})
@@ -121,6 +122,8 @@ def from_dict(cls: type[T], data: dict | None, path: str = "") -> T:
     kwargs = {}
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
+        if key not in fields and key in getattr(cls, "MOVED_KEYS", {}):  # a key that moved elsewhere
+            raise _keyed(full, f"'{full}' moved: set {cls.MOVED_KEYS[key]} instead")
         if key not in fields:
             import difflib
 

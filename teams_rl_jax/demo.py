@@ -50,7 +50,7 @@ def with_demo_roles(cfg: Any, run_dir: str | Path) -> Any:
     """``cfg`` (a ``TrainConfig``) with the demo's expert filled in where ``roles.expert`` is unset."""
     if not cfg.offline_demo or cfg.roles.expert is not None or "generate" not in cfg.stages:
         return cfg
-    ckpt = tiny_expert(run_dir, cfg.generate.seeds)
+    ckpt = tiny_expert(run_dir, cfg.seeds)
     expert = RoleConfig(backend="flax", checkpoint=str(ckpt), dtype="float32", max_batch=64, model="tiny-random-llama",
                         max_new_tokens=48)  # a random model's answer is noise: keep it short
     return dataclasses.replace(cfg, roles=dataclasses.replace(cfg.roles, expert=expert))

@@ -18,6 +18,7 @@ response cache is never removed: a redone stage replays every answer it already 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -32,6 +33,7 @@ from teams_rl_jax.evolve import run_generate_stage
 from teams_rl_jax.evolve.stage import needed_roles
 from teams_rl_jax.layout import STAGES, RunLayout
 from teams_rl_jax.rl.stage import run_policy_stage
+from teams_rl_jax.roles.prompts import load_prompts
 from teams_rl_jax.sft.loop import run_sft_stage
 
 Log = Callable[[str], None]
@@ -40,7 +42,9 @@ CHUNK = 1 << 20  # digests stream files in 1 MiB blocks
 
 # ------------------------------------------------------------------------------------------ runners
 def _run_policy(cfg: Any, run: RunLayout, log: Log) -> None:
-    run_policy_stage(cfg.policy, run.root, roles=cfg.roles, log=log)
+    env_config = dataclasses.replace(cfg.policy.env_config, seeds_path=cfg.seeds)  # the one seed setting
+    run_policy_stage(cfg.policy.replace(env_config=env_config), run.root, roles=cfg.roles,
+                     prompts=load_prompts(cfg.prompts), log=log)
 
 
 def _run_generate(cfg: Any, run: RunLayout, log: Log) -> None:
@@ -49,7 +53,7 @@ def _run_generate(cfg: Any, run: RunLayout, log: Log) -> None:
         raise ConfigError(f"generate: selector 'policy' needs the policy stage's output {run.policy.root} "
                           f"(run the policy stage first, or set generate.selector: random)")
     cfg = with_demo_roles(cfg, run.root)
-    run_generate_stage(gen, run.root, cfg.roles, log=log)
+    run_generate_stage(gen, run.root, cfg.roles, log=log, seeds=cfg.seeds, prompts=load_prompts(cfg.prompts))
 
 
 def _run_sft(cfg: Any, run: RunLayout, log: Log) -> None:
@@ -134,13 +138,27 @@ def roles_used(cfg: Any, stage: str) -> tuple[str, ...]:
     return ()
 
 
+def uses_prompts(cfg: Any, stage: str) -> bool:
+    """Whether ``stage`` sends the instructor's or the reviewer's prompts (the ``prompts:`` file's)."""
+    if stage == "generate" and cfg.generate.operator_role == "expert":
+        return True  # the expert rewrites with the instructor's templates
+    return bool({"instructor", "reviewer"} & set(roles_used(cfg, stage)))
+
+
 def own_config(cfg: Any, stage: str) -> dict:
-    """The stage's section and the roles it calls (the offline demo's expert named as such)."""
+    """The stage's section, the roles it calls (the offline demo's expert named as such), and the
+    top-level ``seeds`` (policy, generate) and ``prompts`` (path and content digest, where the stage
+    sends them) when set: unset, they add nothing (fingerprints of runs made before them hold)."""
     d = cfglib.to_dict(cfg)
     roles = {r: d["roles"].get(r) for r in roles_used(cfg, stage)}
     if stage == "generate" and cfg.offline_demo and roles.get("expert") is None:
         roles["expert"] = "offline demo: tiny random Llama"
-    return {stage: d[stage], "roles": roles}
+    out = {stage: d[stage], "roles": roles}
+    if stage in ("policy", "generate") and cfg.seeds is not None:
+        out["seeds"] = cfg.seeds
+    if cfg.prompts is not None and uses_prompts(cfg, stage):
+        out["prompts"] = {"path": cfg.prompts, "sha256": hashlib.sha256(Path(cfg.prompts).read_bytes()).hexdigest()}
+    return out
 
 
 def input_names(cfg: Any, run: RunLayout, stage: str) -> tuple[str, ...]:

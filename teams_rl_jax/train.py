@@ -25,12 +25,14 @@ import jax
 from teams_rl_jax import cli, stages
 from teams_rl_jax import config as cfglib
 from teams_rl_jax.backends.config import RolesConfig
+from teams_rl_jax.data.seeds import check_seed_file
 from teams_rl_jax.distributed import maybe_initialize_distributed
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.eval.config import EvalConfig
 from teams_rl_jax.evolve.config import GenerateConfig
 from teams_rl_jax.layout import STAGES, RunLayout
 from teams_rl_jax.rl.config import PolicyConfig
+from teams_rl_jax.roles.prompts import load_prompts
 from teams_rl_jax.sft.config import SFTConfig
 
 DEFAULT_CONFIG = "default.yaml"  # package data: teams_rl_jax/configs/default.yaml
@@ -47,6 +49,12 @@ class TrainConfig:
     # Small-scale offline run: a roles.expert left unset becomes a tiny random Llama (+ word tokenizer)
     # saved under run_dir/models/tiny-expert and served through the flax backend like a 7B model.
     offline_demo: bool = False
+    # One seed file for both stages (the policy env's and the generate stage's): Alpaca JSON (a list),
+    # JSONL or Parquet of {instruction, input?, id?, domain?}; null = the bundled seeds (offline default).
+    seeds: str | None = None
+    # The roles' wording: a YAML file of the six operation templates ({instruction}) and the judge
+    # template ({old}, {new}), for both stages (roles/prompts.py); null = our shipped wording.
+    prompts: str | None = None
     roles: RolesConfig = field(default_factory=RolesConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -54,15 +62,21 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
-        """Check stage names."""
+        """Check stage names, the one seed setting, and the prompts file (loaded once to check it)."""
         for s in self.stages:
             if s not in STAGES:
                 raise ConfigError(f"stages: unknown stage {s!r} (valid: {', '.join(STAGES)})")
+        if self.policy.env_config.seeds_path is not None:
+            raise ConfigError("policy.env_config.seeds_path: the pipeline's seeds are the top-level 'seeds' key "
+                              "(one file for the policy and generate stages); set seeds: PATH instead")
+        load_prompts(self.prompts)
 
 
 def run(cfg: TrainConfig, log: Callable[[str], None] = print, *, force: bool = False) -> Path:
     """Run ``cfg.stages`` in pipeline order into ``cfg.run_dir``; returns the run directory."""
     cfg.validate()
+    if {"policy", "generate"} & set(cfg.stages):
+        check_seed_file(cfg.seeds)  # before any stage runs: a missing Alpaca file is a one-line error
     maybe_initialize_distributed(cfg.distributed)
     layout = RunLayout(cfg.run_dir)
     lead = jax.process_index() == 0

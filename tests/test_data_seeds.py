@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from teams_rl_jax.data.seeds import Seed, read_seeds
+from teams_rl_jax.data.seeds import Seed, check_seed_file, read_seeds
 from teams_rl_jax.env.seeds import read_seed_records
 from teams_rl_jax.errors import DataError
 
@@ -74,5 +74,17 @@ def test_the_bundled_seeds_are_the_env_and_generate_seeds():
     seeds = read_seeds()
     assert len(seeds) == 150 and len({s.id for s in seeds}) == 150
     assert sum(bool(s.input) for s in seeds) == 18 and len({s.domain for s in seeds}) == 20
-    texts, domains = read_seed_records()  # the token-edit env's default
-    assert texts == [s.text for s in seeds] and domains == [s.domain for s in seeds]
+    texts, domains = read_seed_records()  # the token-edit env's default: the instruction, input kept apart
+    assert texts == [s.instruction for s in seeds] and domains == [s.domain for s in seeds]
+
+
+def test_check_seed_file_names_the_missing_file(tmp_path):
+    """A config's seed file that is not there is one line naming the key and the path; None passes."""
+    missing = tmp_path / "alpaca_data.json"
+    with pytest.raises(DataError) as e:
+        check_seed_file(missing)
+    msg = str(e.value)
+    assert msg.startswith("seeds: ") and str(missing) in msg and "\n" not in msg, msg
+    check_seed_file(None)
+    missing.write_text("[]")
+    check_seed_file(missing)

@@ -11,14 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 
 from teams_rl_jax import config as cfglib
 from teams_rl_jax import stages
-from teams_rl_jax.errors import ConfigError
+from teams_rl_jax.errors import ConfigError, DataError
 from teams_rl_jax.layout import RunLayout
 from teams_rl_jax.train import TrainConfig, run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class FakeStages:
@@ -211,3 +214,38 @@ def test_real_stages_redo_on_new_dataset_and_skip_when_unchanged(tmp_path):
     logs = _run(_cfg(tmp_path, *REAL, "generate.seed=7"))
     assert [line.split(" ")[0] for line in logs if "complete in" in line] == ["[generate]", "[sft]", "[eval]"], logs
     assert _paid(run_dir) == paid
+
+
+def test_changed_seeds_or_prompts_need_force_for_the_stages_that_use_them(tmp_path, monkeypatch):
+    """The top-level ``seeds`` file is in the policy's and generate's fingerprints, the ``prompts`` file (its
+    path and content) in those of the stages that send them; sft and eval stay skipped. Catches: either
+    setting missing from ``own_config`` (a stage silently skipped on other seeds or wording)."""
+    fake = FakeStages().install(monkeypatch)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"instruction": "Name a bird."}\n')
+    b.write_text('{"instruction": "Name a fish."}\n')
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text((ROOT / "configs" / "prompts" / "teams_rl_reference.yaml").read_text())
+    base = [*LLM_ROLES, f"prompts={prompts}"]
+    _run(_cfg(tmp_path, *base, f"seeds={a}"))
+    fake.calls.clear()
+    for stage in ("policy", "generate"):
+        with pytest.raises(ConfigError, match=rf"stage '{stage}' .*rerun it with --force"):
+            _run(_cfg(tmp_path, *base, f"seeds={b}", f"stages=[{stage}]"))
+    logs = _run(_cfg(tmp_path, *base, f"seeds={b}", "stages=[sft,eval]"))
+    assert fake.calls == [] and sum("complete in" in line for line in logs) == 2
+    prompts.write_text(prompts.read_text().replace("requirments", "requirements"))  # same path, new wording
+    for stage in ("policy", "generate"):
+        with pytest.raises(ConfigError, match=rf"stage '{stage}' .*rerun it with --force"):
+            _run(_cfg(tmp_path, *base, f"seeds={a}", f"stages=[{stage}]"))
+    assert fake.calls == []
+
+
+def test_missing_seed_file_stops_before_any_stage(tmp_path, monkeypatch):
+    """A config's ``seeds`` file that is not there is one line naming it, before any stage runs or the run dir
+    is made. Catches: the check dropped (the policy stage would train before generate found no file)."""
+    fake = FakeStages().install(monkeypatch)
+    missing = tmp_path / "alpaca_data.json"
+    with pytest.raises(DataError, match=rf"seeds: seed file not found: {missing}"):
+        _run(_cfg(tmp_path, f"seeds={missing}"))
+    assert fake.calls == [] and not (tmp_path / "run").exists()

@@ -29,6 +29,7 @@ SERVED_NAME = "tiny-llama"
 API_KEY_ENV = "OPENAI_API_KEY"  # what configs/openai_endpoint.yaml names
 API_KEY = "test-key-not-a-secret"
 DEMO_SFT = ROOT / "teams_rl_jax" / "data" / "demo_sft.jsonl"
+TINY_SEEDS = ROOT / "teams_rl_jax" / "data" / "seeds.jsonl"  # the bundled seeds, for a config's `seeds:` file
 # The reviewer's reply parser reads these as "Equal" (env/judge.py); the fixture never generates them.
 JUDGE_EQUAL_WORDS = ("equal", "same")
 
@@ -174,8 +175,9 @@ def needs_server(cfg: dict) -> bool:
 
 
 def path_swaps(cfg: dict, checkpoint: Path, base_url: str | None, benchmarks: Path) -> list[str]:
-    """``--set`` values pointing every path and endpoint the config names at the tiny fixtures."""
-    sets = []
+    """``--set`` values pointing every path and endpoint the config names at the tiny fixtures (the
+    ``seeds`` file at the bundled seeds)."""
+    sets = [f"seeds={TINY_SEEDS}"] if cfg.get("seeds") else []
     for role, spec in sorted((cfg.get("roles") or {}).items()):
         if spec.get("checkpoint"):
             sets.append(f"roles.{role}.checkpoint={checkpoint}")

@@ -3,8 +3,9 @@
 :func:`read_seeds` reads Alpaca JSON (a list), JSONL, or Parquet (needs pyarrow) into :class:`Seed`
 records; ``path=None`` reads the bundled ``seeds.jsonl`` (package data of ``teams_rl_jax.data``, our
 own wording: 150 instructions in 20 domains, 18 with an ``input``), which serves the offline default
-only. The policy stage's env and the generate stage read the same seeds, so the policy is trained on
-the instructions it later steers.
+only. The policy stage's env and the generate stage read the same seeds (the pipeline's top-level
+``seeds`` key), so the policy is trained on the instructions it later steers; :func:`check_seed_file`
+stops a run whose configured file is missing before any stage starts.
 
 A record is ``{"instruction", "input"?, "id"?, "domain"?}``; other keys are ignored. ``input`` stays
 Alpaca's separate field (never folded into ``instruction`` here); ``domain`` lets the token-edit env's
@@ -37,7 +38,8 @@ class Seed:
 
     @property
     def text(self) -> str:
-        """The instruction with its input folded in (as WizardLM evolves it); the record keeps both."""
+        """The instruction with its input folded in (as WizardLM's reference evolves it; the TeaMs-RL
+        reference and our stages send the instruction alone and keep the input apart)."""
         return self.instruction if not self.input else f"{self.instruction}\n{self.input}"
 
 
@@ -57,6 +59,15 @@ def _seed(rec: Any, where: str, index: int, field: str) -> Seed:
     sid, dom = rec.get("id"), rec.get("domain")
     return Seed(str(sid) if sid is not None else f"seed-{index:05d}", instruction.strip(), input_.strip(),
                 str(dom) if dom is not None else None)
+
+
+def check_seed_file(path: str | Path | None, key: str = "seeds") -> None:
+    """A one-line DataError naming ``path`` (the config's ``key``) when that seed file is missing;
+    ``None`` (the bundled seeds) passes."""
+    if path is not None and not Path(path).is_file():
+        raise DataError(f"{key}: seed file not found: {path} (this config expects an Alpaca-format file there, "
+                        f"e.g. Stanford Alpaca's alpaca_data.json; download it or set {key}: PATH; "
+                        f"{key}: null = the bundled seeds, for the offline default only)")
 
 
 def read_seeds(path: str | Path | None = None, limit: int | None = None, *, field: str = "instruction") -> list[Seed]:

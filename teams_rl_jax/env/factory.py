@@ -39,6 +39,7 @@ from teams_rl_jax.env.registry import Registry
 from teams_rl_jax.env.seeds import read_seed_records
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.roles.instructor import Instructor
+from teams_rl_jax.roles.prompts import DEFAULT_PROMPTS, Prompts
 from teams_rl_jax.roles.reviewer import Reviewer
 
 ROLE_NAMES = ("instructor", "reviewer")
@@ -52,22 +53,24 @@ def register_env(name: str, builder: EnvBuilder) -> EnvBuilder:
 
 
 def make(name: str = "token_edit", config: EnvConfig | Mapping | None = None, *, roles: Any = None,
-         counter=None, seed: int = 0, **objects) -> tuple[Any, Any]:
+         counter=None, seed: int = 0, prompts: Prompts | None = None, **objects) -> tuple[Any, Any]:
     """``(env, env_params)`` of env ``name`` (see the module docstring). ``config``: an
     :class:`EnvConfig` or a dict of its fields; ``objects``: Python objects and field overrides
     (``tokenizer``, ``seeds``, ``operator`` ...; see ``environment.build_env``); ``seed``: the run's
-    seed, for envs that draw their seed pool at random (``synthetic``)."""
-    return ENVS.get(name)(config, roles=roles, counter=counter, seed=seed, **objects)
+    seed, for envs that draw their seed pool at random (``synthetic``); ``prompts``: the roles'
+    wording (a loaded ``prompts:`` file; None: ours), for the roles built from ``roles``."""
+    extra = {"prompts": prompts} if prompts is not None else {}
+    return ENVS.get(name)(config, roles=roles, counter=counter, seed=seed, **extra, **objects)
 
 
-def _token_edit(config, *, roles=None, counter=None, seed=0, **objects):
-    return build_env("token_edit", config, **objects)
+def _token_edit(config, *, roles=None, counter=None, seed=0, prompts=None, **objects):
+    return build_env("token_edit", config, **objects)  # no LLM: the prompts are not used
 
 
-def _llm(config, *, roles=None, counter=None, seed=0, **objects):
+def _llm(config, *, roles=None, counter=None, seed=0, prompts=None, **objects):
     if roles is None:
         return build_env("llm", config, **objects)
-    return make_llm_env(config, roles, counter=counter, **objects)
+    return make_llm_env(config, roles, counter=counter, prompts=prompts, **objects)
 
 
 register_env("token_edit", _token_edit)
@@ -128,31 +131,32 @@ def _params(backend: Any):
     return params if params is not None else backend.lm.params
 
 
-def _operator(config: EnvConfig, instructor, tok, roles, ops):
+def _operator(config: EnvConfig, instructor, tok, roles, ops, prompts: Prompts | None = None):
     """The instructor as the env's operator: jitted in-process, else the text role on the host."""
     new_tokens = max_new_tokens(roles, "instructor", instructor)
     if is_in_process(instructor) and tok is instructor.tokenizer:
         # Longer than the buffer + its EOS is discarded anyway: do not generate past it.
-        op, op_params = LLMOperator.create(instructor.lm, tok, operation_templates(ops), max_len=config.max_len,
+        op, op_params = LLMOperator.create(instructor.lm, tok, operation_templates(ops, prompts), max_len=config.max_len,
                                            max_new_tokens=min(new_tokens, config.max_len + 1),
                                            temperature=config.temperature, top_p=config.top_p,
                                            chat=bool(getattr(instructor, "chat", True)))
         return op, op_params.replace(lm_params=_params(instructor))
-    text = Instructor(instructor, new_tokens, config.temperature, config.top_p)
+    text = Instructor(instructor, new_tokens, config.temperature, config.top_p, prompts=prompts)
     pad = choose_pad_id(tok, eos_token_ids(tok))  # pad is never EOS (id 0 is a real token in Llama-3)
     return HostOperator(text, tok, ops, config.max_len, int(pad)), jnp.zeros((), jnp.float32)
 
 
-def _reviewer(reviewer, tok, roles, jitted_ok: bool, reward: str = "shaped"):
+def _reviewer(reviewer, tok, roles, jitted_ok: bool, reward: str = "shaped", prompts: Prompts | None = None):
     """``(term, term_params or None, on_host)``: the jitted logit judge where the reviewer is
     in-process and reads the env's own ids, else the text reviewer on the host. ``reward:
     reviewer_binary`` always takes the text reviewer (the reply is decoded, greedy, and parsed with
     ``roles.reviewer.parser``; ``exact`` for a built backend without a config); ``reviewer_soft``
-    needs the jitted judge."""
+    needs the jitted judge. ``prompts`` supply the judge template (None: ours)."""
+    judge = (prompts or DEFAULT_PROMPTS).judge
     if reward != "reviewer_binary" and jitted_ok and is_in_process(reviewer):
         try:  # env_tokenizer: the judge refuses buffers of another tokenizer instead of mixing ids
             term, _ = reviewer_term(reviewer.lm, reviewer.tokenizer, env_tokenizer=tok,
-                                    chat=bool(getattr(reviewer, "chat", True)))
+                                    chat=bool(getattr(reviewer, "chat", True)), instruction=judge)
             return term, _params(reviewer), False
         except ConfigError:  # different tokenizers: the reviewer reads text instead of ids
             pass
@@ -161,11 +165,12 @@ def _reviewer(reviewer, tok, roles, jitted_ok: bool, reward: str = "shaped"):
                           "instructor on the env's tokenizer; use reviewer_binary for a text reviewer")
     cfg = role_config(roles, "reviewer", reviewer)
     parser = cfg.parser if cfg else ("exact" if reward == "reviewer_binary" else "lenient")
-    text = Reviewer(reviewer, max_new_tokens(roles, "reviewer", reviewer), parser)
+    text = Reviewer(reviewer, max_new_tokens(roles, "reviewer", reviewer), parser, judge)
     return host_reviewer_term(text, tok), None, True
 
 
-def make_llm_env(config: EnvConfig | Mapping | None, roles: Any, *, counter=None, **objects):
+def make_llm_env(config: EnvConfig | Mapping | None, roles: Any, *, counter=None, prompts: Prompts | None = None,
+                 **objects):
     """``(env, env_params)`` of the LLM env from ``config`` and ``roles`` (instructor required; without
     a reviewer the reward is the env's own terms; ``reward_weights`` gets ``reviewer: 1.0`` by
     default when a reviewer is configured). ``config.reward`` picks the reviewer's form (``_reviewer``)."""
@@ -176,13 +181,14 @@ def make_llm_env(config: EnvConfig | Mapping | None, roles: Any, *, counter=None
         raise ConfigError("roles.instructor: policy.env 'llm' needs an instructor (backend: flax or openai)")
     tok, is_served = buffer_tokenizer(base, instructor)
     ops = tuple(op for op in base.operations if op != STOP)
-    operator, op_params = _operator(base, instructor, tok, roles, ops)
+    operator, op_params = _operator(base, instructor, tok, roles, ops, prompts)
     host_roles = () if isinstance(operator, LLMOperator) else ("instructor",)
     weights = dict(base.reward_weights)
     terms, term_params = [], {}
     if reviewer is not None:
         weights.setdefault("reviewer", 1.0)
-        term, params, on_host = _reviewer(reviewer, tok, roles, jitted_ok=not host_roles, reward=base.reward)
+        term, params, on_host = _reviewer(reviewer, tok, roles, jitted_ok=not host_roles, reward=base.reward,
+                                          prompts=prompts)
         terms.append(term)
         if params is not None:
             term_params[term.name] = params

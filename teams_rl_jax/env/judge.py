@@ -80,7 +80,8 @@ def _positions(mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
 
 
-def reviewer_term(lm, tokenizer, *, env_tokenizer=None, name: str = "reviewer", chat: bool = True):
+def reviewer_term(lm, tokenizer, *, env_tokenizer=None, name: str = "reviewer", chat: bool = True,
+                  instruction: str = JUDGE_INSTRUCTION):
     """The judge as an env reward term: ``(RewardTerm, term_params)`` for ``env.make(reward_terms=...)``.
 
     The prompt is assembled inside the jitted step from the old and new instruction buffers
@@ -91,13 +92,14 @@ def reviewer_term(lm, tokenizer, *, env_tokenizer=None, name: str = "reviewer", 
     ``env_tokenizer``: the env's tokenizer. The buffers hold the env's ids and are fed to the reviewer
     as they are, so the two tokenizers must be the same; a different one raises ConfigError (compare
     with ``check_role_tokenizers`` in ``make``; the text path of the host env handles differing ones).
+    ``instruction``: the judge template (``{old}``, ``{new}``; a ``prompts:`` file's ``judge``).
     """
     from teams_rl_jax.data.tokenizer import check_same_tokenizer, choose_pad_id, eos_token_ids, tokenizer_fingerprint
     from teams_rl_jax.env.rewards import RewardTerm
 
     if env_tokenizer is not None:
         check_same_tokenizer(env_tokenizer, tokenizer, "env and reviewer")
-    ids = judge_template_ids(tokenizer, chat=chat)
+    ids = judge_template_ids(tokenizer, instruction=instruction, chat=chat)
     answers = ids.answers
     pad = choose_pad_id(tokenizer, eos_token_ids(tokenizer))
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import Sequence
 
 from teams_rl_jax.env.operations import OPERATION_REGISTRY
-from teams_rl_jax.roles.prompts import (OPERATION_PROMPTS, SLOT, expert_messages, instructor_content,  # noqa: F401
-                                        instructor_messages, instructor_prompt, render_prompt, template_pieces)
+from teams_rl_jax.roles.prompts import (OPERATION_PROMPTS, SLOT, Prompts, expert_messages,  # noqa: F401
+                                        instructor_content, instructor_messages, instructor_prompt, render_prompt,
+                                        template_pieces)
 
 
-def operation_templates(names: Sequence[str]) -> list[tuple[str, str]]:
-    """``(prefix, suffix)`` per operation, in action order (for ``LLMOperator.create``)."""
-    return [template_pieces(OPERATION_REGISTRY.get(n).prompt) for n in names]
+def operation_templates(names: Sequence[str], prompts: Prompts | None = None) -> list[tuple[str, str]]:
+    """``(prefix, suffix)`` per operation, in action order (for ``LLMOperator.create``; ``prompts``: a
+    loaded ``prompts:`` file, None: ours)."""
+    return [template_pieces(OPERATION_REGISTRY.get(n).prompt, prompts) for n in names]

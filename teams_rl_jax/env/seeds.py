@@ -34,11 +34,11 @@ class SeedBatch:
 def read_seed_records(path: str | Path | None = None, field: str = "instruction",
                       limit: int | None = None) -> tuple[list[str], list[str | None]]:
     """``(texts, domains)`` of the seeds :func:`teams_rl_jax.data.seeds.read_seeds` reads (``path=None``:
-    the bundled seeds). A seed's text is its instruction with its input folded in, as the generate
-    stage's token-edit operator sees it. Errors name ``file:line``.
+    the bundled seeds). A seed's text is its instruction alone, as the generate stage's instructor sees
+    it (Alpaca's ``input`` stays a separate field, as in the TeaMs-RL reference). Errors name ``file:line``.
     """
     seeds = read_seeds(path, limit, field=field)
-    return [s.text for s in seeds], [s.domain for s in seeds]
+    return [s.instruction for s in seeds], [s.domain for s in seeds]
 
 
 def domain_ids(domains: Sequence[str | None]) -> np.ndarray:

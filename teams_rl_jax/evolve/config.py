@@ -22,7 +22,8 @@ class GenerateConfig:
     same seeds with the same query budget, into ``run/data/baselines/<name>/``.
     """
 
-    seeds: str | None = None  # Alpaca JSON/JSONL (instruction, input, optional id/domain); None = bundled
+    # The seed file is the pipeline's top-level ``seeds`` key (both stages read it); at most this many here.
+    MOVED_KEYS = {"seeds": "the top-level 'seeds' key (one seed file for the policy and generate stages)"}
     max_seeds: int | None = None
     selector: Literal["policy", "random", "fixed", "paper"] = "policy"
     schedule: tuple[str, ...] = ("add_constraints",)  # for selector: fixed (last op repeats)

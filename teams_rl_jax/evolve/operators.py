@@ -24,8 +24,9 @@ class LLMRewriter:
     """An LLM role rewrites (the instructor, or the expert in the paper's single-model setting): the
     text :class:`~teams_rl_jax.roles.instructor.Instructor`, one batched ``complete`` per step."""
 
-    def __init__(self, backend: Any, *, max_new_tokens: int, temperature: float, top_p: float, seed: int):
-        self.instructor = Instructor(backend, max_new_tokens, temperature, top_p)
+    def __init__(self, backend: Any, *, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                 prompts: Any = None):
+        self.instructor = Instructor(backend, max_new_tokens, temperature, top_p, prompts=prompts)
         self.role = backend.role
         self.seed = seed
 

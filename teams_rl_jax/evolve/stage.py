@@ -11,7 +11,9 @@
 * ``baselines/<name>/``: the same for each baseline selector, over the same seeds and query budget.
 * ``shards/``: per-process record and progress files (merged into ``generated.jsonl`` at the end).
 
-Per batch of ``batch_seeds`` seeds and per step: the selector picks each live seed's operation; the
+The instructor rewrites a seed's ``instruction`` alone (as the TeaMs-RL reference does); its Alpaca
+``input`` is kept unchanged as the record's own ``input`` field and shown to the expert with the
+instruction. Per batch of ``batch_seeds`` seeds and per step: the selector picks each live seed's operation; the
 operator role rewrites (one batched ``complete``, the text instructor of ``roles.instructor``); the
 reviewer judges (one batched call, ``roles.reviewer``); each role's reply length is
 ``roles.<role>.max_new_tokens``; rules 1/4
@@ -38,6 +40,7 @@ from teams_rl_jax.evolve.records import (AppendLog, Seed, _read_lines, read_seed
                                          write_jsonl_atomic)
 from teams_rl_jax.evolve.operators import LLMRewriter, token_edit_operator
 from teams_rl_jax.evolve.selectors import STOP, make_selector
+from teams_rl_jax.roles.prompts import DEFAULT_PROMPTS, Prompts
 from teams_rl_jax.roles.reviewer import Reviewer
 
 ROLES = ("instructor", "reviewer", "expert")
@@ -92,13 +95,14 @@ class _Roles:
     reviewer: Reviewer | None
 
 
-def text_roles(bk: dict, roles: Any) -> _Roles:
+def text_roles(bk: dict, roles: Any, prompts: Prompts | None = None) -> _Roles:
     """The expert and the text :class:`Reviewer` (its ``max_new_tokens`` and ``parser`` from
-    ``roles.reviewer``) over the stage's backends."""
+    ``roles.reviewer``, its judge template from ``prompts``) over the stage's backends."""
     reviewer = None
     if bk.get("reviewer") is not None:
         cfg = role_config(roles, "reviewer")
-        reviewer = Reviewer(bk["reviewer"], max_new_tokens(roles, "reviewer"), cfg.parser if cfg else "lenient")
+        reviewer = Reviewer(bk["reviewer"], max_new_tokens(roles, "reviewer"), cfg.parser if cfg else "lenient",
+                            (prompts or DEFAULT_PROMPTS).judge)
     return _Roles(bk.get("expert"), max_new_tokens(roles, "expert"), reviewer)
 
 
@@ -117,7 +121,7 @@ class _Batch:
     def __init__(self, seeds: list[Seed], rows: list[int]):
         n = len(seeds)
         self.seeds, self.rows = seeds, rows
-        self.cur = [s.text for s in seeds]
+        self.cur = [s.instruction for s in seeds]  # the instructor sees the instruction; input stays apart
         self.prev = [-1] * n
         self.alive = [True] * n
         self.chain: list[list[str]] = [[] for _ in range(n)]
@@ -138,7 +142,8 @@ def _answer(rs: _Roles, cfg: GenerateConfig, batch: _Batch, items: list[tuple[in
     """Expert answers for ``(i, instruction, step)``; returns survivors of rules 2-3 with answer + finish."""
     if not items:
         return []
-    got = rs.expert.complete([expert_messages(x) for _, x, _ in items], max_new_tokens=rs.expert_max_new_tokens,
+    got = rs.expert.complete([expert_messages(x, batch.seeds[i].input) for i, x, _ in items],
+                             max_new_tokens=rs.expert_max_new_tokens,
                              temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     out = []
     for (i, text, step), c in zip(items, got):
@@ -152,8 +157,14 @@ def _answer(rs: _Roles, cfg: GenerateConfig, batch: _Batch, items: list[tuple[in
     return out
 
 
+def dedup_text(instruction: str, input: str = "") -> str:
+    """What de-duplication compares: the instruction with its input (Alpaca has many records that share
+    an instruction, e.g. "Classify the following", and differ by their input)."""
+    return instruction if not input else f"{instruction}\n{input}"
+
+
 def _record(batch: _Batch, i: int, text: str, step: int, answer: str, finish: str, selector: str) -> dict:
-    return {"instruction": text, "input": "", "output": answer,
+    return {"instruction": text, "input": batch.seeds[i].input, "output": answer,
             "meta": {"seed_id": batch.seeds[i].id, "selector": selector, "ops": list(batch.chain[i]), "step": step,
                      "judge": batch.judge[i], "queries": {r: n for r, n in batch.queries[i].items() if n},
                      "answer_finish": finish}}
@@ -202,7 +213,7 @@ def _evolve_batch(cfg: GenerateConfig, batch: _Batch, selector, operator, rs: _R
                 continue
             accepted.append((i, op, text, judge))
         if cfg.keep == "all":
-            fresh = dedup.filter([text for _, _, text, _ in accepted])
+            fresh = dedup.filter([dedup_text(text, batch.seeds[i].input) for i, _, text, _ in accepted])
             todo = []
             for (i, op, text, judge), dup in zip(accepted, fresh):
                 batch.chain[i].append(op)
@@ -219,7 +230,7 @@ def _evolve_batch(cfg: GenerateConfig, batch: _Batch, selector, operator, rs: _R
                 batch.cur[i], batch.judge[i] = text, judge
     if cfg.keep == "final":
         cand = [i for i in range(len(batch.seeds)) if batch.chain[i]]
-        fresh = dedup.filter([batch.cur[i] for i in cand])
+        fresh = dedup.filter([dedup_text(batch.cur[i], batch.seeds[i].input) for i in cand])
         todo = []
         for i, dup in zip(cand, fresh):
             if dup:
@@ -265,14 +276,18 @@ def summarize(progress: list[dict], paid_by_role: dict[str, int] | None, selecto
 def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = None, *, backends: dict | None = None,
                        log: Callable[[str], None] = print, selector: str | None = None,
                        out_dir: str | Path | None = None, max_queries: int | None = None,
-                       run_baselines: bool = True) -> dict:
-    """Run the stage (resuming a killed run); returns the summary. See the module docstring."""
+                       run_baselines: bool = True, seeds: str | Path | None = None,
+                       prompts: Prompts | None = None) -> dict:
+    """Run the stage (resuming a killed run); returns the summary. See the module docstring.
+
+    ``seeds``: the seed file (the pipeline's top-level ``seeds``; None: the bundled seeds);
+    ``prompts``: the roles' wording (the pipeline's ``prompts:`` file, loaded; None: ours)."""
     cfg.validate()
     run_dir = Path(run_dir)
     name = selector or cfg.selector
     out = Path(out_dir) if out_dir is not None else run_dir / "data"
     budget = max_queries if max_queries is not None else cfg.max_queries
-    seeds = read_seeds(cfg.seeds, cfg.max_seeds)
+    seed_file, seeds = seeds, read_seeds(seeds, cfg.max_seeds)
     proc, count = _process()
     mine = [(i, s) for i, s in enumerate(seeds) if i % count == proc]
     shards = out / "shards"
@@ -290,10 +305,10 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
         operator = token_edit_operator(seeds, seed=cfg.seed, batch=cfg.batch_seeds)
     else:
         operator = LLMRewriter(bk[cfg.operator_role], max_new_tokens=max_new_tokens(roles, cfg.operator_role),
-                               temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
-    rs = text_roles(bk, roles)
+                               temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, prompts=prompts)
+    rs = text_roles(bk, roles, prompts)
     dedup = F.Deduper(cfg.near_dup_threshold, cfg.encoder)
-    dedup.add([r["instruction"] for r in kept])
+    dedup.add([dedup_text(r["instruction"], r.get("input", "")) for r in kept])
     if todo:
         log(f"[generate:{name}] {len(todo)} of {len(mine)} seeds to evolve ({len(done)} done before), "
             f"{cfg.steps} steps, operator {cfg.operator_role}, roles {', '.join(bk) or 'none'}")
@@ -349,7 +364,8 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
             if outputs_complete(bout):
                 continue
             run_generate_stage(cfg, run_dir, roles, backends=backends, log=log, selector=b, out_dir=bout,
-                               max_queries=summary["queries_total"] or None, run_baselines=False)
+                               max_queries=summary["queries_total"] or None, run_baselines=False, seeds=seed_file,
+                               prompts=prompts)
     return summary
 
 
@@ -365,7 +381,7 @@ def _merge(out: Path, count: int, proc: int) -> None:
     rows = []
     for k in range(count):
         for r in _read_lines(out / "shards" / f"generated.{k:05d}.jsonl")[0]:
-            key = F.normalize(r["instruction"])
+            key = F.normalize(dedup_text(r["instruction"], r.get("input", "")))
             if key not in seen:
                 seen.add(key)
                 rows.append(r)

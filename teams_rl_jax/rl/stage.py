@@ -39,11 +39,12 @@ from teams_rl_jax.rl.train import env_operations, make_trainer
 __all__ = ["load_policy", "make_env", "run_policy_stage", "save_policy"]  # the checkpoint's two re-exported
 
 
-def make_env(config: PolicyConfig, roles: Any = None) -> tuple[Any, Any, Any]:
+def make_env(config: PolicyConfig, roles: Any = None, prompts: Any = None) -> tuple[Any, Any, Any]:
     """``(env, env_params, seeds)`` for ``config.env`` from the one factory (``env.factory.make``):
     ``"llm"`` builds its instructor and reviewer from ``roles``; ``"synthetic"`` is the test env of
-    :mod:`teams_rl_jax.rl.testing`. ``seeds`` is None: each env's seed pool is in its params."""
-    env, env_params = make(config.env, config.env_config, roles=roles, seed=config.seed)
+    :mod:`teams_rl_jax.rl.testing`. ``seeds`` is None: each env's seed pool is in its params.
+    ``prompts``: the roles' wording (``roles.prompts.Prompts``; None: ours)."""
+    env, env_params = make(config.env, config.env_config, roles=roles, seed=config.seed, prompts=prompts)
     return env, env_params, None
 
 
@@ -104,11 +105,11 @@ def _run(config: PolicyConfig, env, env_params, seeds, log: Callable[[str], None
     return rs, _concat(history)
 
 
-def _stage_env(config: PolicyConfig, env, env_params, seeds, roles, log):
+def _stage_env(config: PolicyConfig, env, env_params, seeds, roles, log, prompts=None):
     """``(config, env, env_params, seeds)``: the env built unless given, and the host-step loop when a
     role is remote (a role behind HTTP cannot be compiled into the rollout scan)."""
     if env is None:
-        env, env_params, seeds = make_env(config, roles)
+        env, env_params, seeds = make_env(config, roles, prompts)
     if config.env == "llm" and config.loop == "jit" and getattr(env, "host_roles", ()):
         log(f"[policy] roles {', '.join(env.host_roles)} are remote: using the host-step loop")
         config = config.replace(loop="host", host_rollout="step")
@@ -127,17 +128,19 @@ def run_policy_stage(
     env_params: Any = None,
     seeds: Any = None,
     roles: Any = None,
+    prompts: Any = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train the policy (and the ``config.baselines()``) and write ``run_dir/policy/`` artifacts.
 
     ``env``/``env_params``/``seeds`` override :func:`make_env` (tests, custom envs). ``roles``
-    (the pipeline's ``cfg.roles``) supplies the instructor and reviewer of ``env: llm``. With
+    (the pipeline's ``cfg.roles``) supplies the instructor and reviewer of ``env: llm``; ``prompts``
+    (the pipeline's ``prompts:`` file, loaded) their wording. With
     ``save_every`` the runner state is saved under ``policy/state`` (baselines: ``state_<name>``) and
     a rerun resumes from it. Returns the summary that is also written to ``summary.json``.
     """
     config.validate()
-    config, env, env_params, seeds = _stage_env(config, env, env_params, seeds, roles, log)
+    config, env, env_params, seeds = _stage_env(config, env, env_params, seeds, roles, log, prompts)
     out: PolicyDir = RunLayout(run_dir).policy
     out.root.mkdir(parents=True, exist_ok=True)
     names = list(env_operations(env))

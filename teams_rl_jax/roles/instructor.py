@@ -59,6 +59,7 @@ class Instructor:
     max_new_tokens: int
     temperature: float = 0.7
     top_p: float = 0.95
+    prompts: Any = None  # roles.prompts.Prompts of a ``prompts:`` file; None: our wording
 
     @property
     def role(self) -> str:
@@ -68,7 +69,7 @@ class Instructor:
         """One batched ``complete`` (one query per row) for operation ``ops[i]`` on ``texts[i]``."""
         if not texts:
             return []
-        prompts = [instructor_messages(op, text) for op, text in zip(ops, texts)]
+        prompts = [instructor_messages(op, text, self.prompts) for op, text in zip(ops, texts)]
         outs = self.backend.complete(prompts, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                      top_p=self.top_p, seed=seed)
         if len(outs) != len(prompts):

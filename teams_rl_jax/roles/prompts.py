@@ -1,6 +1,12 @@
 """The roles' prompts as text: the instructor's templates for the six operations (data; our own
 wording) and the expert's question. (The reviewer's comparison prompt is in ``roles.reviewer``.)
 
+Other wording comes from a ``prompts:`` YAML file (the pipeline's top-level ``prompts`` key;
+:func:`load_prompts` -> :class:`Prompts`): ``operations`` maps each of the six operation names to a
+template with one ``{instruction}`` placeholder, and ``judge`` is the reviewer's template with one
+``{old}`` and one ``{new}``; no other ``{name}`` placeholder is allowed (other braces are text).
+``configs/prompts/teams_rl_reference.yaml`` holds the TeaMs-RL reference code's wording.
+
 Each template holds one ``{instruction}`` slot and ends where the instructor's answer (the rewritten
 instruction) begins. The in-depth operations ask for 10 to 20 added words; breadth asks for a new,
 rarer instruction in the same domain. Every template forbids copying its own marker words, which the
@@ -19,9 +25,14 @@ to ``/v1/chat/completions``. :func:`instructor_prompt` gives the rendered text f
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
 
 from teams_rl_jax.data.chat import render_chat
 from teams_rl_jax.errors import ConfigError
+from teams_rl_jax.roles.reviewer import JUDGE_INSTRUCTION, JUDGE_SLOTS
 
 _DEPTH_HEAD = (
     "You rewrite instructions for an AI assistant so that they become harder to answer well, while "
@@ -58,29 +69,103 @@ OPERATION_PROMPTS: dict[str, str] = {
 }
 
 SLOT = "{instruction}"
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")  # what counts as a placeholder: {name}
 
 
-def template_pieces(name: str) -> tuple[str, str]:
-    """``(prefix, suffix)`` around the instruction slot of operation ``name``'s template."""
+@dataclass(frozen=True, eq=False)
+class Prompts:
+    """The wording of the instructor's six operation templates (``{instruction}``) and of the
+    reviewer's judge template (``{old}``, ``{new}``); ``source``: the file it came from, or ``ours``."""
+
+    operations: Mapping[str, str] = field(default_factory=lambda: dict(OPERATION_PROMPTS))
+    judge: str = JUDGE_INSTRUCTION
+    source: str = "ours"
+
+
+DEFAULT_PROMPTS = Prompts()
+PROMPTS_KEYS = ("operations", "judge")
+
+
+def _check_template(text, where: str, slots: tuple[str, ...]) -> str:
+    """``text`` when it is a string with each of ``slots`` once and no other placeholder."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{where}: expected a string template, got {type(text).__name__}")
+    found = PLACEHOLDER.findall(text)
+    for name in found:
+        if name not in slots:
+            raise ConfigError(f"{where}: unknown placeholder {{{name}}} (allowed: "
+                              + ", ".join("{" + s + "}" for s in slots) + ")")
+    for name in slots:
+        if found.count(name) != 1:
+            what = "missing placeholder" if name not in found else "placeholder used more than once:"
+            raise ConfigError(f"{where}: {what} {{{name}}}")
+    return text
+
+
+def load_prompts(path: str | Path | None) -> Prompts:
+    """The prompts of a ``prompts:`` YAML file (None: ours, :data:`DEFAULT_PROMPTS`).
+
+    The file holds ``operations:`` (all six operation names -> a template with ``{instruction}``)
+    and ``judge:`` (a template with ``{old}`` and ``{new}``). A missing file, a missing or unknown
+    operation or key, or a template missing a placeholder (or with an unknown one) is a one-line
+    ConfigError naming the file, the template and the placeholder.
+    """
+    if path is None:
+        return DEFAULT_PROMPTS
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"prompts: file not found: {p}")
     try:
-        template = OPERATION_PROMPTS[name]
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping with keys {', '.join(PROMPTS_KEYS)}")
+    for key in data:
+        if key not in PROMPTS_KEYS:
+            raise ConfigError(f"{p}: unknown key {key!r} (valid: {', '.join(PROMPTS_KEYS)})")
+    ops = data.get("operations")
+    if not isinstance(ops, dict):
+        raise ConfigError(f"{p}: operations: expected a mapping of the six operation templates")
+    for name in ops:
+        if name not in OPERATION_PROMPTS:
+            raise ConfigError(f"{p}: operations.{name}: unknown operation (valid: {', '.join(OPERATION_PROMPTS)})")
+    for name in OPERATION_PROMPTS:
+        if name not in ops:
+            raise ConfigError(f"{p}: operations.{name}: missing template")
+        _check_template(ops[name], f"{p}: operations.{name}", ("instruction",))
+    if "judge" not in data:
+        raise ConfigError(f"{p}: judge: missing template")
+    judge = _check_template(data["judge"], f"{p}: judge", JUDGE_SLOTS)
+    return Prompts({n: ops[n] for n in OPERATION_PROMPTS}, judge, str(p))
+
+
+def template_pieces(name: str, prompts: Prompts | None = None) -> tuple[str, str]:
+    """``(prefix, suffix)`` around the instruction slot of operation ``name``'s template (``prompts``:
+    a loaded ``prompts:`` file; None: ours)."""
+    templates = (prompts or DEFAULT_PROMPTS).operations
+    try:
+        template = templates[name]
     except KeyError:
-        raise ConfigError(f"no prompt template for operation {name!r} (have: {', '.join(OPERATION_PROMPTS)})") from None
+        raise ConfigError(f"no prompt template for operation {name!r} (have: {', '.join(templates)})") from None
     if template.count(SLOT) != 1:
         raise ConfigError(f"prompt template for {name!r} must contain {SLOT} exactly once")
     prefix, suffix = template.split(SLOT)
     return prefix, suffix
 
 
-def instructor_content(name: str, instruction: str) -> str:
-    """The instructor's user message for operation ``name`` applied to ``instruction``."""
-    prefix, suffix = template_pieces(name)
+def instructor_content(name: str, instruction: str, prompts: Prompts | None = None) -> str:
+    """The instructor's user message for operation ``name`` applied to ``instruction`` (the template's
+    own text kept as written, the assembled message's outer whitespace stripped)."""
+    prefix, suffix = template_pieces(name, prompts)
     return (prefix + instruction.strip() + suffix).strip()
 
 
-def instructor_messages(name: str, instruction: str) -> list[dict[str, str]]:
+def instructor_messages(name: str, instruction: str, prompts: Prompts | None = None) -> list[dict[str, str]]:
     """Chat messages asking the instructor to apply operation ``name`` to ``instruction``."""
-    return [{"role": "user", "content": instructor_content(name, instruction)}]
+    return [{"role": "user", "content": instructor_content(name, instruction, prompts)}]
 
 
 def expert_messages(instruction: str, input: str = "") -> list[dict[str, str]]:
@@ -89,12 +174,12 @@ def expert_messages(instruction: str, input: str = "") -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-def render_prompt(name: str, instruction: str) -> str:
+def render_prompt(name: str, instruction: str, prompts: Prompts | None = None) -> str:
     """The instructor's request for operation ``name`` on ``instruction`` (the user message's text, no
     chat wrapping: send it as a message, or wrap it with :func:`instructor_prompt`)."""
-    return instructor_content(name, instruction)
+    return instructor_content(name, instruction, prompts)
 
 
-def instructor_prompt(name: str, instruction: str, tokenizer=None) -> str:
+def instructor_prompt(name: str, instruction: str, tokenizer=None, prompts: Prompts | None = None) -> str:
     """The full instructor prompt text in ``tokenizer``'s chat format (None: Vicuna v1.1 wording)."""
-    return render_chat(tokenizer, instructor_messages(name, instruction))
+    return render_chat(tokenizer, instructor_messages(name, instruction, prompts))

@@ -2,7 +2,7 @@
 
 TeaMs-RL's reviewer answers whether the evolved instruction equals the old one ("Equal": no
 information gain, WizardLM's first elimination rule) or not ("Not Equal": reward 1). One prompt
-(:data:`JUDGE_INSTRUCTION`, :func:`judge_messages`) serves the text path here and the jitted logit
+(:data:`JUDGE_INSTRUCTION`, or the ``judge`` template of a ``prompts:`` file; :func:`judge_messages`) serves the text path here and the jitted logit
 judge (``env.judge``, which reads ``P(Not Equal)`` from the same prompt's next-token logits).
 
 Two parsers, chosen per run by ``roles.reviewer.parser``:
@@ -35,9 +35,15 @@ NOT_EQUAL, EQUAL = 1.0, 0.0
 PARSERS = ("exact", "lenient")
 
 
+JUDGE_SLOTS = ("old", "new")  # the judge template's placeholders: {old} and {new}
+
+
 def judge_messages(old: str, new: str, *, instruction: str = JUDGE_INSTRUCTION) -> list[dict[str, str]]:
-    """Chat messages asking the reviewer whether ``new`` gains over ``old``."""
-    return [{"role": "user", "content": instruction.format(old=old.strip(), new=new.strip())}]
+    """Chat messages asking the reviewer whether ``new`` gains over ``old`` (``instruction``: the judge
+    template; only ``{old}`` and ``{new}`` are filled, other braces are kept as written)."""
+    values = {"old": old.strip(), "new": new.strip()}
+    content = re.sub(r"\{(old|new)\}", lambda m: values[m.group(1)], instruction)
+    return [{"role": "user", "content": content}]
 
 
 def parse_exact(text: str) -> float:
@@ -87,6 +93,7 @@ class Reviewer:
     backend: Any
     max_new_tokens: int = 8
     parser: str = "lenient"
+    template: str = JUDGE_INSTRUCTION  # the judge template ({old}, {new}); a ``prompts:`` file sets it
     stats: dict = dataclasses.field(default_factory=lambda: {"calls": 0, "rows": 0, "unparseable": 0})
 
     def __post_init__(self):
@@ -97,7 +104,7 @@ class Reviewer:
         """``parse_reply`` of the reviewer's answer for each ``(old, new)`` pair."""
         if not olds:
             return []
-        outs = self.backend.complete([judge_messages(o, n) for o, n in zip(olds, news)],
+        outs = self.backend.complete([judge_messages(o, n, instruction=self.template) for o, n in zip(olds, news)],
                                      max_new_tokens=self.max_new_tokens, temperature=0.0, top_p=1.0, seed=seed)
         if len(outs) != len(olds):
             raise BackendError(f"reviewer returned {len(outs)} completions for {len(olds)} prompts")
