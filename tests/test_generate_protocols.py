@@ -55,7 +55,8 @@ def grow(content: str) -> str:
 
 
 def answer(content: str) -> str:
-    return "A careful, complete answer to the request, with reasons."
+    """The expert: a fine answer that names the instruction it answers (records pair them right)."""
+    return f"A careful, complete answer to [{content.strip()}], with reasons."
 
 
 def stubs(reviewer=lambda c: "Not Equal", instructor=grow, expert=answer) -> dict:
@@ -114,6 +115,7 @@ def test_paper_protocol_overrides_no_reviewer_every_step_kept(tmp_path, selector
     breadth_prompts = sum(p.startswith(instructor_messages("breadth", "X")[0]["content"].split("X")[0])
                           for p in bk["instructor"].prompts)
     assert breadth_prompts == 2 * N_SEEDS
+    assert all(r["output"] == answer(r["instruction"]) for r in recs)
 
 
 def test_paper_protocol_chains_each_step_from_the_last(tmp_path):
@@ -190,6 +192,7 @@ def test_wizardlm_rounds_queries_and_pool(tmp_path):
         sid = r["meta"]["seed_id"]
         assert r["instruction"] == last[sid] + " +", (sid, r["instruction"], last[sid])
         assert "Sorry" not in r["output"] and "given prompt" not in r["instruction"]
+        assert r["output"] == answer(r["instruction"]), r
         last[sid] = r["instruction"]
 
 

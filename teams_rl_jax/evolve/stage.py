@@ -249,9 +249,11 @@ def _evolve_batch_wizardlm(cfg: GenerateConfig, batch: _Batch, selector, operato
                 batch.charge(i, {"reviewer": 1})
                 batch.unparseable[i]["reviewer"] += v is None
                 verdict[i] = v
-        answers = _answer(rs, cfg, batch, [(i, x, r + 1) for i, (x, _, _) in zip(idx, new)], rules=False,
-                          seed=round_seed(cfg, r))
-        for (i, op), (text, truncated, _), (_, _, step, answer, finish) in zip(act, new, answers):
+        answers = {i: (answer, finish) for i, _, _, answer, finish in
+                   _answer(rs, cfg, batch, [(i, x, r + 1) for i, (x, _, _) in zip(idx, new)], rules=False,
+                           seed=round_seed(cfg, r))}
+        for (i, op), (text, truncated, _) in zip(act, new):
+            answer, finish = answers[i]
             judge = verdict.get(i)
             flags = {**F.instruction_flags(batch.cur[i], text, judge_equal=(judge == 0.0) if judge is not None else None,
                                            truncated=truncated and cfg.drop_truncated), **F.answer_flags(answer)}
@@ -262,7 +264,7 @@ def _evolve_batch_wizardlm(cfg: GenerateConfig, batch: _Batch, selector, operato
                 continue
             batch.chain[i].append(op)
             batch.cur[i], batch.judge[i] = text, judge
-            batch.records[i].append(_record(batch, i, text, step, answer, finish, selector.name))
+            batch.records[i].append(_record(batch, i, text, r + 1, answer, finish, selector.name))
 
 
 def _evolve_batch(cfg: GenerateConfig, batch: _Batch, selector, operator, rs: _Roles, dedup: F.Deduper) -> None:
