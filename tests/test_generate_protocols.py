@@ -242,3 +242,24 @@ def test_selector_paper_was_renamed(tmp_path, kw):
         _cfg(tmp_path, **kw).validate()
     msg = str(e.value)
     assert "\n" not in msg and "selector: fixed" in msg and "schedule: [paper]" in msg and "protocol: paper" in msg
+
+
+def test_paper_protocol_drives_the_policy(tmp_path):
+    """The trained policy's choice under the paper protocol: breadth at steps 1 and 4, its logit bias on
+    add_constraints at the free steps (a huge bias: all add_constraints; none: a mix).
+
+    Catches: the bias not reaching the policy's logits, the overrides skipped for the policy selector.
+    """
+    from test_generate_stage import _save_policy
+
+    _save_policy(tmp_path / "policy")
+    for bias, all_ac in ((50.0, True), (0.0, False)):
+        out = tmp_path / f"b{bias}"
+        cfg = _cfg(tmp_path, protocol="paper", selector="policy", policy_dir=str(tmp_path / "policy"),
+                   add_constraints_bias=bias, max_seeds=N_SEEDS)
+        _run(cfg, out, stubs())
+        last = [r["meta"]["ops"] for r in _records(out / "run" / "data") if r["meta"]["step"] == 6]
+        assert len(last) == N_SEEDS and all([t for t, op in enumerate(ops) if op == "breadth"] == [1, 4]
+                                            for ops in last), last
+        free = {op for ops in last for t, op in enumerate(ops) if t not in (1, 4)}
+        assert (free == {"add_constraints"}) is all_ac, (bias, free)
