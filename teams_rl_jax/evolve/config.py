@@ -16,7 +16,7 @@ RENAMED = {"paper": "selector: fixed with schedule: [paper] (the reference gener
 
 def _check_selector(key: str, name: str) -> None:
     if name in RENAMED:
-        raise ConfigError(f"generate.{key}: {name!r} was renamed: use {RENAMED[name]}")
+        raise ConfigError(f"{key}: {name!r} was renamed: use {RENAMED[name]}")
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,11 @@ class GenerateConfig:
         """Ranges and names."""
         _check_selector("selector", self.selector)
         if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"generate.protocol: unknown {self.protocol!r} (valid: {', '.join(PROTOCOLS)})")
+            raise ConfigError(f"protocol: unknown {self.protocol!r} (valid: {', '.join(PROTOCOLS)})")
         if self.rounds < 1:
-            raise ConfigError(f"generate.rounds must be >= 1, got {self.rounds}")
+            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
         if self.protocol == "wizardlm" and (self.selector != "random" or set(self.baselines) - {"random"}):
-            raise ConfigError("generate.protocol: wizardlm picks one operation uniformly at random per round: "
+            raise ConfigError("protocol: wizardlm picks one operation uniformly at random per round: "
                               f"set selector: random and no other baselines (got selector {self.selector!r}, "
                               f"baselines {list(self.baselines)})")
         if self.steps < 1:
@@ -89,7 +89,7 @@ class GenerateConfig:
         for b in self.baselines:
             _check_selector("baselines", b)
             if b not in SELECTORS or b == "policy":
-                raise ConfigError(f"generate.baselines: unknown baseline {b!r} (valid: random, fixed)")
+                raise ConfigError(f"baselines: unknown baseline {b!r} (valid: random, fixed)")
         if self.selector == "fixed" or "fixed" in self.baselines:
             from teams_rl_jax.rl.config import validate_schedule
 
