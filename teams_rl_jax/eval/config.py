@@ -75,7 +75,7 @@ class ReportSection:
     """Dataset / query-efficiency report and plots."""
 
     enabled: bool = True
-    compare: tuple[str, ...] = ("random", "paper")  # baselines under run/data/baselines/<name>/ (if present)
+    compare: tuple[str, ...] = ("random", "fixed")  # baselines under run/data/baselines/<name>/ (if present)
     encoder: str | None = None  # MiniLM dir; None = the packaged all-MiniLM-L6-v2; "none" = skip embeddings
     diversity_max: int = 256  # records sampled (seeded) for the pairwise-cosine diversity (MiniLM is the cost)
     seed: int = 0

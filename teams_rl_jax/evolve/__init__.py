@@ -4,7 +4,7 @@
 
 ``run_generate_stage(GenerateConfig, run_dir, roles)`` -> ``run_dir/data/generated.jsonl`` +
 ``summary.json``. Modules: ``config`` (:class:`GenerateConfig`), ``records`` (crash-safe
-JSONL; seeds come from ``teams_rl_jax.data.seeds``), ``selectors`` (policy / random / fixed / paper), ``operators`` (LLM role or token edit),
+JSONL; seeds come from ``teams_rl_jax.data.seeds``), ``selectors`` (policy / random / fixed), ``operators`` (LLM role or token edit),
 ``filters`` (elimination rules, duplicates), ``stage``.
 """
 

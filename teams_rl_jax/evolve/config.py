@@ -7,7 +7,16 @@ from typing import Literal
 
 from teams_rl_jax.errors import ConfigError
 
-SELECTORS = ("policy", "random", "fixed", "paper")
+SELECTORS = ("policy", "random", "fixed")
+PROTOCOLS = ("filtered", "paper", "wizardlm")
+# Renamed in issue 18: the old ``selector: paper`` was a fixed schedule, not the paper's method.
+RENAMED = {"paper": "selector: fixed with schedule: [paper] (the reference generator's fixed schedule); the "
+                    "paper's generation is generate.protocol: paper"}
+
+
+def _check_selector(key: str, name: str) -> None:
+    if name in RENAMED:
+        raise ConfigError(f"{key}: {name!r} was renamed: use {RENAMED[name]}")
 
 
 @dataclass(frozen=True)
@@ -15,8 +24,12 @@ class GenerateConfig:
     """Which seeds, who picks the operations, who carries them out, what is kept, and the budgets.
 
     ``selector``: ``policy`` (the policy stage's ``run/policy`` checkpoint), ``random`` (WizardLM's
-    Evol-Instruct: uniform over the operations), ``fixed`` (``schedule``), ``paper`` (the schedule the
-    TeaMs-RL reference generator ran). ``operator_role``: the LLM role that rewrites (``instructor``,
+    Evol-Instruct: uniform over the operations), ``fixed`` (``schedule``: op names, or a named schedule
+    such as ``[paper]``, the reference generator's forced schedule). ``protocol``: ``filtered`` (ours:
+    reviewer, elimination rules, de-duplication), ``paper`` (the reference generator: the selector's
+    choice with its overrides and add_constraints bias, no reviewer, every step kept, one answer each)
+    or ``wizardlm`` (WizardLM's Evol-Instruct: ``rounds`` rounds over every seed, one uniformly random
+    operation per round, its elimination rules; needs ``selector: random``). ``operator_role``: the LLM role that rewrites (``instructor``,
     or ``expert`` as in the paper's single-model setting), or ``token_edit`` for the LLM-free
     token-edit operator of the env (the offline default). ``baselines``: selectors also run over the
     same seeds with the same query budget, into ``run/data/baselines/<name>/``.
@@ -25,8 +38,14 @@ class GenerateConfig:
     # The seed file is the pipeline's top-level ``seeds`` key (both stages read it); at most this many here.
     MOVED_KEYS = {"seeds": "the top-level 'seeds' key (one seed file for the policy and generate stages)"}
     max_seeds: int | None = None
+    # "paper" is accepted by the loader only so that validate() can say what it was renamed to.
     selector: Literal["policy", "random", "fixed", "paper"] = "policy"
-    schedule: tuple[str, ...] = ("add_constraints",)  # for selector: fixed (last op repeats)
+    schedule: tuple[str, ...] = ("add_constraints",)  # for selector: fixed (last op repeats; or [paper])
+    protocol: Literal["filtered", "paper", "wizardlm"] = "filtered"
+    # protocol paper: added to the add_constraints logit before a sampling selector (policy, random)
+    # draws: the categorical analogue of the reference's +0.7 on its Gaussian sample (docs/design.md).
+    add_constraints_bias: float = 0.7
+    rounds: int = 4  # protocol wizardlm: evolution rounds over every seed (WizardLM's M)
     policy_dir: str | None = None  # default: run_dir/policy
     greedy: bool = False  # policy: argmax instead of sampling
     steps: int = 6  # the paper's six evolutions per seed
@@ -49,6 +68,15 @@ class GenerateConfig:
 
     def validate(self) -> None:
         """Ranges and names."""
+        _check_selector("selector", self.selector)
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol: unknown {self.protocol!r} (valid: {', '.join(PROTOCOLS)})")
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
+        if self.protocol == "wizardlm" and (self.selector != "random" or set(self.baselines) - {"random"}):
+            raise ConfigError("protocol: wizardlm picks one operation uniformly at random per round: "
+                              f"set selector: random and no other baselines (got selector {self.selector!r}, "
+                              f"baselines {list(self.baselines)})")
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.batch_seeds < 1:
@@ -60,8 +88,9 @@ class GenerateConfig:
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError("need temperature >= 0 and 0 < top_p <= 1")
         for b in self.baselines:
+            _check_selector("baselines", b)
             if b not in SELECTORS or b == "policy":
-                raise ConfigError(f"baselines: unknown baseline {b!r} (valid: random, fixed, paper)")
+                raise ConfigError(f"baselines: unknown baseline {b!r} (valid: random, fixed)")
         if self.selector == "fixed" or "fixed" in self.baselines:
             from teams_rl_jax.rl.config import validate_schedule
 

@@ -1,4 +1,8 @@
-"""Who picks each seed's next operation: the trained policy, or a baseline (random, fixed, paper).
+"""Who picks each seed's next operation: the trained policy, or a baseline (random, fixed).
+
+Under ``generate.protocol: paper`` the selector is wrapped in :class:`PaperOverrides` (the reference
+generator's forced breadth steps) and a sampling selector adds ``add_constraints_bias`` to the
+add_constraints logit before it draws (:func:`bias_vector`).
 
 ``choose(seed_ids, texts, prev_ops, t) -> op names``. Randomness is keyed per seed and step
 (``fold_in(seed, crc32(seed_id), t)``), never by batch position, so a resumed run that batches the
@@ -24,6 +28,7 @@ import numpy as np
 from teams_rl_jax.env import factory
 from teams_rl_jax.env.operations import OPERATIONS
 from teams_rl_jax.errors import ConfigError
+from teams_rl_jax.rl.baselines import paper_overrides, schedule_ops
 
 STOP = "stop"  # the policy's "end this episode" action, where the env has one
 
@@ -39,32 +44,67 @@ def seed_key(base: int, seed_id: str, t: int) -> jax.Array:
     return jax.random.PRNGKey(row_seed(base, seed_id, t))
 
 
+def bias_vector(operations: Sequence[str], add_constraints_bias: float) -> np.ndarray:
+    """``float32 [A]``: ``add_constraints_bias`` at add_constraints, 0 elsewhere (protocol paper's
+    analogue of the reference's +0.7 on its Gaussian sample's add_constraints coordinate)."""
+    out = np.zeros(len(operations), np.float32)
+    if "add_constraints" in operations:
+        out[list(operations).index("add_constraints")] = add_constraints_bias
+    return out
+
+
 class RandomSelector:
-    """WizardLM's Evol-Instruct: an operation uniformly at random at every step."""
+    """WizardLM's Evol-Instruct: an operation uniformly at random at every step.
+
+    ``bias`` (``[A]`` logits, protocol paper): draw ``argmax(bias + Gumbel noise)`` instead, i.e. the
+    categorical of logits ``bias`` (an untrained policy under the reference generator's bias)."""
 
     name = "random"
 
-    def __init__(self, seed: int = 0, operations: Sequence[str] = OPERATIONS):
+    def __init__(self, seed: int = 0, operations: Sequence[str] = OPERATIONS, bias: np.ndarray | None = None):
         self.seed = seed
         self.operations = tuple(operations)
+        self.bias = None if bias is None or not np.any(bias) else np.asarray(bias, np.float64)
+
+    def _one(self, seed_id: str, t: int) -> int:
+        rng = np.random.default_rng(row_seed(self.seed, seed_id, t))
+        if self.bias is None:
+            return int(rng.integers(len(self.operations)))
+        return int(np.argmax(self.bias + rng.gumbel(size=len(self.operations))))
 
     def choose(self, seed_ids: Sequence[str], texts: Sequence[str], prev_ops: Sequence[int], t: int) -> list[str]:
-        n = len(self.operations)
-        return [self.operations[int(np.random.default_rng(row_seed(self.seed, s, t)).integers(n))] for s in seed_ids]
+        return [self.operations[self._one(s, t)] for s in seed_ids]
 
 
 class ScheduleSelector:
-    """A fixed per-step schedule (``fixed``: the config's; ``paper``: the reference generator's)."""
+    """A fixed per-step schedule: op names (the last repeats) or a named one (``[paper]``: the
+    reference generator's forced schedule)."""
 
     def __init__(self, schedule: Sequence[str], steps: int, name: str = "fixed"):
-        from teams_rl_jax.rl.baselines import schedule_ops
-
         self.name = name
         self.ops = schedule_ops(tuple(schedule), steps)
         self.operations = OPERATIONS
 
     def choose(self, seed_ids, texts, prev_ops, t) -> list[str]:
         return [self.ops[min(t, len(self.ops) - 1)]] * len(seed_ids)
+
+
+class PaperOverrides:
+    """The reference generator's overrides of ``inner``'s choice (``rl.baselines.paper_overrides``):
+    breadth at 0-based steps 1 and 4; elsewhere a chosen breadth becomes add_constraints. A ``stop``
+    chosen at another step passes through."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.operations = inner, inner.name, tuple(inner.operations)
+        missing = [op for op in ("breadth", "add_constraints") if op not in self.operations]
+        if missing:
+            raise ConfigError(f"generate.protocol: paper forces breadth/add_constraints, but selector "
+                              f"{self.name!r} has no {missing[0]!r} action ({', '.join(self.operations)})")
+
+    def choose(self, seed_ids, texts, prev_ops, t) -> list[str]:
+        ops = self.inner.choose(seed_ids, texts, prev_ops, t)
+        ids = jnp.asarray([self.operations.index(op) for op in ops], jnp.int32)
+        return [self.operations[int(a)] for a in np.asarray(paper_overrides(jnp.int32(t), ids, self.operations))]
 
 
 def observation_env(policy_config: Any, roles: Any = None):
@@ -79,7 +119,7 @@ class PolicySelector:
     name = "policy"
 
     def __init__(self, policy_dir: str | Path, *, roles: Any = None, seed: int = 0, greedy: bool = False,
-                 batch: int = 32):
+                 batch: int = 32, add_constraints_bias: float = 0.0):
         from teams_rl_jax import config as cfglib
         from teams_rl_jax.env.environment import EnvState
         from teams_rl_jax.rl.config import PolicyConfig
@@ -97,6 +137,7 @@ class PolicySelector:
                               f"{policy_dir} was trained on {meta['obs_dim']}")
         self.seed, self.greedy, self.batch = seed, greedy, batch
         self.params = params
+        self.bias = jnp.asarray(bias_vector(self.operations, add_constraints_bias))  # added to the logits
         mask = jnp.asarray(static_action_mask(config, self.operations))
         env = self.env
         self.max_len = self.env_params.max_len
@@ -115,10 +156,10 @@ class PolicySelector:
                 return jnp.concatenate([state.instruction.embedding, prev_hot, frac]).astype(jnp.float32)
             return jax.vmap(one)(tokens, lengths, prev, t)
 
-        def act(net_params, env_params, row_seeds, tokens, lengths, prev, t):
+        def act(net_params, env_params, bias, row_seeds, tokens, lengths, prev, t):
             keys = jax.vmap(jax.random.PRNGKey)(row_seeds)
             obs = observe(env_params, tokens, lengths, prev, t)
-            logits = network.apply(net_params, obs, mask, method="logits")
+            logits = network.apply(net_params, obs, mask, method="logits") + bias
             if greedy:
                 return jnp.argmax(logits, -1).astype(jnp.int32), obs
             return jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(keys, logits).astype(jnp.int32), obs
@@ -145,20 +186,26 @@ class PolicySelector:
         b = self._encode(list(texts) + [texts[0]] * (rows - n))
         keys = jnp.asarray([row_seed(self.seed, s, t) for s in seed_ids] + [0] * (rows - n), jnp.uint32)
         prev = jnp.asarray(list(prev_ops) + [-1] * (rows - n), jnp.int32)
-        acts, _ = self._act(self.params, self.env_params, keys, b.tokens, b.lengths, prev,
+        acts, _ = self._act(self.params, self.env_params, self.bias, keys, b.tokens, b.lengths, prev,
                             jnp.full((rows,), t, jnp.int32))
         return [self.operations[int(a)] for a in np.asarray(acts)[:n]]
 
 
-def make_selector(name: str, cfg: Any, run_dir: Path, roles: Any = None):
-    """The selector called ``name`` for ``GenerateConfig`` ``cfg``."""
+def _base_selector(name: str, cfg: Any, run_dir: Path, roles: Any, bias: float):
     if name == "policy":
         path = Path(cfg.policy_dir) if cfg.policy_dir else Path(run_dir) / "policy"
-        return PolicySelector(path, roles=roles, seed=cfg.seed, greedy=cfg.greedy, batch=cfg.batch_seeds)
+        return PolicySelector(path, roles=roles, seed=cfg.seed, greedy=cfg.greedy, batch=cfg.batch_seeds,
+                              add_constraints_bias=bias)
     if name == "random":
-        return RandomSelector(cfg.seed)
-    if name == "paper":
-        return ScheduleSelector(("paper",), cfg.steps, name="paper")
+        return RandomSelector(cfg.seed, bias=bias_vector(OPERATIONS, bias))
     if name == "fixed":
         return ScheduleSelector(cfg.schedule, cfg.steps, name="fixed")
     raise ConfigError(f"generate: unknown selector {name!r}")
+
+
+def make_selector(name: str, cfg: Any, run_dir: Path, roles: Any = None):
+    """The selector called ``name`` for ``GenerateConfig`` ``cfg``, under ``cfg.protocol``: ``paper``
+    adds the add_constraints bias to sampling selectors and applies the reference's overrides."""
+    if cfg.protocol != "paper":
+        return _base_selector(name, cfg, run_dir, roles, 0.0)
+    return PaperOverrides(_base_selector(name, cfg, run_dir, roles, cfg.add_constraints_bias))

@@ -20,10 +20,22 @@ reviewer judges (one batched call, ``roles.reviewer``); each role's reply length
 and duplicates filter; the expert answers the survivors (one batched call); rules 2-3 filter the
 answers. An eliminated evolution is dropped and the seed continues from its previous instruction
 (as in the env, ``revert_eliminated``). Multi-host: seed ``i`` belongs to process ``i % count``.
+
+That is ``generate.protocol: filtered`` (ours). The other protocols share this runner (seeds, batches,
+progress lines, response cache, resume) and differ only in the per-batch loop:
+
+* ``paper`` (:func:`_evolve_batch_paper`, the reference generator): the selector's choice under the
+  reference's overrides (``selectors.PaperOverrides``), the instructor rewrites, no reviewer call, no
+  rule, no de-duplication: every step is kept, each with one expert answer (``steps`` records per seed).
+* ``wizardlm`` (:func:`_evolve_batch_wizardlm`, WizardLM's Evol-Instruct): ``rounds`` rounds over every
+  seed; per round one uniformly random operation, the instructor rewrites, the reviewer judges, the
+  expert answers (3 queries per seed per round); the four elimination rules (and ``truncated``) send an
+  eliminated instruction back unchanged to the next round; every round's survivors are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -56,7 +68,7 @@ def needed_roles(cfg: GenerateConfig, roles: Any) -> tuple[str, ...]:
     need = ["expert"]
     if cfg.operator_role != "token_edit":
         need.append(cfg.operator_role)
-    if cfg.judge and roles is not None and getattr(roles, "reviewer", None) is not None:
+    if cfg.judge and cfg.protocol != "paper" and roles is not None and getattr(roles, "reviewer", None) is not None:
         need.append("reviewer")
     return tuple(dict.fromkeys(need))
 
@@ -132,24 +144,27 @@ class _Batch:
         self.judge: list[float | None] = [None] * n
         self.unparseable: list[dict[str, int]] = [{"reviewer": 0} for _ in range(n)]
         self.stopped = [False] * n
+        self.kept_per_round: list[list[int]] = [[] for _ in range(n)]  # protocol wizardlm
 
     def charge(self, i: int, q: dict[str, int]) -> None:
         for r, n in q.items():
             self.queries[i][r] = self.queries[i].get(r, 0) + n
 
 
-def _answer(rs: _Roles, cfg: GenerateConfig, batch: _Batch, items: list[tuple[int, str, int]]) -> list[tuple[int, str, int, str, str]]:
-    """Expert answers for ``(i, instruction, step)``; returns survivors of rules 2-3 with answer + finish."""
+def _answer(rs: _Roles, cfg: GenerateConfig, batch: _Batch, items: list[tuple[int, str, int]],
+            rules: bool = True, seed: int | None = None) -> list[tuple[int, str, int, str, str]]:
+    """Expert answers for ``(i, instruction, step)``; returns survivors of rules 2-3 (all of them when
+    not ``rules``) with answer + finish. ``seed``: the sampling seed (default ``cfg.seed``)."""
     if not items:
         return []
     got = rs.expert.complete([expert_messages(x, batch.seeds[i].input) for i, x, _ in items],
-                             max_new_tokens=rs.expert_max_new_tokens,
-                             temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+                             max_new_tokens=rs.expert_max_new_tokens, temperature=cfg.temperature,
+                             top_p=cfg.top_p, seed=cfg.seed if seed is None else seed)
     out = []
     for (i, text, step), c in zip(items, got):
         batch.charge(i, {"expert": 1})
         flags = F.answer_flags(c.text)
-        hit = [r for r in F.ANSWER_RULES if flags[r]]
+        hit = [r for r in F.ANSWER_RULES if flags[r] and rules]
         if hit:
             batch.elim[i][hit[0]] += 1
             continue
@@ -170,29 +185,108 @@ def _record(batch: _Batch, i: int, text: str, step: int, answer: str, finish: st
                      "answer_finish": finish}}
 
 
+def _choose(batch: _Batch, selector, t: int) -> list[tuple[int, str]]:
+    """``(row, op)`` for the live seeds at step ``t``; a seed whose selector says ``stop`` ends."""
+    live = [i for i, a in enumerate(batch.alive) if a]
+    if not live:
+        return []
+    ops = selector.choose([batch.seeds[i].id for i in live], [batch.cur[i] for i in live],
+                          [batch.prev[i] for i in live], t)
+    act = []
+    for i, op in zip(live, ops):
+        if op == STOP:  # the policy ends the episode: no queries, current instruction kept
+            batch.alive[i] = False
+            batch.stopped[i] = True
+        else:
+            act.append((i, op))
+    return act
+
+
+def _rewrite(batch: _Batch, selector, operator, act: list[tuple[int, str]], t: int) -> list[tuple[str, bool, dict]]:
+    """The operator's ``(text, truncated, queries)`` for each ``(row, op)``, charged; ``prev`` set."""
+    idx = [i for i, _ in act]
+    new = operator.apply([batch.cur[i] for i in idx], [op for _, op in act], [batch.rows[i] for i in idx],
+                         [batch.seeds[i].id for i in idx], t)
+    for (i, op), (_, _, q) in zip(act, new):
+        batch.charge(i, q)
+        batch.prev[i] = list(selector.operations).index(op) if op in selector.operations else -1
+    return new
+
+
+def _evolve_batch_paper(cfg: GenerateConfig, batch: _Batch, selector, operator, rs: _Roles, dedup) -> None:
+    """The reference generator: chain ``steps`` rewrites, keep every one with one expert answer."""
+    for t in range(cfg.steps):
+        act = _choose(batch, selector, t)
+        if not act:
+            break
+        new = _rewrite(batch, selector, operator, act, t)
+        for (i, op), (text, _, _) in zip(act, new):
+            batch.chain[i].append(op)
+            batch.cur[i] = text
+        todo = [(i, batch.cur[i], t + 1) for i, _ in act]
+        for i, text, step, answer, finish in _answer(rs, cfg, batch, todo, rules=False):
+            batch.records[i].append(_record(batch, i, text, step, answer, finish, selector.name))
+
+
+def round_seed(cfg: GenerateConfig, r: int) -> int:
+    """Sampling seed of WizardLM round ``r`` (instructor and expert): a fresh draw per round, so an
+    instruction sent back to the pool is rewritten anew next round instead of replayed from the cache."""
+    return cfg.seed + 7919 * r
+
+
+@contextlib.contextmanager
+def _operator_seed(operator, seed: int):
+    """``operator.seed`` set to ``seed`` for the block (operators are shared: restored after)."""
+    old = operator.seed
+    operator.seed = seed
+    try:
+        yield operator
+    finally:
+        operator.seed = old
+
+
+def _evolve_batch_wizardlm(cfg: GenerateConfig, batch: _Batch, selector, operator, rs: _Roles, dedup) -> None:
+    """WizardLM's rounds: every pool instruction evolved, judged and answered per round; a survivor
+    replaces it in the pool (and is kept), an eliminated one stays as it was for the next round."""
+    for r in range(cfg.rounds):
+        act = _choose(batch, selector, r)
+        idx = [i for i, _ in act]
+        with _operator_seed(operator, round_seed(cfg, r)):
+            new = _rewrite(batch, selector, operator, act, r)
+        verdict: dict[int, float | None] = {}
+        if rs.reviewer is not None:
+            for i, v in zip(idx, rs.reviewer.judge([batch.cur[i] for i in idx], [x for x, _, _ in new],
+                                                   seed=cfg.seed)):
+                batch.charge(i, {"reviewer": 1})
+                batch.unparseable[i]["reviewer"] += v is None
+                verdict[i] = v
+        answers = {i: (answer, finish) for i, _, _, answer, finish in
+                   _answer(rs, cfg, batch, [(i, x, r + 1) for i, (x, _, _) in zip(idx, new)], rules=False,
+                           seed=round_seed(cfg, r))}
+        for (i, op), (text, truncated, _) in zip(act, new):
+            answer, finish = answers[i]
+            judge = verdict.get(i)
+            flags = {**F.instruction_flags(batch.cur[i], text, judge_equal=(judge == 0.0) if judge is not None else None,
+                                           truncated=truncated and cfg.drop_truncated), **F.answer_flags(answer)}
+            hit = [rule for rule in F.RULES if flags[rule]]
+            batch.kept_per_round[i].append(0 if hit else 1)
+            if hit:
+                batch.elim[i][hit[0]] += 1  # back to the pool unchanged
+                continue
+            batch.chain[i].append(op)
+            batch.cur[i], batch.judge[i] = text, judge
+            batch.records[i].append(_record(batch, i, text, r + 1, answer, finish, selector.name))
+
+
 def _evolve_batch(cfg: GenerateConfig, batch: _Batch, selector, operator, rs: _Roles, dedup: F.Deduper) -> None:
     reviewer = rs.reviewer
     name = selector.name
     for t in range(cfg.steps):
-        live = [i for i, a in enumerate(batch.alive) if a]
-        if not live:
-            break
-        ops = selector.choose([batch.seeds[i].id for i in live], [batch.cur[i] for i in live],
-                              [batch.prev[i] for i in live], t)
-        act = []
-        for i, op in zip(live, ops):
-            if op == STOP:  # the policy ends the episode: no queries, current instruction kept
-                batch.alive[i] = False
-                batch.stopped[i] = True
-            else:
-                act.append((i, op))
+        act = _choose(batch, selector, t)
         if not act:
             break
         idx = [i for i, _ in act]
-        new = operator.apply([batch.cur[i] for i in idx], [op for _, op in act], [batch.rows[i] for i in idx],
-                             [batch.seeds[i].id for i in idx], t)
-        for i, (_, _, q) in zip(idx, new):
-            batch.charge(i, q)
+        new = _rewrite(batch, selector, operator, act, t)
         verdict: dict[int, float | None] = {}
         if reviewer is not None:
             got = reviewer.judge([batch.cur[i] for i in idx], [x for x, _, _ in new], seed=cfg.seed)
@@ -206,8 +300,6 @@ def _evolve_batch(cfg: GenerateConfig, batch: _Batch, selector, operator, rs: _R
             flags = F.instruction_flags(batch.cur[i], text, judge_equal=(judge == 0.0) if judge is not None else None,
                                         truncated=truncated and cfg.drop_truncated)
             hit = [r for r in ("truncated", "no_gain", "template_copy") if flags[r]]
-            op_id = list(selector.operations).index(op) if op in selector.operations else -1
-            batch.prev[i] = op_id
             if hit:
                 batch.elim[i][hit[0]] += 1  # dropped: the seed continues from its previous instruction
                 continue
@@ -239,6 +331,28 @@ def _evolve_batch(cfg: GenerateConfig, batch: _Batch, selector, operator, rs: _R
                 todo.append((i, batch.cur[i], len(batch.chain[i])))
         for i, text, step, answer, finish in _answer(rs, cfg, batch, todo):
             batch.records[i].append(_record(batch, i, text, step, answer, finish, name))
+
+
+_EVOLVE = {"filtered": _evolve_batch, "paper": _evolve_batch_paper, "wizardlm": _evolve_batch_wizardlm}
+
+
+def _progress_line(cfg: GenerateConfig, batch: _Batch, i: int) -> dict:
+    line = {"seed_id": batch.seeds[i].id, "records": len(batch.records[i]), "eliminated": batch.elim[i],
+            "duplicates": batch.dups[i], "queries": batch.queries[i], "ops": batch.chain[i],
+            "stopped": batch.stopped[i], "unparseable": batch.unparseable[i]}
+    if cfg.protocol == "wizardlm":
+        line["kept_per_round"] = batch.kept_per_round[i]
+    return line
+
+
+def protocol_summary(cfg: GenerateConfig, progress: list[dict]) -> dict:
+    """The protocol's own summary keys: its name, and for ``wizardlm`` the rounds and kept per round."""
+    out: dict[str, Any] = {"protocol": cfg.protocol}
+    if cfg.protocol == "wizardlm":
+        out["rounds"] = cfg.rounds
+        out["kept_per_round"] = [sum(p["kept_per_round"][r] for p in progress if len(p["kept_per_round"]) > r)
+                                 for r in range(cfg.rounds)]
+    return out
 
 
 def summarize(progress: list[dict], paid_by_role: dict[str, int] | None, selector: str, total_seeds: int) -> dict:
@@ -307,11 +421,12 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
         operator = LLMRewriter(bk[cfg.operator_role], max_new_tokens=max_new_tokens(roles, cfg.operator_role),
                                temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, prompts=prompts)
     rs = text_roles(bk, roles, prompts)
-    dedup = F.Deduper(cfg.near_dup_threshold, cfg.encoder)
+    dedup = F.Deduper(cfg.near_dup_threshold if cfg.protocol == "filtered" else None, cfg.encoder)
     dedup.add([dedup_text(r["instruction"], r.get("input", "")) for r in kept])
     if todo:
         log(f"[generate:{name}] {len(todo)} of {len(mine)} seeds to evolve ({len(done)} done before), "
-            f"{cfg.steps} steps, operator {cfg.operator_role}, roles {', '.join(bk) or 'none'}")
+            f"protocol {cfg.protocol}, {cfg.rounds if cfg.protocol == 'wizardlm' else cfg.steps} "
+            f"{'rounds' if cfg.protocol == 'wizardlm' else 'steps'}, operator {cfg.operator_role}, roles {', '.join(bk) or 'none'}")
 
     records, prog = AppendLog(rec_path), AppendLog(prog_path)
     used = sum(sum(p["queries"].values()) for p in progress)
@@ -327,13 +442,11 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
                 break
             chunk = todo[start:start + cfg.batch_seeds]
             batch = _Batch([s for _, s in chunk], [i for i, _ in chunk])
-            _evolve_batch(cfg, batch, sel, operator, rs, dedup)
+            _EVOLVE[cfg.protocol](cfg, batch, sel, operator, rs, dedup)
             for i, s in enumerate(batch.seeds):
                 for r in batch.records[i]:
                     records.write(r)
-                prog.write({"seed_id": s.id, "records": len(batch.records[i]), "eliminated": batch.elim[i],
-                            "duplicates": batch.dups[i], "queries": batch.queries[i], "ops": batch.chain[i],
-                            "stopped": batch.stopped[i], "unparseable": batch.unparseable[i]})
+                prog.write(_progress_line(cfg, batch, i))
                 q = sum(batch.queries[i].values())
                 used += q
                 asked += q
@@ -344,10 +457,11 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
         records.close()
         prog.close()
 
-    _merge(out, count, proc)
+    _merge(out, count, proc, dedup=cfg.protocol == "filtered")
     progress_all = [p for k in range(count) for p in _read_lines(shards / f"progress.{k:05d}.jsonl")[0]]
     caches = [b.cache for b in bk.values() if hasattr(b, "cache")]
     summary = summarize(progress_all, caches[0].paid_by_role(tag) if caches else None, name, len(seeds))
+    summary.update(protocol_summary(cfg, progress_all))
     summary["loop_seconds_this_run"] = round(time.perf_counter() - t0, 3)
     if proc == 0:
         write_json_atomic(out / "summary.json", summary)
@@ -369,8 +483,9 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
     return summary
 
 
-def _merge(out: Path, count: int, proc: int) -> None:
-    """Process 0 merges the shard files into ``generated.jsonl`` (exact duplicates across shards dropped)."""
+def _merge(out: Path, count: int, proc: int, dedup: bool = True) -> None:
+    """Process 0 merges the shard files into ``generated.jsonl`` (exact duplicates across shards dropped
+    when ``dedup``: protocol filtered; the paper's and WizardLM's keep every record)."""
     if count > 1:
         from jax.experimental import multihost_utils
 
@@ -382,7 +497,7 @@ def _merge(out: Path, count: int, proc: int) -> None:
     for k in range(count):
         for r in _read_lines(out / "shards" / f"generated.{k:05d}.jsonl")[0]:
             key = F.normalize(dedup_text(r["instruction"], r.get("input", "")))
-            if key not in seen:
+            if key not in seen or not dedup:
                 seen.add(key)
                 rows.append(r)
     write_jsonl_atomic(out / "generated.jsonl", rows)

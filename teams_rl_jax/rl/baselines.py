@@ -6,7 +6,8 @@
 sampled action is used, except that ``breadth`` is replaced by ``add_constraints``, and the sampled
 action had +0.7 added to the ``add_constraints`` score, which makes it the usual choice. As a fixed
 schedule this is ``add_constraints, breadth, add_constraints, add_constraints, breadth,
-add_constraints``; :func:`paper_overrides` applies the same override rules to any policy's actions.
+add_constraints``; :func:`paper_overrides` applies the same override rules to any policy's actions
+(the generate stage's ``protocol: paper`` uses it, ``evolve.selectors.PaperOverrides``).
 """
 
 from __future__ import annotations
