@@ -171,6 +171,35 @@ def test_policy_sees_the_training_observation(tmp_path):
     np.testing.assert_allclose(sel.observations(text1, [2, 0, 5], 1), np.asarray(obs1), atol=1e-6)
 
 
+def test_policy_trained_on_the_paper_observation_drives_generate(tmp_path):
+    """``observation: paper``: generate feeds the policy the one-hot of the previous operation (reference
+    order), zeros at the first step, the same vector the env gives; and the selector runs.
+
+    Catches: generate rebuilding the embedding observation for a paper-observation policy (a width
+    error), the one-hot in our action order, a non-zero first observation.
+    """
+    import jax
+
+    from teams_rl_jax.evolve.selectors import PolicySelector
+
+    env, params = _save_policy(tmp_path / "policy", env_config={"observation": "paper"})
+    sel = PolicySelector(tmp_path / "policy", batch=4)
+    idx = np.asarray([0, 5, 11])
+    texts = env.decode(params.seeds.tokens[idx], params.seeds.lengths[idx])
+    assert not sel.observations(texts, [-1] * 3, 0).any()
+    actions = jax.numpy.asarray([2, 0, 5])
+    reset = jax.jit(jax.vmap(env.reset_to, in_axes=(0, None)))
+    _, state = reset(jax.numpy.asarray(idx), params)
+    step = jax.jit(jax.vmap(env.step, in_axes=(0, 0, 0, None)))
+    obs1, state1, *_ = step(jax.random.split(jax.random.PRNGKey(0), 3), state, actions, params)
+    got = sel.observations(env.decode_state(state1), [2, 0, 5], 1)
+    np.testing.assert_array_equal(got, np.asarray(obs1))
+    ref = ("breadth", "add_constraints", "deepening", "concretizing", "increase_reasoning_steps", "complicate_input")
+    assert [ref[int(np.argmax(r))] for r in got] == [env.operations[a] for a in (2, 0, 5)]
+    ops = sel.choose(["a", "b", "c"], texts, [-1] * 3, 0)
+    assert len(ops) == 3 and all(op in sel.operations for op in ops)
+
+
 def test_policy_drives_llm_operator_and_random_is_comparable(tmp_path):
     """A token-edit policy drives LLM roles; a random run on the same seeds reports the same figures' shape.
 

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from teams_rl_jax.env import factory
-from teams_rl_jax.env.operations import OPERATIONS
+from teams_rl_jax.env.environment import reference_one_hot
+from teams_rl_jax.env.operations import OPERATIONS, REFERENCE_ORDER
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.rl.baselines import paper_overrides, schedule_ops
 
@@ -131,7 +132,8 @@ class PolicySelector:
         self.operations = tuple(meta["operations"])
         self.env, self.env_params = observation_env(config, roles)
         num_actions = int(meta["num_actions"])
-        obs_dim = self.env.embedding_size(self.env_params) + num_actions + 1
+        paper_obs = getattr(self.env, "observation_kind", "embedding") == "paper"
+        obs_dim = len(REFERENCE_ORDER) if paper_obs else self.env.embedding_size(self.env_params) + num_actions + 1
         if obs_dim != int(meta["obs_dim"]):
             raise ConfigError(f"generate: the rebuilt observation has {obs_dim} features but the policy in "
                               f"{policy_dir} was trained on {meta['obs_dim']}")
@@ -139,12 +141,14 @@ class PolicySelector:
         self.params = params
         self.bias = jnp.asarray(bias_vector(self.operations, add_constraints_bias))  # added to the logits
         mask = jnp.asarray(static_action_mask(config, self.operations))
-        env = self.env
+        env, operations = self.env, self.operations
         self.max_len = self.env_params.max_len
         length = float(self.env_params.episode_length)
 
         def observe(env_params, tokens, lengths, prev, t):
             def one(tok, n, p, tt):
+                if paper_obs:  # observation: paper, over the policy's own action list ("stop" included)
+                    return reference_one_hot(p, operations)
                 state = EnvState(instruction=env.describe(env_params, tok, n), seed=jnp.int32(-1),
                                  domain=jnp.int32(-1), prev_action=p, t=tt, done=jnp.asarray(False))
                 if env.num_actions == num_actions:
