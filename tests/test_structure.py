@@ -257,6 +257,25 @@ def test_pending_own_imports_at_module_top(module):
 
 # -- the checker itself, on a small synthetic package -------------------------
 
+def class_homes(root: Path = ROOT) -> dict[str, list[str]]:
+    """Top-level class name -> the modules that define it."""
+    homes: dict[str, list[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                homes.setdefault(node.name, []).append(module_name(path, root))
+    return homes
+
+
+def test_one_home_per_class_name(tmp_path):
+    """No two classes of the package share a name (a newcomer finds a concept once). The checker itself
+    is shown a two-home name first, so a checker that finds nothing cannot pass."""
+    planted = _write(tmp_path, {"a.py": "class Twice:\n    pass\n", "b.py": "class Twice:\n    pass\n"})
+    assert len(class_homes(planted)["Twice"]) == 2
+    twice = {name: mods for name, mods in class_homes().items() if len(mods) > 1}
+    assert not twice, f"class names defined in several modules: {twice}"
+
+
 def _write(root: Path, files: dict[str, str]) -> Path:
     pkg = root / PKG
     for rel, text in files.items():

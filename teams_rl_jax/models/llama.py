@@ -244,7 +244,7 @@ class Attention(nn.Module):
         return jax.lax.cond(is_sliding, lambda: run(True), lambda: run(False))
 
 
-class MLP(nn.Module):
+class SwiGLU(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
     config: ModelConfig
@@ -288,7 +288,7 @@ class DecoderLayer(nn.Module):
         )
         h = h + attn
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="post_attention_layernorm")(h)
-        h = h + MLP(cfg, self.dtype, self.param_dtype, self.lora, name="mlp")(x)
+        h = h + SwiGLU(cfg, self.dtype, self.param_dtype, self.lora, name="mlp")(x)
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_embed"))
         return (h, kv_cache), None
 
