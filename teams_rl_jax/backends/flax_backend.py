@@ -28,8 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from teams_rl_jax import sharding
 from teams_rl_jax.backends.base import Completion, Prompt, QueryCounter
+from teams_rl_jax.data.chat import render_chat
+from teams_rl_jax.data.tokenizer import choose_pad_id, load_tokenizer
 from teams_rl_jax.errors import BackendError
+from teams_rl_jax.generation import generate
+from teams_rl_jax.models import load_pretrained
 
 MIN_LEN_BUCKET = 16
 
@@ -100,8 +105,6 @@ class FlaxBackend:
         self.chat = chat
         self.mesh = mesh
         self.eos_ids = tuple(eos_ids) if eos_ids is not None else eos_ids_of(tokenizer, lm.config, checkpoint)
-        from teams_rl_jax.data.tokenizer import choose_pad_id
-
         self.pad_id = choose_pad_id(tokenizer, self.eos_ids)  # never an EOS id
         self.bos_id = getattr(tokenizer, "bos_token_id", None)
         self.generate_calls = 0
@@ -135,13 +138,8 @@ class FlaxBackend:
         A role's mesh is over this process's own devices (``jax.local_devices()``): in a multi-process run
         every host holds its own replica and serves its own share of the seeds (the generate stage gives
         seed ``i`` to process ``i % count``), so ``roles.<role>.mesh`` sizes are per host."""
-        from teams_rl_jax.data.tokenizer import load_tokenizer
-        from teams_rl_jax.models import load_pretrained
-
         mesh = None
         if cfg.mesh is not None:
-            from teams_rl_jax import sharding
-
             mesh = sharding.make_mesh(**cfg.mesh, devices=jax.local_devices())
         lm = load_pretrained(cfg.checkpoint, cfg.dtype, mesh=mesh)
         tok = load_tokenizer(cfg.checkpoint)
@@ -151,8 +149,6 @@ class FlaxBackend:
     # ---- prompts --------------------------------------------------------------------------------
     def render(self, prompt: Prompt) -> str:
         """Prompt text: messages (or a bare string when ``chat``) through the chat template; else as-is."""
-        from teams_rl_jax.data.chat import render_chat
-
         if isinstance(prompt, str):
             return render_chat(self.tokenizer, [{"role": "user", "content": prompt}]) if self.chat else prompt
         return render_chat(self.tokenizer, list(prompt))
@@ -223,8 +219,6 @@ class FlaxBackend:
         return out  # type: ignore[return-value]
 
     def _generate_chunk(self, rows: list[Sequence[int]], max_new: int, temperature: float, top_p: float, rng):
-        from teams_rl_jax.generation import generate
-
         T = bucket(max(len(r) for r in rows), MIN_LEN_BUCKET)
         B = bucket(len(rows), self._batch_ways)
         ids = np.full((B, T), self.pad_id, np.int32)
@@ -235,8 +229,6 @@ class FlaxBackend:
         mask[len(rows):, -1] = 1  # filler rows: one real token, so no row is all padding
         with self._lock:
             if self.mesh is not None:
-                from teams_rl_jax import sharding
-
                 batch = sharding.batch_sharding(self.mesh)
                 with sharding.activation_rules(self.mesh):
                     toks = generate(self.lm, self.lm.params, jax.device_put(ids, batch), jax.device_put(mask, batch),
@@ -329,8 +321,6 @@ class FlaxBackend:
             mask[len(chunk):, 0] = 1
             with self._lock:
                 if self.mesh is not None:
-                    from teams_rl_jax import sharding
-
                     with sharding.activation_rules(self.mesh):
                         res = self._score_fn(self.lm.params, ids, mask, targets)
                 else:

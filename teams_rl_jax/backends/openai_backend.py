@@ -29,6 +29,7 @@ from typing import Sequence
 from urllib.parse import urlparse
 
 from teams_rl_jax.backends.base import Completion, Prompt, QueryCounter
+from teams_rl_jax.data.chat import render_chat
 from teams_rl_jax.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -172,8 +173,6 @@ class OpenAIBackend:
     def _text(self, prompt: Prompt) -> str:
         if isinstance(prompt, str):
             return prompt
-        from teams_rl_jax.data.chat import render_chat
-
         return render_chat(None, list(prompt))  # no tokenizer here: Vicuna v1.1 wording
 
     def _one(self, prompt: Prompt, kw: dict) -> Completion:

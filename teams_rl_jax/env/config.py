@@ -10,7 +10,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from teams_rl_jax.env.operations import OPERATIONS
+from teams_rl_jax.env.elimination import ELIMINATION_RULES
+from teams_rl_jax.env.embedding import EMBEDDINGS
+from teams_rl_jax.env.operations import OPERATIONS, OPERATION_REGISTRY
+from teams_rl_jax.env.rewards import REWARD_TERMS
 from teams_rl_jax.errors import ConfigError
 
 # Reward terms an LLM role adds when the env is built from roles (env.factory): weight them by name.
@@ -85,11 +88,6 @@ class EnvConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on an invalid value or an unregistered name."""
-        from teams_rl_jax.env.elimination import ELIMINATION_RULES
-        from teams_rl_jax.env.embedding import EMBEDDINGS
-        from teams_rl_jax.env.operations import OPERATION_REGISTRY
-        from teams_rl_jax.env.rewards import REWARD_TERMS
-
         if self.reward not in REWARDS:
             raise ConfigError(f"reward: expected one of {list(REWARDS)}, got {self.reward!r}")
         if self.observation not in OBSERVATIONS:

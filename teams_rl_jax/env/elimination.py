@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from teams_rl_jax.env import phrases
-from teams_rl_jax.env.buffers import Instruction, NgramSet, build_ngram_set, ngram_any, phrase_variants
+from teams_rl_jax.env.buffers import Instruction, NgramSet, build_ngram_set, encode, ngram_any, phrase_variants
 from teams_rl_jax.env.registry import Registry
 
 SORRY_MAX_WORDS = 80
@@ -106,8 +106,6 @@ def template_variants(tokenizer, phrase: str) -> list[list[int]]:
     "#", so the variant tokenized alone misses "\n#Rewritten Prompt#" (issue 7, defect 6). A context
     whose last token merges with the phrase's first is skipped (no clean boundary to cut at).
     """
-    from teams_rl_jax.env.buffers import encode
-
     out = phrase_variants(tokenizer, phrase)
     unk = getattr(tokenizer, "unk_token_id", None)
     cases = dict.fromkeys([phrase, phrase.lower(), phrase.title(), phrase[:1].upper() + phrase[1:], phrase.upper()])

@@ -41,14 +41,17 @@ import jax
 import jax.numpy as jnp
 
 from teams_rl_jax.config import from_dict
+from teams_rl_jax.data.tokenizer import load_tokenizer
 from teams_rl_jax.env.buffers import Instruction, distinct_count
 from teams_rl_jax.env.config import EnvConfig
 from teams_rl_jax.env.elimination import VocabTables, build_vocab_tables, eliminated_tokens
 from teams_rl_jax.env.embedding import EMBEDDINGS
+from teams_rl_jax.env.judge import check_role_tokenizers
 from teams_rl_jax.env.operations import REFERENCE_ORDER, STOP
 from teams_rl_jax.env.rewards import REVIEWER_REWARDS, REWARD_TERMS, RewardTerm, register_term
 from teams_rl_jax.env.seeds import SeedBatch, decode, offline_tokenizer, read_seed_records, seeds_from_texts
 from teams_rl_jax.env.spaces import Box, Discrete
+from teams_rl_jax.env.token_edit import build_token_edit
 from teams_rl_jax.errors import ConfigError
 
 ROLES = ("instructor", "reviewer")
@@ -419,8 +422,6 @@ def _load_tokenizer(cfg: EnvConfig, tokenizer, seed_texts: Sequence[str]):
         return tokenizer
     path = tokenizer if isinstance(tokenizer, str) else cfg.tokenizer
     if path is not None:
-        from teams_rl_jax.data.tokenizer import load_tokenizer
-
         return load_tokenizer(path)
     return offline_tokenizer(seed_texts, cfg.vocab_size)
 
@@ -488,8 +489,6 @@ def build_env(name: str | None = "token_edit", config: EnvConfig | dict | None =
         pool = seeds_from_texts(seed_texts, tok, cfg.max_len, domains, cfg.on_long_seed)
 
     if operator is None:
-        from teams_rl_jax.env.token_edit import build_token_edit
-
         operator, operator_params = build_token_edit(tok, [op for op in cfg.operations if op != STOP], pool,
                                                      cfg.max_len)
     elif getattr(operator, "max_len", cfg.max_len) != cfg.max_len:
@@ -504,8 +503,6 @@ def build_env(name: str | None = "token_edit", config: EnvConfig | dict | None =
     terms, weights = _reward_terms(cfg, reward_terms)
     # The buffers hold the env tokenizer's ids and go to the instructor/reviewer as they are: a role
     # built with another tokenizer would read other words from the same ids, so refuse it here.
-    from teams_rl_jax.env.judge import check_role_tokenizers
-
     check_role_tokenizers(tok, operator, terms)
     tp = {t.name: t.init(cfg) for t in terms if t.init is not None}
     tp.update(term_params or {})

@@ -24,6 +24,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from teams_rl_jax.data.chat import render_chat
+from teams_rl_jax.data.tokenizer import check_same_tokenizer, choose_pad_id, eos_token_ids, tokenizer_fingerprint
+from teams_rl_jax.env.assemble import concat_left_padded
+from teams_rl_jax.env.pieces import place_slots, template_ids
+from teams_rl_jax.env.rewards import RewardTerm
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.roles.reviewer import JUDGE_INSTRUCTION, judge_messages  # the one reviewer prompt
 
@@ -32,17 +37,12 @@ ANSWERS = (" Equal", " Not Equal")  # index 1 = information gain = reward
 
 def judge_prompt(old: str, new: str, tokenizer=None) -> str:
     """The full reviewer prompt text in ``tokenizer``'s chat format (None: Vicuna v1.1 wording)."""
-    from teams_rl_jax.data.chat import render_chat
-
     return render_chat(tokenizer, judge_messages(old, new))
 
 
 def judge_template_ids(tokenizer, *, instruction: str = JUDGE_INSTRUCTION, chat: bool = True):
     """Verified in-context ids of the judge prompt's three fixed pieces and of the two answers'
     first tokens (:func:`teams_rl_jax.env.pieces.template_ids`)."""
-    from teams_rl_jax.data.chat import render_chat
-    from teams_rl_jax.env.pieces import place_slots, template_ids
-
     def render(values, seps):
         content = place_slots(instruction, ("old", "new"), seps)
         content = content.replace("{old}", "\x01").replace("{new}", "\x02")
@@ -94,9 +94,6 @@ def reviewer_term(lm, tokenizer, *, env_tokenizer=None, name: str = "reviewer", 
     with ``check_role_tokenizers`` in ``make``; the text path of the host env handles differing ones).
     ``instruction``: the judge template (``{old}``, ``{new}``; a ``prompts:`` file's ``judge``).
     """
-    from teams_rl_jax.data.tokenizer import check_same_tokenizer, choose_pad_id, eos_token_ids, tokenizer_fingerprint
-    from teams_rl_jax.env.rewards import RewardTerm
-
     if env_tokenizer is not None:
         check_same_tokenizer(env_tokenizer, tokenizer, "env and reviewer")
     ids = judge_template_ids(tokenizer, instruction=instruction, chat=chat)
@@ -114,8 +111,6 @@ def reviewer_term(lm, tokenizer, *, env_tokenizer=None, name: str = "reviewer", 
 def judge_prompt_ids(pieces, old_tokens, old_len, new_tokens, new_len, pad_id: int):
     """Left-padded reviewer prompts ``(ids, mask) [B, W]``: ``pieces[0] + old + pieces[1] + new + pieces[2]``
     (``pieces`` from :func:`judge_template_ids`; buffers right-padded ``[B, L]`` with lengths ``[B]``)."""
-    from teams_rl_jax.env.assemble import concat_left_padded
-
     B = old_tokens.shape[0]
 
     def const(piece):
@@ -130,8 +125,6 @@ def judge_prompt_ids(pieces, old_tokens, old_len, new_tokens, new_len, pad_id: i
 def check_role_tokenizers(env_tokenizer, operator=None, terms: Sequence = ()) -> None:
     """Raise ConfigError when the instructor operator or a reward term (the reviewer) was built with a
     tokenizer other than the env's (their ``tokenizer_fingerprint``): ids would be mixed up silently."""
-    from teams_rl_jax.data.tokenizer import tokenizer_fingerprint
-
     want = tokenizer_fingerprint(env_tokenizer)
     parts = [("instructor operator", getattr(operator, "tokenizer_fingerprint", None))]
     parts += [(f"reward term {getattr(t, 'name', '?')!r}", getattr(getattr(t, "fn", None), "tokenizer_fingerprint", None))

@@ -29,7 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from teams_rl_jax.data.chat import render_chat
+from teams_rl_jax.data.tokenizer import choose_pad_id, eos_token_ids, tokenizer_fingerprint
 from teams_rl_jax.env.assemble import concat_left_padded, cut_at_eos
+from teams_rl_jax.env.pieces import place_slots, template_ids
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.generation import generate
 
@@ -69,9 +72,6 @@ def operation_piece_ids(tokenizer, templates: Sequence[tuple[str, str]], *, chat
     """In-context, verified piece ids per operation (``env.pieces.TemplateIds``: ``pieces = (prefix ids,
     suffix ids)``, ``text_pieces`` the text they encode): each ``(prefix, suffix)`` content template
     wrapped in the instructor's chat format."""
-    from teams_rl_jax.data.chat import render_chat
-    from teams_rl_jax.env.pieces import place_slots, template_ids
-
     out = []
     for i, (prefix, suffix) in enumerate(templates):
         content = prefix + "{instruction}" + suffix
@@ -121,8 +121,6 @@ class LLMOperator:
         always Vicuna v1.1 wording, ignoring the checkpoint's template). ``checkpoint``: the instructor's dir, for the EOS ids of its
         generation_config.json (default: the tokenizer's dir).
         """
-        from teams_rl_jax.data.tokenizer import choose_pad_id, eos_token_ids, tokenizer_fingerprint
-
         eos_ids = eos_token_ids(tokenizer, lm.config, checkpoint)
         pad = choose_pad_id(tokenizer, eos_ids)
         pairs = [t.pieces for t in operation_piece_ids(tokenizer, templates, chat=chat)]

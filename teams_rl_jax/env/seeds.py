@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from teams_rl_jax.data.seeds import read_seeds
+from teams_rl_jax.data.tokenizer import build_word_tokenizer
+from teams_rl_jax.env import phrases
 from teams_rl_jax.env.buffers import encode, pad_rows
 from teams_rl_jax.errors import DataError
 
@@ -81,8 +83,6 @@ def seeds_from_texts(texts: Sequence[str], tokenizer, max_len: int, domains: Seq
 def tokenizer_corpus(texts: Sequence[str]) -> list[str]:
     """``texts`` plus every phrase the env itself uses (banks, concrete terms, template phrases, stop
     words, punctuation): what the env's own tokenizers are built from."""
-    from teams_rl_jax.env import phrases
-
     corpus = list(texts)
     for bank in phrases.BANKS.values():
         corpus += list(bank)
@@ -97,8 +97,6 @@ def tokenizer_corpus(texts: Sequence[str]) -> list[str]:
 
 def offline_tokenizer(texts: Sequence[str], vocab_size: int = 8192):
     """Word-level tokenizer (no hub) covering ``texts`` plus every phrase the env itself uses."""
-    from teams_rl_jax.data.tokenizer import build_word_tokenizer
-
     return build_word_tokenizer(tokenizer_corpus(texts), vocab_size=vocab_size)
 
 

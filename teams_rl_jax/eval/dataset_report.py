@@ -28,6 +28,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from teams_rl_jax.env import phrases as P
+from teams_rl_jax.env.operations import OPERATIONS
 from teams_rl_jax.errors import DataError
 
 WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?", re.UNICODE)
@@ -112,8 +114,6 @@ def _count_phrases(text: str, phrases: Sequence[str]) -> int:
 
 def complexity(instruction: str) -> dict:
     """The env's complexity measures for one instruction (see the module docstring)."""
-    from teams_rl_jax.env import phrases as P
-
     low = instruction.lower()
     w = words(instruction)
     concrete = [r for reps in P.CONCRETE_TERMS.values() for r in reps]
@@ -128,8 +128,6 @@ def complexity(instruction: str) -> dict:
 
 
 def _op_name(op: Any) -> str:
-    from teams_rl_jax.env.operations import OPERATIONS
-
     if isinstance(op, int) and 0 <= op < len(OPERATIONS):
         return OPERATIONS[op]
     return str(op)

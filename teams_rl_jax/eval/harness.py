@@ -33,7 +33,11 @@ from lm_eval import utils as lm_utils  # into an empty registry would hide them
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from teams_rl_jax import host_malloc
+from teams_rl_jax.data.tokenizer import load_tokenizer
 from teams_rl_jax.eval.multiple_choice import LoglikelihoodScorer, build_mesh, tok_encode, tokenizer_prefix_id
+from teams_rl_jax.generation import generate
+from teams_rl_jax.models import load_pretrained
 
 MODEL_NAME = "teams_rl_jax"
 
@@ -52,9 +56,6 @@ class TeamsRLJaxLM(TemplateLM):
                  max_gen_toks: int = 256, mesh_data: int = -1, mesh_fsdp: int = 1, mesh_tensor: int = 1,
                  seed: int = 0, **_ignored):  # device, max_batch_size ...: lm-eval passes them to every model
         super().__init__()
-        from teams_rl_jax.data.tokenizer import load_tokenizer
-        from teams_rl_jax.models import load_pretrained
-
         self.mesh = build_mesh(int(mesh_data), int(mesh_fsdp), int(mesh_tensor))
         self.lm = load_pretrained(str(pretrained), dtype=dtype, mesh=self.mesh)
         self.tokenizer = load_tokenizer(str(pretrained))
@@ -124,8 +125,6 @@ class TeamsRLJaxLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Batched generation; each answer is cut at the first ``until`` string (default: EOS text)."""
-        from teams_rl_jax.generation import generate
-
         args = [r.args for r in requests]
         out: list[str | None] = [None] * len(args)
         # Group by generation settings (one compiled program per group and padded length).
@@ -174,8 +173,6 @@ if __name__ != "__main__":
 def main(argv: list[str] | None = None) -> None:
     """``python -m teams_rl_jax.eval.harness ...``: lm-eval's CLI with ``teams_rl_jax`` registered."""
     from lm_eval.__main__ import cli_evaluate
-
-    from teams_rl_jax import host_malloc
 
     host_malloc.configure()  # before JAX starts its CPU threads
 

@@ -30,7 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from teams_rl_jax.eval.tasks import Doc
+from teams_rl_jax import sharding as shd
+from teams_rl_jax.data.tokenizer import load_tokenizer
+from teams_rl_jax.eval.tasks import Doc, load_task
+from teams_rl_jax.models import load_pretrained
 
 _BUCKET = 32  # padded lengths are multiples of this (few compiled shapes, little padding)
 
@@ -86,8 +89,6 @@ class LoglikelihoodScorer:
 
     def __init__(self, lm, params=None, *, batch_size: int = 32, max_length: int | None = None, mesh=None,
                  pad_id: int = 0):
-        from teams_rl_jax import sharding as shd
-
         self.lm = lm
         self.mesh = mesh
         self.pad_id = int(pad_id)
@@ -127,7 +128,6 @@ class LoglikelihoodScorer:
         rows = [self._rows(c, k) for c, k in requests]
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         out: list[Any] = [None] * len(rows)
-        from teams_rl_jax import sharding as shd
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             T = _bucket(max(len(rows[i][0]) for i in idx), self.max_length)
@@ -212,7 +212,6 @@ def build_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1):
     work is small next to SFT's; only process 0 writes the report)."""
     if jax.local_device_count() == 1:
         return None
-    from teams_rl_jax import sharding as shd
 
     return shd.make_mesh(data, fsdp, tensor, devices=jax.local_devices())
 
@@ -225,10 +224,6 @@ def evaluate_checkpoint(checkpoint: str, data_dir: str, tasks: Sequence[str], *,
     Returns ``{task: {acc, acc_stderr, acc_norm?, n, docs}}``. Every task file is read (and checked)
     before the model is loaded, so a missing or malformed file fails fast.
     """
-    from teams_rl_jax.data.tokenizer import load_tokenizer
-    from teams_rl_jax.eval.tasks import load_task
-    from teams_rl_jax.models import load_pretrained
-
     all_docs = {t: load_task(t, data_dir, limit) for t in tasks}
     lm = load_pretrained(checkpoint, dtype=dtype, mesh=mesh)
     tok = load_tokenizer(checkpoint)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from teams_rl_jax.errors import ConfigError
+from teams_rl_jax.rl.config import validate_schedule
 
 SELECTORS = ("policy", "random", "fixed")
 PROTOCOLS = ("filtered", "paper", "wizardlm")
@@ -92,6 +93,4 @@ class GenerateConfig:
             if b not in SELECTORS or b == "policy":
                 raise ConfigError(f"baselines: unknown baseline {b!r} (valid: random, fixed)")
         if self.selector == "fixed" or "fixed" in self.baselines:
-            from teams_rl_jax.rl.config import validate_schedule
-
             validate_schedule(self.schedule, "schedule")

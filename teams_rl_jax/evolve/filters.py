@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from teams_rl_jax.env import elimination as E
+from teams_rl_jax.models.encoder import load_encoder
 
 INSTRUCTION_RULES = ("no_gain", "template_copy")
 ANSWER_RULES = ("sorry_short", "stopwords_only")
@@ -49,8 +50,6 @@ class Deduper:
         self.encoder = None
         self.emb = np.zeros((0, 1), np.float32)
         if threshold is not None:
-            from teams_rl_jax.models.encoder import load_encoder
-
             self.encoder = load_encoder(encoder_path)
             self.emb = np.zeros((0, self.encoder.dim), np.float32)
 

@@ -25,11 +25,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from teams_rl_jax import config as cfglib
 from teams_rl_jax.env import factory
-from teams_rl_jax.env.environment import reference_one_hot
+from teams_rl_jax.env.environment import EnvState, reference_one_hot
 from teams_rl_jax.env.operations import OPERATIONS, REFERENCE_ORDER
+from teams_rl_jax.env.seeds import seeds_from_texts
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.rl.baselines import paper_overrides, schedule_ops
+from teams_rl_jax.rl.config import PolicyConfig
+from teams_rl_jax.rl.stage import load_policy
+from teams_rl_jax.rl.train import static_action_mask
 
 STOP = "stop"  # the policy's "end this episode" action, where the env has one
 
@@ -121,12 +126,6 @@ class PolicySelector:
 
     def __init__(self, policy_dir: str | Path, *, roles: Any = None, seed: int = 0, greedy: bool = False,
                  batch: int = 32, add_constraints_bias: float = 0.0):
-        from teams_rl_jax import config as cfglib
-        from teams_rl_jax.env.environment import EnvState
-        from teams_rl_jax.rl.config import PolicyConfig
-        from teams_rl_jax.rl.stage import load_policy
-        from teams_rl_jax.rl.train import static_action_mask
-
         network, params, meta = load_policy(policy_dir)
         config = cfglib.from_dict(PolicyConfig, meta["config"])
         self.operations = tuple(meta["operations"])
@@ -173,8 +172,6 @@ class PolicySelector:
         self._observe = jax.jit(observe)
 
     def _encode(self, texts: Sequence[str]):
-        from teams_rl_jax.env.seeds import seeds_from_texts
-
         return seeds_from_texts(list(texts), self.env.tokenizer, self.max_len, on_long="truncate")
 
     def observations(self, texts: Sequence[str], prev_ops: Sequence[int], t: int) -> np.ndarray:

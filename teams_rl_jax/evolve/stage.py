@@ -42,7 +42,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from teams_rl_jax.backends import build_roles
 from teams_rl_jax.backends.base import QueryCounter
+from teams_rl_jax.backends.cache import CachedBackend, ResponseCache
 from teams_rl_jax.backends.config import max_new_tokens, role_config
 from teams_rl_jax.env.prompts import expert_messages
 from teams_rl_jax.errors import ConfigError
@@ -78,9 +80,6 @@ def build_backends(cfg: GenerateConfig, roles: Any, run_dir: Path, backends: dic
     """``{role: backend}`` for the roles this stage calls, each wrapped in the response cache when
     ``cfg.cache`` (``backends`` given = use those, e.g. tests' counting backends)."""
     import dataclasses
-
-    from teams_rl_jax.backends import build_roles
-    from teams_rl_jax.backends.cache import CachedBackend, ResponseCache
 
     wrap = None
     if cfg.cache:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from teams_rl_jax import sharding as shd
 from teams_rl_jax.errors import CheckpointError
 from teams_rl_jax.models import nf4
 from teams_rl_jax.models.config import ModelConfig, read_hf_config
@@ -160,8 +161,6 @@ def _resolve_config(config: ModelConfig | Mapping) -> ModelConfig:
 
 
 def _shardings(config: ModelConfig, mesh, rules, param_dtype):
-    from teams_rl_jax import sharding as shd
-
     shapes = nn.meta.unbox(_abstract_params(config, param_dtype))
     return shd.logical_to_sharding(logical_axes(config), mesh, rules, shapes=shapes)
 
