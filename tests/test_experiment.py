@@ -17,7 +17,7 @@ BATCH, STEPS = 4, 2
 SHRINK = ["--set", "generate.max_seeds=16", "--set", f"generate.batch_seeds={BATCH}", "--set", f"generate.steps={STEPS}",
           "--set", "experiment.wizardlm_rounds=2", "--set", "policy.num_updates=2", "--set", "policy.num_envs=8",
           "--set", "eval.mia.max_examples=8", "--set", "sft.global_batch=2", "--set", "generate.progress=false",
-          "--set", "generate.schedule=[add_constraints,deepening]"]
+          "--set", "generate.schedule=[add_constraints,deepening]", "--set", "policy.compare=[]"]
 
 
 def _cmd(run_dir):

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from teams_rl_jax.backends.config import RolesConfig
 from teams_rl_jax.errors import ConfigError
-from teams_rl_jax.eval.config import EvalConfig
-from teams_rl_jax.evolve.config import PROTOCOLS, GenerateConfig
-from teams_rl_jax.rl.config import PolicyConfig
-from teams_rl_jax.roles.prompts import load_prompts
-from teams_rl_jax.sft.config import SFTConfig
+from teams_rl_jax.evolve.config import PROTOCOLS
+from teams_rl_jax.train_config import TrainConfig
 
 ARMS = ("policy", "random", "fixed", "wizardlm")
 EQUAL_BUDGET = ("random", "fixed")  # get max_queries = the policy arm's generation queries
@@ -43,26 +40,23 @@ class ExperimentSection:
 
 
 @dataclass(frozen=True)
-class ExperimentConfig:
-    """The experiment dir, the pipeline's settings shared by every arm, and the ``experiment:`` section."""
+class ExperimentConfig(TrainConfig):
+    """The pipeline's config (shared by every arm; ``stages`` is not used) plus the ``experiment:`` section."""
 
     run_dir: str = "runs/experiment"
-    offline_demo: bool = False  # roles.expert unset -> the tiny random Llama under run_dir/models/tiny-expert
-    seeds: str | None = None  # one seed file (split into members and non-members); null = the bundled seeds
-    prompts: str | None = None
-    roles: RolesConfig = field(default_factory=RolesConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: Literal["auto", "on", "off"] = "off"  # one host: the arms run one after another
     experiment: ExperimentSection = field(default_factory=ExperimentSection)
 
     def validate(self) -> None:
-        """The pipeline's one-seed-setting rule and the prompts file; the SFT and MIA data are the experiment's."""
-        if self.policy.env_config.seeds_path is not None:
-            raise ConfigError("policy.env_config.seeds_path: the experiment's seeds are the top-level 'seeds' key")
+        """The pipeline's checks; the SFT data and MIA members are the experiment's, per arm."""
+        super().validate()
+        self.experiment.validate()
         if self.sft.data.path != "auto":
             raise ConfigError("sft.data.path: each arm fine-tunes on its own member records; leave it 'auto'")
         if self.eval.mia.members != "auto" or self.eval.mia.non_members != "auto":
             raise ConfigError("eval.mia.members/non_members: the experiment sets them per arm; leave them 'auto'")
-        load_prompts(self.prompts)
+
+    def pipeline(self, **sections) -> TrainConfig:
+        """This config as the pipeline's ``TrainConfig`` (``sections`` replace its own)."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{**own, **sections})

@@ -32,7 +32,7 @@ from teams_rl_jax.experiment.config import EQUAL_BUDGET, ExperimentConfig
 from teams_rl_jax.experiment.report import write_report
 from teams_rl_jax.layout import RunLayout
 from teams_rl_jax.roles.prompts import load_prompts
-from teams_rl_jax.train import TrainConfig
+from teams_rl_jax.train_config import TrainConfig
 
 Log = Callable[[str], None]
 SPLIT = "seed_split.json"
@@ -61,14 +61,6 @@ def seed_split(cfg: ExperimentConfig, root: Path) -> dict:
     return split
 
 
-def pipeline_config(cfg: ExperimentConfig, run_dir: Path, **sections) -> TrainConfig:
-    """A pipeline ``TrainConfig`` with the experiment's shared settings (``sections`` replace its own)."""
-    base = TrainConfig(run_dir=str(run_dir), stages=("policy", "generate", "sft", "eval"), distributed="off",
-                       offline_demo=cfg.offline_demo, seeds=cfg.seeds, prompts=cfg.prompts, roles=cfg.roles,
-                       policy=cfg.policy, generate=cfg.generate, sft=cfg.sft, eval=cfg.eval)
-    return dataclasses.replace(base, **sections)
-
-
 def arm_config(cfg: ExperimentConfig, root: Path, name: str, budget: int | None, roles) -> TrainConfig:
     """The arm's run config: its selector / protocol (and budget), SFT on its members, MIA members vs non-members."""
     lay = arm_dir(root, name)
@@ -83,7 +75,7 @@ def arm_config(cfg: ExperimentConfig, root: Path, name: str, budget: int | None,
                               non_members=str(lay.data.root / "non_members.jsonl"))
     ev = dataclasses.replace(cfg.eval, checkpoint="auto", mia=mia,
                              report=dataclasses.replace(cfg.eval.report, compare=()))
-    return pipeline_config(cfg, lay.root, stages=("generate", "sft", "eval"), roles=roles,
+    return cfg.pipeline(run_dir=str(lay.root), stages=("generate", "sft", "eval"), roles=roles,
                            generate=dataclasses.replace(cfg.generate, **g), sft=sft, eval=ev)
 
 
@@ -126,7 +118,6 @@ def run_arm(cfg: ExperimentConfig, root: Path, name: str, budget: int | None, ro
 def run(cfg: ExperimentConfig, log: Log = print, *, force: bool = False) -> Path:
     """The whole experiment into ``cfg.run_dir``; returns it."""
     cfg.validate()
-    cfg.experiment.validate()
     check_seed_file(cfg.seeds)
     root = Path(cfg.run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -137,8 +128,8 @@ def run(cfg: ExperimentConfig, log: Log = print, *, force: bool = False) -> Path
     for name in arms:  # every arm's generate settings checked before anything runs
         arm_config(cfg, root, name, None, cfg.roles).generate.validate()
     if "policy" in arms:
-        stages.run_stage(pipeline_config(cfg, root, stages=("policy",)), RunLayout(root), "policy", log, force=force)
-    roles = with_demo_roles(pipeline_config(cfg, root), root).roles  # the tiny expert once, in the experiment dir
+        stages.run_stage(cfg.pipeline(run_dir=str(root), stages=("policy",)), RunLayout(root), "policy", log, force=force)
+    roles = with_demo_roles(cfg.pipeline(run_dir=str(root)), root).roles  # the tiny expert once, in the experiment dir
     budget = None
     for name in sorted(arms, key=lambda a: a != "policy"):  # the policy arm first: it sets the budget
         run_arm(cfg, root, name, budget, roles, split, log, force)
