@@ -15,61 +15,20 @@ whose inputs changed (an earlier stage was redone) is redone; one whose own conf
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 import jax
 
 from teams_rl_jax import cli, stages
 from teams_rl_jax import config as cfglib
-from teams_rl_jax.backends.config import RolesConfig
 from teams_rl_jax.data.seeds import check_seed_file
 from teams_rl_jax.distributed import maybe_initialize_distributed
-from teams_rl_jax.errors import ConfigError
-from teams_rl_jax.eval.config import EvalConfig
-from teams_rl_jax.evolve.config import GenerateConfig
 from teams_rl_jax.layout import STAGES, RunLayout
-from teams_rl_jax.rl.config import PolicyConfig
-from teams_rl_jax.roles.prompts import load_prompts
-from teams_rl_jax.sft.config import SFTConfig
+from teams_rl_jax.train_config import TrainConfig  # noqa: F401 (re-exported: the CLI's config)
 
 DEFAULT_CONFIG = "default.yaml"  # package data: teams_rl_jax/configs/default.yaml
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The whole pipeline: run directory, which stages, the LLM roles, and each stage's own config."""
-
-    run_dir: str = "runs/default"
-    stages: tuple[str, ...] = STAGES
-    # "auto": call jax.distributed.initialize() under SLURM / a TPU pod / explicit coordinator env vars.
-    distributed: Literal["auto", "on", "off"] = "auto"
-    # Small-scale offline run: a roles.expert left unset becomes a tiny random Llama (+ word tokenizer)
-    # saved under run_dir/models/tiny-expert and served through the flax backend like a 7B model.
-    offline_demo: bool = False
-    # One seed file for both stages (the policy env's and the generate stage's): Alpaca JSON (a list),
-    # JSONL or Parquet of {instruction, input?, id?, domain?}; null = the bundled seeds (offline default).
-    seeds: str | None = None
-    # The roles' wording: a YAML file of the six operation templates ({instruction}) and the judge
-    # template ({old}, {new}), for both stages (roles/prompts.py); null = our shipped wording.
-    prompts: str | None = None
-    roles: RolesConfig = field(default_factory=RolesConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def validate(self) -> None:
-        """Check stage names, the one seed setting, and the prompts file (loaded once to check it)."""
-        for s in self.stages:
-            if s not in STAGES:
-                raise ConfigError(f"stages: unknown stage {s!r} (valid: {', '.join(STAGES)})")
-        if self.policy.env_config.seeds_path is not None:
-            raise ConfigError("policy.env_config.seeds_path: the pipeline's seeds are the top-level 'seeds' key "
-                              "(one file for the policy and generate stages); set seeds: PATH instead")
-        load_prompts(self.prompts)
 
 
 def run(cfg: TrainConfig, log: Callable[[str], None] = print, *, force: bool = False) -> Path:

@@ -1,0 +1,99 @@
+"""``python -m teams_rl_jax.experiment`` shrunk: four arms, equal budgets, disjoint seed split, killed and resumed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from tests.tiny_pipeline import ROOT, cpu_env
+
+ARMS = ("policy", "random", "fixed", "wizardlm")
+BATCH, STEPS = 4, 2
+SHRINK = ["--set", "generate.max_seeds=16", "--set", f"generate.batch_seeds={BATCH}", "--set", f"generate.steps={STEPS}",
+          "--set", "experiment.wizardlm_rounds=2", "--set", "policy.num_updates=2", "--set", "policy.num_envs=8",
+          "--set", "eval.mia.max_examples=8", "--set", "sft.global_batch=2", "--set", "generate.progress=false",
+          "--set", "generate.schedule=[add_constraints,deepening]", "--set", "policy.compare=[]"]
+
+
+def _cmd(run_dir):
+    return [sys.executable, "-m", "teams_rl_jax.experiment", "--run-dir", str(run_dir), *SHRINK]
+
+
+def _cache_rows(run_dir) -> int:
+    with sqlite3.connect(run_dir / "cache" / "responses.sqlite") as db:
+        return db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+
+
+def _rows_by_tag(run_dir) -> dict[str, int]:
+    with sqlite3.connect(run_dir / "cache" / "responses.sqlite") as db:
+        return dict(db.execute("SELECT tag, COUNT(*) FROM responses GROUP BY tag").fetchall())
+
+
+def test_experiment_four_arms_killed_and_resumed(tmp_path):
+    exp = tmp_path / "exp"
+    # 1. run until the random arm is generating, then SIGKILL (mid-arm: the policy arm is finished)
+    proc = subprocess.Popen(_cmd(exp), cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("[random] [sft]"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-30:])
+    paid_before = _rows_by_tag(exp)
+    assert paid_before.get("arms/policy/data", 0) > 0 and paid_before.get("arms/random/data", 0) > 0, paid_before
+    # 2. rerun the same command: finishes, the policy arm's stages skipped, no answer paid again
+    out = subprocess.run(_cmd(exp), cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "[policy] generate complete (skipped)" in out.stdout
+    assert "[random] generate complete (skipped)" in out.stdout
+    assert "[policy] [sft] complete" in out.stdout
+
+    rep = json.loads((exp / "report.json").read_text())
+    arms = rep["arms"]
+    assert sorted(arms) == sorted(ARMS)
+    for a in arms.values():
+        assert {"queries", "queries_paid", "queries_by_role", "records", "not_equal_rate", "mia_auc", "sft_export",
+                "benchmarks"} <= set(a)
+        assert a["records"] > 0 and 0.0 <= a["mia_auc"] <= 1.0
+        assert (exp / a["sft_export"] / "config.json").is_file()
+    # equal budgets: random and fixed get the policy arm's queries (the stage stops at batch granularity)
+    budget = rep["budget"]
+    assert budget == arms["policy"]["queries"] > 0
+    per_batch = BATCH * STEPS  # token-edit operator: one expert query per kept step, at most
+    for name in ("random", "fixed"):
+        assert abs(arms[name]["queries"] - budget) <= per_batch, (name, arms[name]["queries"], budget)
+    # four distinct SFT exports (different data -> different weights)
+    exports = {name: (exp / a["sft_export"] / "model.safetensors").read_bytes() for name, a in arms.items()}
+    assert len(set(exports.values())) == 4
+    # member and non-member seeds disjoint, recorded, and each arm's files split by them
+    split = json.loads((exp / "seed_split.json").read_text())
+    assert split["members"] and split["non_members"] and not set(split["members"]) & set(split["non_members"])
+    assert rep["seeds"] == {"members": len(split["members"]), "non_members": len(split["non_members"])}
+    for name in ARMS:
+        data = exp / "arms" / name / "data"
+        for fname, ids in (("members.jsonl", split["members"]), ("non_members.jsonl", split["non_members"])):
+            rows = [json.loads(x) for x in (data / fname).read_text().splitlines()]
+            assert rows and all(r["meta"]["seed_id"] in ids for r in rows), (name, fname)
+    # no query paid twice: every cached answer is attributed to exactly one arm
+    assert _cache_rows(exp) == sum(a["queries_paid"] for a in arms.values())
+    after = _rows_by_tag(exp)
+    assert {t: after[t] for t in paid_before} == paid_before  # the finished arms paid nothing on the rerun
+    assert arms["random"]["queries_paid"] == paid_before["arms/random/data"]
+    assert (exp / "roc.png").stat().st_size > 0
+    md = (exp / "report.md").read_text()
+    assert "not the paper's result" in md and "| wizardlm |" in md
+
+
+def test_experiment_config_errors(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "teams_rl_jax.experiment", "--run-dir", str(tmp_path),
+                          "--set", "experiment.arms=[random]"], cwd=ROOT, env=cpu_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "experiment.arms" in out.stderr, out.stderr
