@@ -8,7 +8,6 @@ import sqlite3
 import subprocess
 import sys
 
-import pytest
 
 from tests.tiny_pipeline import ROOT, cpu_env
 
