@@ -8,7 +8,6 @@ import sqlite3
 import subprocess
 import sys
 
-
 from tests.tiny_pipeline import ROOT, cpu_env
 
 ARMS = ("policy", "random", "fixed", "wizardlm")
