@@ -66,13 +66,14 @@ def stubs(reviewer=lambda c: "Not Equal", instructor=grow, expert=answer) -> dic
 
 def _seeds(tmp_path: Path, n: int = N_SEEDS) -> str:
     path = tmp_path / "seeds.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"id": f"s{k}", "instruction": f"SEED{k} explain topic {k}.", "input": ""})
                             + "\n" for k in range(n)))
     return str(path)
 
 
 def _cfg(tmp_path, **kw) -> GenerateConfig:
-    base = dict(seeds=_seeds(tmp_path), selector="random", batch_seeds=3, near_dup_threshold=None, baselines=(),
+    base = dict(selector="random", batch_seeds=3, near_dup_threshold=None, baselines=(),
                 cache=False, progress=False)
     base.update(kw)
     return GenerateConfig(**base)
@@ -83,7 +84,8 @@ def _records(out: Path) -> list[dict]:
 
 
 def _run(cfg, tmp_path, bk, **kw):
-    return run_generate_stage(cfg, tmp_path / "run", backends=bk, log=lambda m: None, **kw)
+    """The stage on the test's seeds (the pipeline's top-level ``seeds``, passed as the stage gets it)."""
+    return run_generate_stage(cfg, tmp_path / "run", backends=bk, log=lambda m: None, seeds=_seeds(tmp_path), **kw)
 
 
 # ------------------------------------------------------------------------------------------ paper
