@@ -39,8 +39,10 @@ def _check_artifacts(run: Path, min_records: int) -> list[dict]:
         m = r["meta"]
         assert r["instruction"] and r["output"] and m["seed_id"] and m["ops"] and m["selector"] == "policy"
         assert m["queries"]["expert"] >= 1
-    distinct = {r["instruction"].lower() for r in recs}
-    assert len(distinct) == len(recs)  # exact duplicates are filtered
+    # exact duplicates are filtered (instruction + Alpaca input: records sharing an instruction with
+    # different inputs are different examples)
+    distinct = {(r["instruction"].lower(), r["input"].lower()) for r in recs}
+    assert len(distinct) == len(recs)
     summary = json.loads((run / "data" / "summary.json").read_text())
     assert summary["kept"] == len(recs) and summary["queries"]["expert"] == sum(summary["paid"].values()) + \
         sum(summary["replayed"].values())
