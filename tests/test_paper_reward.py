@@ -172,15 +172,10 @@ def test_policy_stage_trains_in_the_paper_preset_and_its_returns_are_the_verdict
 
 
 def test_reviewer_forms_follow_the_reward_setting():
-    """An in-process reviewer decodes under reviewer_binary (the text reviewer on the host, the exact
-    parser when no config names one); reviewer_soft needs the jitted judge. Mutation caught: the binary
-    reward routed to the logit judge of an in-process reviewer."""
-
-    class InProcess(StubReviewer):
-        lm, tokenizer = object(), object()  # looks in-process: env.factory.is_in_process
-
-    rev = InProcess(QueryCounter())
-    term, params, on_host = _reviewer(rev, None, {}, jitted_ok=True, reward="reviewer_binary")
+    """A text reviewer decodes under reviewer_binary (on the host, the exact parser when no config names
+    one); reviewer_soft needs the jitted judge (the in-process forms: tests/test_decoded_judge.py)."""
+    term, params, on_host = _reviewer(StubReviewer(QueryCounter()), None, {}, jitted_ok=True,
+                                      reward="reviewer_binary")
     assert on_host and params is None and term.verdict == "decoded"
     with pytest.raises(ConfigError, match="reviewer_soft"):
         _reviewer(StubReviewer(QueryCounter()), None, {}, jitted_ok=True, reward="reviewer_soft")

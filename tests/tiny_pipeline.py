@@ -157,15 +157,14 @@ class Shrink:
     xfail: str | None = None  # a known failure fixed elsewhere (strict: the test says when it passes)
 
 
-PAPER_DEADLOCK = ("reward reviewer_binary routes the in-process reviewer, sharded over 8 devices, through an io_callback inside the sharded env step: XLA:CPU aborts on a collective rendezvous timeout (7 of 8 device threads; the 8th waits in the callback). Known bug, issue 18")
 SHRINK: dict[str, Shrink] = {
     "llama2_7b_gpu.yaml": Shrink(POLICY + LLM_ENV + INSTRUCTOR + EXPERT + LENIENT + GENERATE + SFT + EVAL, devices=8),
     "llama2_7b_tpu_pod.yaml": Shrink(POLICY + LLM_ENV + INSTRUCTOR + EXPERT + LENIENT + GENERATE + SFT + EVAL,
                                      devices=8),
     "paper_llama2_7b_gpu.yaml": Shrink(POLICY + LLM_ENV + INSTRUCTOR + EXPERT + LENIENT + GENERATE + SFT + EVAL,
-                                       devices=8, xfail=PAPER_DEADLOCK),
+                                       devices=8),
     "paper_llama2_7b_tpu.yaml": Shrink(POLICY + LLM_ENV + INSTRUCTOR + EXPERT + LENIENT + GENERATE + SFT + EVAL,
-                                       devices=8, xfail=PAPER_DEADLOCK),
+                                       devices=8),
     "openai_endpoint.yaml": Shrink(POLICY + LLM_ENV + INSTRUCTOR + EXPERT + GENERATE + SFT + EVAL),
     "policy_llm.yaml": Shrink(POLICY + LLM_ENV + INSTRUCTOR),
     "sft_lora_llama7b.yaml": Shrink(SFT_ONLY),

@@ -31,7 +31,7 @@ from teams_rl_jax.env.byte_tokenizer import byte_level_tokenizer
 from teams_rl_jax.env.config import EnvConfig
 from teams_rl_jax.env.environment import EnvParams, EvolveEnv, build_env
 from teams_rl_jax.env.host_roles import HostOperator, host_reviewer_term
-from teams_rl_jax.env.judge import reviewer_term
+from teams_rl_jax.env.judge import decoded_reviewer_term, reviewer_term
 from teams_rl_jax.env.llm_operator import LLMOperator
 from teams_rl_jax.env.operations import STOP
 from teams_rl_jax.env.prompts import operation_templates
@@ -147,25 +147,32 @@ def _operator(config: EnvConfig, instructor, tok, roles, ops, prompts: Prompts |
 
 
 def _reviewer(reviewer, tok, roles, jitted_ok: bool, reward: str = "shaped", prompts: Prompts | None = None):
-    """``(term, term_params or None, on_host)``: the jitted logit judge where the reviewer is
-    in-process and reads the env's own ids, else the text reviewer on the host. ``reward:
-    reviewer_binary`` always takes the text reviewer (the reply is decoded, greedy, and parsed with
-    ``roles.reviewer.parser``; ``exact`` for a built backend without a config); ``reviewer_soft``
-    needs the jitted judge. ``prompts`` supply the judge template (None: ours)."""
+    """``(term, term_params or None, on_host)``: where the reviewer is in-process and reads the env's
+    own ids, the jitted judge (``reward: reviewer_binary``: the reply decoded greedily in the step and
+    parsed with ``roles.reviewer.parser``, ``exact`` for a built backend without a config; otherwise
+    P(Not Equal) from one forward pass); else the text reviewer on the host (``reviewer_soft`` needs
+    the jitted judge). ``prompts`` supply the judge template (None: ours)."""
     judge = (prompts or DEFAULT_PROMPTS).judge
-    if reward != "reviewer_binary" and jitted_ok and is_in_process(reviewer):
+    cfg = role_config(roles, "reviewer", reviewer)
+    parser = cfg.parser if cfg else ("exact" if reward == "reviewer_binary" else "lenient")
+    new_tokens = max_new_tokens(roles, "reviewer", reviewer)
+    if jitted_ok and is_in_process(reviewer):
+        chat = bool(getattr(reviewer, "chat", True))
         try:  # env_tokenizer: the judge refuses buffers of another tokenizer instead of mixing ids
-            term, _ = reviewer_term(reviewer.lm, reviewer.tokenizer, env_tokenizer=tok,
-                                    chat=bool(getattr(reviewer, "chat", True)), instruction=judge)
+            if reward == "reviewer_binary":  # decoded in the step; only the parse runs on the host
+                term, _ = decoded_reviewer_term(reviewer.lm, reviewer.tokenizer, parser=parser, max_new_tokens=new_tokens,
+                                                env_tokenizer=tok, chat=chat, instruction=judge,
+                                                checkpoint=cfg.checkpoint if cfg else None)
+            else:
+                term, _ = reviewer_term(reviewer.lm, reviewer.tokenizer, env_tokenizer=tok, chat=chat,
+                                        instruction=judge)
             return term, _params(reviewer), False
         except ConfigError:  # different tokenizers: the reviewer reads text instead of ids
             pass
     if reward == "reviewer_soft":
         raise ConfigError("policy.env_config.reward: reviewer_soft needs an in-process (flax) reviewer and "
                           "instructor on the env's tokenizer; use reviewer_binary for a text reviewer")
-    cfg = role_config(roles, "reviewer", reviewer)
-    parser = cfg.parser if cfg else ("exact" if reward == "reviewer_binary" else "lenient")
-    text = Reviewer(reviewer, max_new_tokens(roles, "reviewer", reviewer), parser, judge)
+    text = Reviewer(reviewer, new_tokens, parser, judge)
     return host_reviewer_term(text, tok), None, True
 
 
@@ -213,7 +220,10 @@ def observation_env(name: str, config: EnvConfig, roles: Any = None) -> tuple[Ev
         return make("token_edit", config)
     if name != "llm":
         raise ConfigError(f"generate: cannot rebuild the observation of policy env {name!r} (token_edit or llm)")
-    base = from_dict(EnvConfig, _fields(config) | {"operator": "token_edit"}, "policy.env_config")
+    # The reward is not part of the observation: the shaped default, so a reviewer reward needs no reviewer here.
+    fields = _fields(config) | {"operator": "token_edit", "reward": "shaped"}
+    fields.pop("reward_weights", None)
+    base = from_dict(EnvConfig, fields, "policy.env_config")
     tok, is_served = buffer_tokenizer(base, role_configs(roles).get("instructor") if roles is not None else None)
     ops = tuple(op for op in base.operations if op != STOP)
     return build_env("token_edit", dataclasses.replace(base, operations=ops), tokenizer=tok,

@@ -22,7 +22,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+import jax.experimental  # noqa: F401  (io_callback)
 import jax.numpy as jnp
+import numpy as np
 
 from teams_rl_jax.data.chat import render_chat
 from teams_rl_jax.data.tokenizer import check_same_tokenizer, choose_pad_id, eos_token_ids, tokenizer_fingerprint
@@ -30,7 +32,8 @@ from teams_rl_jax.env.assemble import concat_left_padded
 from teams_rl_jax.env.pieces import place_slots, template_ids
 from teams_rl_jax.env.rewards import RewardTerm
 from teams_rl_jax.errors import ConfigError
-from teams_rl_jax.roles.reviewer import JUDGE_INSTRUCTION, judge_messages  # the one reviewer prompt
+from teams_rl_jax.generation import generate
+from teams_rl_jax.roles.reviewer import EQUAL, JUDGE_INSTRUCTION, judge_messages, parse_reply  # the one reviewer prompt
 
 ANSWERS = (" Equal", " Not Equal")  # index 1 = information gain = reward
 
@@ -106,6 +109,54 @@ def reviewer_term(lm, tokenizer, *, env_tokenizer=None, name: str = "reviewer", 
 
     fn.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
     return RewardTerm(name, fn, role="reviewer", cost=1.0, verdict="soft"), lm.params
+
+
+def decoded_reviewer_term(lm, tokenizer, *, parser: str = "exact", max_new_tokens: int = 8, env_tokenizer=None,
+                          name: str = "reviewer", chat: bool = True, instruction: str = JUDGE_INSTRUCTION,
+                          checkpoint: str | None = None):
+    """The paper's reviewer (``reward: reviewer_binary``) in-process: ``(RewardTerm, term_params)``.
+
+    The same judge prompt as :func:`reviewer_term`, assembled inside the jitted step, is *decoded*
+    greedily for ``max_new_tokens`` tokens (``teams_rl_jax.generate``, the weights a traced
+    argument), and the reply is parsed with ``parser`` (``exact``: the reference's rule) on the host.
+    Only the parse leaves the device (an ``io_callback`` over the reply ids, no device work inside
+    it): a callback that ran the reviewer model itself would deadlock a step sharded over several
+    devices (the other devices' threads wait in the step's collectives while the callback's program
+    waits for them). 1.0 = Not Equal; Equal and an unparseable reply (``term.fn.stats``) are 0.0.
+    """
+    if env_tokenizer is not None:
+        check_same_tokenizer(env_tokenizer, tokenizer, "env and reviewer")
+    ids = judge_template_ids(tokenizer, instruction=instruction, chat=chat)
+    eos = tuple(eos_token_ids(tokenizer, lm.config, checkpoint))
+    pad = choose_pad_id(tokenizer, eos)
+    stats = {"calls": 0, "rows": 0, "unparseable": 0}
+
+    def parse(reply_ids, active):
+        out = np.zeros(reply_ids.shape[0], np.float32)
+        rows = np.nonzero(np.asarray(active))[0]
+        for r in rows:
+            row = [int(t) for t in np.asarray(reply_ids[r]) if int(t) != pad]
+            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+            verdict = parse_reply(tokenizer.decode(row[:cut], skip_special_tokens=True), parser)
+            stats["unparseable"] += verdict is None
+            out[r] = EQUAL if verdict is None else verdict
+        stats["calls"] += 1
+        stats["rows"] += int(rows.size)
+        return out
+
+    def fn(key, old, new, aux):
+        prompt, mask = judge_prompt_ids(ids.pieces, old.tokens, old.length, new.tokens, new.length, pad)
+        reply = generate(lm, aux["params"], prompt, mask, max_new_tokens=max_new_tokens, rng=key, temperature=0.0,
+                         eos_token_id=eos, pad_token_id=pad)
+        active = aux.get("active")
+        if active is None:
+            active = jnp.ones(old.length.shape, bool)
+        return jax.experimental.io_callback(parse, jax.ShapeDtypeStruct(old.length.shape, jnp.float32), reply, active,
+                                            ordered=False)
+
+    fn.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+    fn.stats = stats
+    return RewardTerm(name, fn, role="reviewer", cost=1.0, verdict="decoded"), lm.params
 
 
 def judge_prompt_ids(pieces, old_tokens, old_len, new_tokens, new_len, pad_id: int):
