@@ -187,7 +187,7 @@ def test_policy_stage_llm_env_from_yaml_with_flax_roles_is_jitted(tmp_path, tok_
     tok, _ = tok_and_seeds
     ins, rev = _save_checkpoints(tmp_path, tok)
     cfg, roles = _policy_yaml(tmp_path, f"""
-        instructor: {{backend: flax, checkpoint: {ins}, dtype: float32, max_new_tokens: 8}}
+        instructor: {{backend: flax, checkpoint: {ins}, dtype: float32, max_new_tokens: {L}}}
         reviewer: {{backend: flax, checkpoint: {rev}, dtype: float32}}
     """)
     roles = cfglib.from_dict(RolesConfig, roles, "roles")
@@ -268,3 +268,25 @@ def test_policy_stage_with_http_roles_uses_the_host_step_loop(tmp_path, tok_and_
     # Every kept rewrite is longer, so the text judge says "Not Equal" (1.0) on every taken step.
     for r in rows:
         assert r["return"] == pytest.approx(r["queries"]["reviewer"], abs=1e-4)
+
+
+def test_instruction_buffer_is_the_instructors_rewrite_limit(tmp_path, tok_and_seeds):
+    """One setting per role (issue 18): the LLM env's buffer is ``roles.instructor.max_new_tokens`` in
+    the policy stage and in the generate stage's observation env; ``max_len`` set to another value
+    is a ConfigError naming both keys. Mutations caught: the buffer left at the token-edit default
+    (128) while the instructor may write 40, and the observation env rebuilt at another width."""
+    from teams_rl_jax.env.factory import observation_env
+    from teams_rl_jax.errors import ConfigError
+
+    tok, _ = tok_and_seeds
+    ins, _ = _save_checkpoints(tmp_path, tok)
+    roles = cfglib.from_dict(RolesConfig, {"instructor": {"backend": "flax", "checkpoint": str(ins),
+                                                          "dtype": "float32", "max_new_tokens": 40}}, "roles")
+    cfg = {"episode_length": 2, "max_seeds": 4, "elimination": {}}
+    env, params = make("llm", cfg, roles=roles)
+    assert params.max_len == 40 and env.operator.max_new_tokens == 40
+    _, obs_params = observation_env("llm", cfg, roles)
+    assert obs_params.max_len == 40
+    with pytest.raises(ConfigError, match=r"max_len: 64 differs from roles.instructor.max_new_tokens 40"):
+        make("llm", {**cfg, "max_len": 64}, roles=roles)
+    assert make("llm", {**cfg, "max_len": 40}, roles=roles)[1].max_len == 40

@@ -134,8 +134,8 @@ ARTIFACTS = {"policy": "policy/policy.json", "generate": "data/generated.jsonl",
              "eval": "eval/report.json"}
 # Size overrides, grouped by what they shrink (keys the lead may rename when the config schema moves).
 POLICY = ["policy.num_envs=2", "policy.num_updates=1"]
-LLM_ENV = ["policy.env_config.max_len=64"]
-INSTRUCTOR = ["roles.instructor.max_new_tokens=8"]  # reply lengths are the roles' own
+LLM_ENV: list[str] = []  # the LLM env's buffer is roles.instructor.max_new_tokens (one setting)
+INSTRUCTOR = ["roles.instructor.max_new_tokens=48"]  # reply lengths are the roles' own; the longest seed is 46
 EXPERT = ["roles.expert.max_new_tokens=8"]
 # The paper's exact rule reads every reply but "Not Equal" as Equal: a random reviewer would eliminate
 # every rewrite (no_gain) and leave SFT an empty dataset. The lenient parser reads its noise as unparseable.

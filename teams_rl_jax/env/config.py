@@ -24,6 +24,9 @@ REWARDS = ("shaped", "reviewer_soft", "reviewer_binary")
 OBSERVATIONS = ("embedding", "paper")
 
 
+TOKEN_EDIT_MAX_LEN = 128  # the token-edit env's buffer width when ``max_len`` is not set
+
+
 @dataclass(frozen=True)
 class EnvConfig:
     """Settings of ``teams_rl_jax.env.make``; names are checked against the registries."""
@@ -33,7 +36,10 @@ class EnvConfig:
     # Actions, in order (registered operation names).
     operations: tuple[str, ...] = OPERATIONS
     episode_length: int = 6  # the paper's six evolution steps
-    max_len: int = 128  # instruction buffer width in tokens; an edit that does not fit is not applied
+    # Instruction buffer width in tokens; an edit that does not fit is not applied. None: the LLM env's
+    # is ``roles.instructor.max_new_tokens`` (one setting for the rewrite limit in both stages; an
+    # explicit different value is an error), the token-edit env's ``TOKEN_EDIT_MAX_LEN``.
+    max_len: int | None = None
     # Seeds: a JSONL file (None = the 48 packaged seeds); the text field; at most this many.
     seeds_path: str | None = None
     seed_field: str = "instruction"
@@ -94,7 +100,7 @@ class EnvConfig:
             raise ConfigError(f"observation: expected one of {list(OBSERVATIONS)}, got {self.observation!r}")
         if self.episode_length < 1:
             raise ConfigError(f"episode_length must be >= 1, got {self.episode_length}")
-        if self.max_len < 8:
+        if self.max_len is not None and self.max_len < 8:
             raise ConfigError(f"max_len must be >= 8, got {self.max_len}")
         if not self.operations:
             raise ConfigError("operations must not be empty")

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from teams_rl_jax.config import from_dict
 from teams_rl_jax.data.tokenizer import load_tokenizer
 from teams_rl_jax.env.buffers import Instruction, distinct_count
-from teams_rl_jax.env.config import EnvConfig
+from teams_rl_jax.env.config import TOKEN_EDIT_MAX_LEN, EnvConfig
 from teams_rl_jax.env.elimination import VocabTables, build_vocab_tables, eliminated_tokens
 from teams_rl_jax.env.embedding import EMBEDDINGS
 from teams_rl_jax.env.judge import check_role_tokenizers
@@ -414,6 +414,8 @@ def _resolve_config(config: EnvConfig | dict | None, name: str | None, overrides
     data.update(overrides)
     if name is not None:
         data["operator"] = name
+    if data.get("max_len") is None:  # the LLM env's comes from its instructor (env.factory); here: a default
+        data["max_len"] = TOKEN_EDIT_MAX_LEN
     return from_dict(EnvConfig, data, "env")
 
 

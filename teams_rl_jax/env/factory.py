@@ -135,9 +135,8 @@ def _operator(config: EnvConfig, instructor, tok, roles, ops, prompts: Prompts |
     """The instructor as the env's operator: jitted in-process, else the text role on the host."""
     new_tokens = max_new_tokens(roles, "instructor", instructor)
     if is_in_process(instructor) and tok is instructor.tokenizer:
-        # Longer than the buffer + its EOS is discarded anyway: do not generate past it.
         op, op_params = LLMOperator.create(instructor.lm, tok, operation_templates(ops, prompts), max_len=config.max_len,
-                                           max_new_tokens=min(new_tokens, config.max_len + 1),
+                                           max_new_tokens=new_tokens,
                                            temperature=config.temperature, top_p=config.top_p,
                                            chat=bool(getattr(instructor, "chat", True)))
         return op, op_params.replace(lm_params=_params(instructor))
@@ -176,17 +175,35 @@ def _reviewer(reviewer, tok, roles, jitted_ok: bool, reward: str = "shaped", pro
     return host_reviewer_term(text, tok), None, True
 
 
+def instruction_width(fields: Mapping, roles: Any, instructor: Any = None, served: bool = True) -> int:
+    """The LLM env's instruction buffer width: ``roles.instructor.max_new_tokens`` (the rewrite limit of
+    both stages, so the policy trains on the rewrites generation will keep). ``max_len`` set to another
+    value is a ConfigError, except where the buffers do not hold the instructor's tokens (``served``
+    False: the byte-level encoding of an HTTP instructor, another unit) or the instructor is a built
+    backend without a role config: there ``max_len`` is used when set."""
+    given = fields.get("max_len")
+    if given is not None and (not served or role_config(roles, "instructor", instructor) is None):
+        return int(given)
+    width = max_new_tokens(roles, "instructor", instructor)
+    if given is not None and int(given) != width:
+        raise ConfigError(f"policy.env_config.max_len: {given} differs from roles.instructor.max_new_tokens {width}; "
+                          "the LLM env's instruction buffer is the instructor's rewrite limit: set only max_new_tokens")
+    return width
+
+
 def make_llm_env(config: EnvConfig | Mapping | None, roles: Any, *, counter=None, prompts: Prompts | None = None,
                  **objects):
     """``(env, env_params)`` of the LLM env from ``config`` and ``roles`` (instructor required; without
     a reviewer the reward is the env's own terms; ``reward_weights`` gets ``reviewer: 1.0`` by
     default when a reviewer is configured). ``config.reward`` picks the reviewer's form (``_reviewer``)."""
-    base = from_dict(EnvConfig, _fields(config) | {"operator": "llm"}, "policy.env_config")
     built = build_env_roles(roles, counter)
     instructor, reviewer = built["instructor"], built["reviewer"]
     if instructor is None:
         raise ConfigError("roles.instructor: policy.env 'llm' needs an instructor (backend: flax or openai)")
+    fields = _fields(config) | {"operator": "llm"}
+    base = from_dict(EnvConfig, fields, "policy.env_config")
     tok, is_served = buffer_tokenizer(base, instructor)
+    base = dataclasses.replace(base, max_len=instruction_width(fields, roles, instructor, is_served))
     ops = tuple(op for op in base.operations if op != STOP)
     operator, op_params = _operator(base, instructor, tok, roles, ops, prompts)
     host_roles = () if isinstance(operator, LLMOperator) else ("instructor",)
@@ -223,8 +240,11 @@ def observation_env(name: str, config: EnvConfig, roles: Any = None) -> tuple[Ev
     # The reward is not part of the observation: the shaped default, so a reviewer reward needs no reviewer here.
     fields = _fields(config) | {"operator": "token_edit", "reward": "shaped"}
     fields.pop("reward_weights", None)
+    instructor = role_configs(roles).get("instructor") if roles is not None else None
     base = from_dict(EnvConfig, fields, "policy.env_config")
-    tok, is_served = buffer_tokenizer(base, role_configs(roles).get("instructor") if roles is not None else None)
+    tok, is_served = buffer_tokenizer(base, instructor)
+    if instructor is not None:  # the policy stage's buffer width (make_llm_env), so the same truncation
+        base = dataclasses.replace(base, max_len=instruction_width(fields, roles, instructor, is_served))
     ops = tuple(op for op in base.operations if op != STOP)
     return build_env("token_edit", dataclasses.replace(base, operations=ops), tokenizer=tok,
                      buffer_is_served=is_served)
