@@ -88,6 +88,19 @@ def test_experiment_four_arms_killed_and_resumed(tmp_path):
     assert (exp / "roc.png").stat().st_size > 0
     md = (exp / "report.md").read_text()
     assert "not the paper's result" in md and "| wizardlm |" in md
+    assert rep["wizardlm_vs_policy"]["tokens"] > 0 and all(a["tokens"] > 0 for a in arms.values())
+    # 3. the shared policy stage redone (its recorded checkpoint digest changes): the policy arm's
+    #    generation is redone, not skipped on its own marker (the same policy here: all replayed, none paid)
+    marker = exp / ".stages" / "policy.json"
+    rec = json.loads(marker.read_text())
+    rec["artifacts"] = {k: "0" * 64 for k in rec["artifacts"]}
+    marker.write_text(json.dumps(rec))
+    rows_before = _cache_rows(exp)
+    out = subprocess.run(_cmd(exp) + ["--set", "experiment.arms=[policy]"], cwd=ROOT, env=cpu_env(),
+                         capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "[policy] redoing generate (the shared policy stage was redone" in out.stdout, out.stdout[-3000:]
+    assert _cache_rows(exp) == rows_before
 
 
 def test_experiment_config_errors(tmp_path):

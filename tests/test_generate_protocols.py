@@ -265,3 +265,29 @@ def test_paper_protocol_drives_the_policy(tmp_path):
                                             for ops in last), last
         free = {op for ops in last for t, op in enumerate(ops) if t not in (1, 4)}
         assert (free == {"add_constraints"}) is all_ac, (bias, free)
+
+
+def test_query_budget_stops_within_one_batch_and_still_covers_members_and_non_members(tmp_path):
+    """More seeds than the budget covers (the equal-budget arms of the experiment): generation stops
+    starting batches once the budget is spent, so it issues at least the budget and less than one
+    batch more, leaves seeds undone, and the seeds it did cover hold both members and non-members of
+    the experiment's seeded split (which is shuffled, not file order). Mutations caught: the budget
+    ignored (every seed done), the split taken in file order (a capped arm covers members only)."""
+    from types import SimpleNamespace
+
+    from teams_rl_jax.experiment.runner import seed_split
+
+    n, batch, steps, budget = 24, 4, 2, 30
+    seeds = _seeds(tmp_path, n)
+    per_seed = 2 * steps  # protocol paper: one rewrite and one answer per step, every step kept
+    cfg = _cfg(tmp_path, protocol="paper", steps=steps, keep="all", batch_seeds=batch, max_queries=budget)
+    summary = run_generate_stage(cfg, tmp_path / "run", backends=stubs(), seeds=seeds, log=lambda m: None)
+    assert budget <= summary["queries_total"] < budget + batch * per_seed, summary["queries_total"]
+    assert summary["seeds_done"] < n
+    exp = SimpleNamespace(experiment=SimpleNamespace(member_fraction=0.5, split_seed=0), seeds=seeds,
+                          generate=SimpleNamespace(max_seeds=None))
+    split = seed_split(exp, tmp_path)
+    done = {json.loads(line)["meta"]["seed_id"] for line in (tmp_path / "run" / "data" / "generated.jsonl").open()}
+    assert len(done) == summary["seeds_done"]
+    assert done & set(split["members"]) and done & set(split["non_members"]), \
+        f"split_seed 0: the capped run covered {sorted(done)}; members {split['members']}"

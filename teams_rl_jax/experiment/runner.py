@@ -90,6 +90,16 @@ def split_records(lay: RunLayout, split: dict) -> None:
         (lay.data.root / fname).write_text("".join(r + "\n" for r in rows))
 
 
+def upstream(root: Path, name: str) -> dict[str, str | None]:
+    """What an arm's generation read from outside its run dir: the shared policy stage's checkpoint
+    digest (as its marker records it) for the policy arm; nothing for the others."""
+    if name != "policy":
+        return {}
+    exp = RunLayout(root)
+    key = exp.policy.checkpoint.relative_to(root).as_posix()
+    return {f"experiment:{key}": ((stages.read_marker(exp, "policy") or {}).get("artifacts") or {}).get(key)}
+
+
 def run_arm(cfg: ExperimentConfig, root: Path, name: str, budget: int | None, roles, split: dict, log: Log,
             force: bool) -> None:
     """Generate (the experiment dir's cache), split by seed, then the pipeline's SFT and eval stages."""
@@ -98,6 +108,9 @@ def run_arm(cfg: ExperimentConfig, root: Path, name: str, budget: int | None, ro
     lay.root.mkdir(parents=True, exist_ok=True)
     cfglib.dump(acfg, lay.config)  # eval reads sft.data (template, max_seq_len) from it
     action, why = ("redo", "") if force else stages.plan(acfg, lay, "generate")
+    read = upstream(root, name)
+    if action == "skip" and (stages.read_marker(lay, "generate") or {}).get("inputs", {}) != read:
+        action, why = "redo", "(the shared policy stage was redone since it ran)"
     if action == "skip":
         log(f"[{name}] generate complete (skipped)")
     else:
@@ -110,7 +123,7 @@ def run_arm(cfg: ExperimentConfig, root: Path, name: str, budget: int | None, ro
         split_records(lay, split)
         for s in ("sft", "eval"):  # their inputs are the member / non-member files just rewritten
             stages.clear(lay, s)
-        stages.mark_complete(acfg, lay, "generate", {})
+        stages.mark_complete(acfg, lay, "generate", read)
     for s in ("sft", "eval"):
         stages.run_stage(acfg, lay, s, lambda m: log(f"[{name}] {m}"), force=force)
 
