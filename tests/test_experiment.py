@@ -8,6 +8,8 @@ import sqlite3
 import subprocess
 import sys
 
+import pytest
+
 from tests.tiny_pipeline import ROOT, cpu_env
 
 ARMS = ("policy", "random", "fixed", "wizardlm")
@@ -108,3 +110,24 @@ def test_experiment_config_errors(tmp_path):
                           "--set", "experiment.arms=[random]"], cwd=ROOT, env=cpu_env(), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "experiment.arms" in out.stderr, out.stderr
+
+
+def test_paper_preset_is_an_experiment_config_whose_arms_use_its_protocol(tmp_path):
+    """``python -m teams_rl_jax.experiment --config configs/paper_llama2_7b_gpu.yaml`` (docs): the paper
+    preset loads as an experiment config, and with no ``experiment.protocol`` the equal-budget arms take
+    its ``generate.protocol: paper`` (the reference's overrides), the wizardlm arm its own protocol.
+    Catches: the arms silently run the filtered protocol under the paper preset."""
+    from teams_rl_jax import config as cfglib
+    from teams_rl_jax.errors import ConfigError
+    from teams_rl_jax.experiment.config import ExperimentConfig
+    from teams_rl_jax.experiment.runner import arm_config
+
+    for name in ("paper_llama2_7b_gpu.yaml", "paper_llama2_7b_tpu.yaml"):
+        cfg = cfglib.load(ExperimentConfig, ROOT / "configs" / name)
+        assert cfg.experiment.protocol is None and cfg.arm_protocol == "paper"
+        for arm in ("policy", "random", "fixed"):
+            assert arm_config(cfg, tmp_path, arm, 100, cfg.roles).generate.protocol == "paper"
+        assert arm_config(cfg, tmp_path, "wizardlm", None, cfg.roles).generate.protocol == "wizardlm"
+    with pytest.raises(ConfigError, match="generate.protocol: 'wizardlm' cannot be the arms' protocol"):
+        cfglib.load(ExperimentConfig, ROOT / "configs" / "paper_llama2_7b_gpu.yaml",
+                    ["generate.protocol=wizardlm", "generate.selector=random"])

@@ -19,7 +19,9 @@ class ExperimentSection:
     """Which arms, the generation protocol of the equal-budget arms, and the member / non-member split."""
 
     arms: tuple[str, ...] = ARMS
-    protocol: Literal["filtered", "paper"] = "filtered"  # policy, random and fixed arms (paper preset: paper)
+    # Protocol of the policy, random and fixed arms; None: the config's generate.protocol (the paper
+    # preset's paper), which must then be filtered or paper.
+    protocol: Literal["filtered", "paper"] | None = None
     wizardlm_rounds: int = 4  # WizardLM's M
     member_fraction: float = 0.5  # seeds whose records are the SFT set (the rest: the MIA's non-members)
     split_seed: int = 0
@@ -31,7 +33,7 @@ class ExperimentSection:
                 raise ConfigError(f"experiment.arms: unknown arm {a!r} (valid: {', '.join(ARMS)})")
         if set(EQUAL_BUDGET) & set(self.arms) and "policy" not in self.arms:
             raise ConfigError("experiment.arms: random and fixed get the policy arm's budget; include 'policy'")
-        if self.protocol not in PROTOCOLS or self.protocol == "wizardlm":
+        if self.protocol is not None and (self.protocol not in PROTOCOLS or self.protocol == "wizardlm"):
             raise ConfigError(f"experiment.protocol: {self.protocol!r} (valid: filtered, paper)")
         if not 0.0 < self.member_fraction < 1.0:
             raise ConfigError(f"experiment.member_fraction must be in (0, 1), got {self.member_fraction}")
@@ -51,10 +53,18 @@ class ExperimentConfig(TrainConfig):
         """The pipeline's checks; the SFT data and MIA members are the experiment's, per arm."""
         super().validate()
         self.experiment.validate()
+        if self.arm_protocol not in ("filtered", "paper"):
+            raise ConfigError(f"generate.protocol: {self.arm_protocol!r} cannot be the arms' protocol (filtered or "
+                              "paper; the wizardlm arm has its own); set experiment.protocol")
         if self.sft.data.path != "auto":
             raise ConfigError("sft.data.path: each arm fine-tunes on its own member records; leave it 'auto'")
         if self.eval.mia.members != "auto" or self.eval.mia.non_members != "auto":
             raise ConfigError("eval.mia.members/non_members: the experiment sets them per arm; leave them 'auto'")
+
+    @property
+    def arm_protocol(self) -> str:
+        """The generation protocol of the policy, random and fixed arms."""
+        return self.experiment.protocol or self.generate.protocol
 
     def pipeline(self, **sections) -> TrainConfig:
         """This config as the pipeline's ``TrainConfig`` (``sections`` replace its own)."""

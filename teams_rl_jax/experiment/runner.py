@@ -64,7 +64,7 @@ def seed_split(cfg: ExperimentConfig, root: Path) -> dict:
 def arm_config(cfg: ExperimentConfig, root: Path, name: str, budget: int | None, roles) -> TrainConfig:
     """The arm's run config: its selector / protocol (and budget), SFT on its members, MIA members vs non-members."""
     lay = arm_dir(root, name)
-    g = dict(selector=name, protocol=cfg.experiment.protocol, baselines=(), policy_dir=str(root / "policy"))
+    g = dict(selector=name, protocol=cfg.arm_protocol, baselines=(), policy_dir=str(root / "policy"))
     if name == "wizardlm":
         g = dict(selector="random", protocol="wizardlm", rounds=cfg.experiment.wizardlm_rounds, baselines=(),
                  policy_dir=None)
