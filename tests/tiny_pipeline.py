@@ -142,7 +142,7 @@ EXPERT = ["roles.expert.max_new_tokens=8"]
 LENIENT = ["roles.reviewer.parser=lenient"]
 GENERATE = ["generate.max_seeds=2", "generate.batch_seeds=2", "generate.steps=2",
             "generate.drop_truncated=false"]  # a random model never stops: keep its cut rewrites
-SFT = ["sft.max_steps=2", "sft.global_batch=8", "sft.grad_accum=1", "sft.data.max_seq_len=64",
+SFT = ["sft.max_steps=2", "sft.global_batch=8", "sft.grad_accum=1", "sft.data.max_seq_len=160",
        "sft.data.drop_remainder=false"]  # 2 seeds give fewer rows than one batch
 SFT_ONLY = SFT + [f"sft.data.path={DEMO_SFT}"]  # data.path auto = a generate stage this run does not have
 EVAL = ["eval.mia.max_examples=4"]
