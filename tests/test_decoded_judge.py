@@ -9,6 +9,8 @@ head boosts only "Not", "Equal" and EOS, so its greedy replies are strings of th
 verdicts are mixed (asserted): a model that always says the same thing would make the check empty.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,3 +103,39 @@ def test_in_process_reviewer_takes_the_jitted_forms(tmp_path):
     for reward, verdict in (("reviewer_binary", "decoded"), ("reviewer_soft", "soft")):
         term, params, on_host = _reviewer(backend, backend.tokenizer, {}, jitted_ok=True, reward=reward)
         assert not on_host and params is not None and term.verdict == verdict
+
+
+def test_policy_stage_in_the_paper_preset_with_in_process_roles_returns_the_decoded_verdicts(tmp_path):
+    """The Done-when test with tiny in-process roles: TRPO on the LLM env in the paper preset (reward
+    reviewer_binary, exact parser, observation paper, no penalties), instructor and reviewer Flax models
+    in the jitted step. The returns summed over the run equal the reviewer's Not Equal verdicts as its
+    decoded replies were parsed, and the inverted reviewer changes them. Catches: the reward taken from
+    anything but the verdict (the shaped sum, P(Not Equal)), the penalties charged, verdicts lost."""
+    from teams_rl_jax import config as cfglib
+    from teams_rl_jax.backends.config import RolesConfig
+    from teams_rl_jax.rl import PolicyConfig
+    from teams_rl_jax.rl.stage import run_policy_stage
+
+    env_config = {"reward": "reviewer_binary", "observation": "paper", "elimination_penalties": False,
+                  "revert_eliminated": False, "max_seeds": 8, "temperature": 0.7}
+    cfg = cfglib.from_dict(PolicyConfig, {"algo": "trpo", "env": "llm", "num_envs": 4, "num_steps": 6,
+                                          "num_updates": 2, "hidden_sizes": [8], "seed": SEED,
+                                          "env_config": env_config}, "policy")
+    totals = {}
+    for sign in (1.0, -1.0):
+        path = _checkpoint(tmp_path / f"ckpt{sign}", sign)
+        role = {"backend": "flax", "checkpoint": str(path), "dtype": "float32"}
+        roles = cfglib.from_dict(RolesConfig, {"instructor": {**role, "max_new_tokens": 48},
+                                               "reviewer": {**role, "max_new_tokens": NEW_TOKENS, "parser": "exact"}},
+                                 "roles")
+        run = tmp_path / f"run{sign}"
+        logs = []
+        summary = run_policy_stage(cfg, run, roles=roles, log=logs.append)
+        assert not any("host-step" in line for line in logs), "in-process roles take the jitted loop"
+        rows = [json.loads(x) for x in (run / "policy" / "curves.jsonl").read_text().splitlines()]
+        returns = sum(r["return"] * cfg.num_envs for r in rows)
+        stats = summary["roles"]["reviewer"]
+        assert stats["rows"] > 0 and returns == pytest.approx(stats["not_equal"]), f"seed {SEED} sign {sign}: {stats}"
+        assert summary["policy"]["paper_cost"] == pytest.approx(stats["rows"])
+        totals[sign] = stats["not_equal"]
+    assert totals[1.0] != totals[-1.0], f"seed {SEED}: inverting the reviewer changed no verdict ({totals})"

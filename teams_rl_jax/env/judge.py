@@ -33,7 +33,7 @@ from teams_rl_jax.env.pieces import place_slots, template_ids
 from teams_rl_jax.env.rewards import RewardTerm
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.generation import generate
-from teams_rl_jax.roles.reviewer import EQUAL, JUDGE_INSTRUCTION, judge_messages, parse_reply  # the one reviewer prompt
+from teams_rl_jax.roles.reviewer import EQUAL, JUDGE_INSTRUCTION, NOT_EQUAL, judge_messages, parse_reply  # the one reviewer prompt
 
 ANSWERS = (" Equal", " Not Equal")  # index 1 = information gain = reward
 
@@ -122,14 +122,16 @@ def decoded_reviewer_term(lm, tokenizer, *, parser: str = "exact", max_new_token
     Only the parse leaves the device (an ``io_callback`` over the reply ids, no device work inside
     it): a callback that ran the reviewer model itself would deadlock a step sharded over several
     devices (the other devices' threads wait in the step's collectives while the callback's program
-    waits for them). 1.0 = Not Equal; Equal and an unparseable reply (``term.fn.stats``) are 0.0.
+    waits for them). 1.0 = Not Equal; Equal and an unparseable reply are 0.0. ``term.fn.stats`` counts
+    ``calls``, judged ``rows``, ``unparseable`` replies and ``not_equal`` verdicts (the policy summary's
+    ``roles.reviewer``).
     """
     if env_tokenizer is not None:
         check_same_tokenizer(env_tokenizer, tokenizer, "env and reviewer")
     ids = judge_template_ids(tokenizer, instruction=instruction, chat=chat)
     eos = tuple(eos_token_ids(tokenizer, lm.config, checkpoint))
     pad = choose_pad_id(tokenizer, eos)
-    stats = {"calls": 0, "rows": 0, "unparseable": 0}
+    stats = {"calls": 0, "rows": 0, "unparseable": 0, "not_equal": 0}
 
     def parse(reply_ids, active):
         out = np.zeros(reply_ids.shape[0], np.float32)
@@ -140,6 +142,7 @@ def decoded_reviewer_term(lm, tokenizer, *, parser: str = "exact", max_new_token
             verdict = parse_reply(tokenizer.decode(row[:cut], skip_special_tokens=True), parser)
             stats["unparseable"] += verdict is None
             out[r] = EQUAL if verdict is None else verdict
+        stats["not_equal"] += int(np.sum(out[rows] == NOT_EQUAL))
         stats["calls"] += 1
         stats["rows"] += int(rows.size)
         return out

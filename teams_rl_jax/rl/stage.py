@@ -167,7 +167,8 @@ def run_policy_stage(
         "baselines": {name: summarize(rows[name], config.num_updates) for name in config.baselines()},
         "final_lagrange": rows["policy"][-1]["lagrange"],
         "op_histogram_final": hists["policy"]["final"],
-        # host-side counts of text roles (HTTP): calls, rows, rejected rewrites, unparseable replies
+        # host-side counts of the text roles and of the decoded reviewer: calls, rows, rejected rewrites,
+        # unparseable replies, not_equal verdicts
         "roles": env.role_stats() if hasattr(env, "role_stats") else {},
     }
     out.summary.write_text(json.dumps(summary, indent=2))
