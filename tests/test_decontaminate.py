@@ -1,7 +1,8 @@
 """Benchmark decontamination (issue 20): n-gram overlap of generated records with the eval benchmarks.
 
 Planted contamination in tiny benchmark dirs written in the layouts ``eval/tasks.py`` reads. Mutations
-tried (each made the named tests fail, then was reverted) are listed in each test's docstring.
+tried (a script applied each to the source, ran this file, saw the named test fail, reverted it) are
+listed in each test's docstring.
 """
 
 from __future__ import annotations
@@ -53,9 +54,8 @@ def test_pasted_question_matches_a_paraphrase_does_not(tmp_path):
     """A benchmark question pasted into an answer is found (record, field, seed, benchmark file:line);
     the same question paraphrased (the same content words, reworded) is not.
 
-    Mutations tried: ``n + 1``-word windows in ``_windows`` (the 13-word paste then misses: fails);
-    ``normalize`` without the punctuation deletion (``park?`` != ``park``: the paste ends the question
-    and its last n-gram no longer matches, the counts below fail)."""
+    Mutations tried: ``range(n + 1)`` or ``range(n - 1)`` in ``_windows`` (the n-gram count fails);
+    :func:`locate` finding nothing (``benchmark_doc`` None: fails)."""
     paste = _rec(output=f"Good question. {QUESTION} The answer is that wolves kept the deer in check.")
     para = _rec(output="Why did deer numbers grow fast once the wolves had been taken out of the park? Which "
                        "explanation of the following is best for that rapid population growth of deer?")
@@ -88,7 +88,8 @@ def test_case_and_punctuation_do_not_hide_a_copy(tmp_path):
     (``don't`` and ``dont`` are the same word; ``well-known`` is ``wellknown``).
 
     Mutations tried: ``_TABLE`` without the upper->lower mapping (the shouted copy fails); punctuation
-    mapped to spaces instead of deleted (``well-known`` vs ``wellknown`` fails)."""
+    mapped to spaces instead of deleted (``well-known`` vs ``wellknown`` fails); punctuation kept
+    (``freezes,`` != ``freezes``: fails)."""
     d = tmp_path / "bench"
     q = "Why don't the well-known birds of the northern lakes migrate south when the water freezes in winter?"
     _jsonl(d / "mmlu.jsonl", {**MMLU, "question": q})
@@ -188,9 +189,8 @@ def test_generate_drop_removes_contaminated_records_and_resumes_the_same(tmp_pat
     merge), so a resumed run (first cut short by a query budget, then completed) and a rerun of a finished
     one leave the same generated.jsonl.
 
-    Mutations tried: the filter applied before the merge (to the shard files: a resumed run no longer
-    rescans and the 'shards keep them' check fails); ``dropped = 0`` (records stay: fails); drop ignored in
-    ``report`` mode vs applied (see the next test)."""
+    Mutations tried: the filter called before the merge (the merge then rewrites the unfiltered file:
+    fails); ``dropped = 0`` (records stay: fails)."""
     s, out = _generate(tmp_path, "full", "drop")
     recs = _lines(out / "generated.jsonl")
     assert len(recs) == 8 and not any(r["meta"]["seed_id"] == "s3" for r in recs)
@@ -213,7 +213,8 @@ def test_generate_drop_removes_contaminated_records_and_resumes_the_same(tmp_pat
 def test_generate_report_keeps_records_and_off_writes_nothing(tmp_path):
     """``report`` counts without dropping; ``off`` (the default) adds no summary key and no file.
 
-    Mutation tried: ``dropped = len(bad)`` whatever the mode (report mode then drops: fails)."""
+    Mutations tried: ``dropped = len(bad)`` whatever the mode (report mode then drops: fails); the filter
+    called before the merge (nothing counted: fails)."""
     s, out = _generate(tmp_path, "report", "report")
     assert len(_lines(out / "generated.jsonl")) == 10 and s["decontamination"]["dropped"] == 0
     assert s["decontaminated"]["mmlu"] == 2
@@ -250,8 +251,8 @@ def test_eval_stage_writes_the_decontamination_report(tmp_path, monkeypatch):
     and report.md a section with the per-task table and an example (the scoring itself is stubbed here: it
     is test_eval_report's subject).
 
-    Mutations tried: the stage's decontamination block removed (KeyError: fails); the markdown section
-    not rendered (fails)."""
+    Mutations tried: the markdown section not rendered (fails); n +- 1 and MMLU's choices left out of
+    ``Doc.texts`` (the counts fail)."""
     run = RunLayout(tmp_path / "run")
     _jsonl(run.data.records, _rec(), _rec(output=QUESTION), _rec(instruction=LONG_CHOICE))
     run.sft.hf.mkdir(parents=True)
