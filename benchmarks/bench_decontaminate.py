@@ -3,12 +3,13 @@
     python benchmarks/bench_decontaminate.py                    # 25K records vs 14,042 MMLU questions
     python benchmarks/bench_decontaminate.py --records 250000
 
-The benchmark is written in the MMLU layout (``mmlu.jsonl``: question of 10-60 words, 4 choices of
-1-12 words, ``eval.tasks`` reads it); the records have instructions of ~30 words (20-40) and outputs of
-~250 words (150-350), words drawn from a 50K-word Zipf vocabulary. 1 record in 1000 carries a pasted
-benchmark question in its output (the planted hits the scan must find: checked). Times the index build
-(reading + hashing the benchmark) and the scan separately, single process, and prints the peak RSS
-(``resource.getrusage``: the process's maximum, records in memory included) and the load average.
+The benchmark is written in the MMLU layout (``mmlu.jsonl``: questions of 10-60 words, longest set by
+``--question-words``, 4 choices of 1-12 words; ``eval.tasks`` reads it); the records have instructions
+of 20-40 words and outputs of 150-350 words, drawn from a 50K-word Zipf vocabulary. 1 record in 1000
+carries a pasted benchmark question in its output (the planted hits the scan must find: checked).
+Times the index build (reading + hashing the benchmark) and the scan separately, single process, and
+prints the peak RSS (``resource.getrusage``: the process's maximum, records in memory included) and
+the load average.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ def _words(rng: np.random.Generator, vocab: np.ndarray, lo: int, hi: int) -> str
     return " ".join(vocab[rng.zipf(1.2, int(rng.integers(lo, hi + 1))) % len(vocab)])
 
 
-def write_benchmark(path: Path, rng: np.random.Generator, vocab: np.ndarray, n: int) -> list[str]:
+def write_benchmark(path: Path, rng: np.random.Generator, vocab: np.ndarray, n: int, longest: int) -> list[str]:
     questions = []
     with open(path / "mmlu.jsonl", "w") as f:
         for _ in range(n):
-            q = _words(rng, vocab, 10, 60).capitalize() + "?"
+            q = _words(rng, vocab, 10, longest).capitalize() + "?"
             questions.append(q)
             f.write(json.dumps({"question": q, "choices": [_words(rng, vocab, 1, 12) for _ in range(4)],
                                 "answer": int(rng.integers(4)), "subject": "synthetic"}) + "\n")
@@ -63,12 +64,13 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=25_000)
     ap.add_argument("--questions", type=int, default=MMLU_TEST)
     ap.add_argument("--n", type=int, default=13)
+    ap.add_argument("--question-words", type=int, default=60, help="longest question (uniform from 10)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     vocab = np.array([f"w{i}" for i in range(50_000)])
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as d:
-        questions = write_benchmark(Path(d), rng, vocab, args.questions)
+        questions = write_benchmark(Path(d), rng, vocab, args.questions, args.question_words)
         recs, planted = make_records(rng, vocab, args.records, questions)
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t0 = time.perf_counter()

@@ -14,12 +14,13 @@ What matches (lm-eval's decontamination, ``lm_eval/decontamination/janitor.py``,
 * a record is contaminated by a task when one of its fields shares at least one n-gram with it.
 
 Speed and memory: the benchmarks become one ``dict`` from the Python ``hash`` of each n-gram's word
-tuple to a bit mask of the tasks holding it (about 100 bytes per distinct n-gram: ~1.3M n-grams for
-MMLU's 14K test questions with their choices, see docs/benchmarks.md); a field's windows are hashed
-in C (``map(hash, zip(...))``) and tested with ``dict.keys().isdisjoint``, so a clean field costs no
-Python-level loop. ``hash`` of a tuple of str is salted per process (``PYTHONHASHSEED``): the table
+tuple to a bit mask of the tasks holding it: ~160-175 bytes of peak RSS per distinct n-gram (330K
+n-grams, +55 MiB, for 14K MMLU-sized questions of 10-60 words; 1.3M, +208 MiB, at 10-200 words). A
+field's windows are hashed in C (``map(hash, zip(...))``) and tested with ``dict.keys().isdisjoint``,
+so a clean field costs no Python-level loop: 250K records of ~280 words scan in ~33 s on one core
+(docs/benchmarks.md). ``hash`` of a tuple of str is salted per process (``PYTHONHASHSEED``): the table
 lives in one process and is never stored. A 64-bit collision makes a false hit with probability about
-(windows scanned x benchmark n-grams) / 2^64, ~1e-5 for 250K records against MMLU; every reported
+(windows scanned x benchmark n-grams) / 2^64, ~1e-6 for 250K records against MMLU; every reported
 n-gram is the record's own words, so a report can be checked by eye.
 """
 
@@ -157,11 +158,11 @@ def report(index: BenchmarkIndex, hits: dict[str, TaskHits], n_records: int) -> 
     per = {}
     for task in index.tasks:
         h = hits[task]
-        examples = [{**{k: v for k, v in e.items() if k != "key"}, "benchmark_doc": _short(where.get((task, e["key"])))}
-                    for e in h.examples]
-        per[task] = {"docs": index.docs[task], "benchmark_ngrams": index.ngrams[task], "contaminated_records": len(h.records),
-                     "overlapping_ngrams": len(h.keys), "ngrams_listed": list(h.ngrams.values()),
-                     "examples": examples}
+        examples = [{**{k: v for k, v in e.items() if k != "key"},
+                     "benchmark_doc": _short(where.get((task, e["key"])))} for e in h.examples]
+        per[task] = {"docs": index.docs[task], "benchmark_ngrams": index.ngrams[task],
+                     "contaminated_records": len(h.records), "overlapping_ngrams": len(h.keys),
+                     "ngrams_listed": list(h.ngrams.values()), "examples": examples}
     return {"n": index.n, "fields": list(FIELDS), "records": n_records,
             "normalisation": "lm-eval janitor: ASCII lowercase, ASCII punctuation deleted, whitespace split",
             "contaminated_records": len(contaminated(hits)), "benchmarks": per}
