@@ -14,7 +14,7 @@ import pytest
 
 from teams_rl_jax import stages
 from teams_rl_jax.backends.base import Completion, QueryCounter
-from teams_rl_jax.errors import ConfigError
+from teams_rl_jax.errors import ConfigError, DataError
 from teams_rl_jax.eval import decontaminate as D
 from teams_rl_jax.eval import stage as S
 from teams_rl_jax.eval.config import BenchmarkSection, EvalConfig, MIASection, ReportSection
@@ -230,6 +230,18 @@ def test_generate_config_errors_name_the_key():
         GenerateConfig(decontaminate="yes", decontaminate_benchmarks_dir="x").validate()
     with pytest.raises(ConfigError, match="^decontaminate_n must be >= 1"):
         GenerateConfig(decontaminate="report", decontaminate_benchmarks_dir="x", decontaminate_n=0).validate()
+
+
+def test_generate_stops_before_any_query_without_benchmark_files(tmp_path):
+    """A missing or empty benchmark dir is a one-line DataError before the first query (not after the
+    whole generation was paid for). Mutation tried: the early check removed (the stubs are called: fails)."""
+    bk = _backends()
+    for d in (tmp_path / "missing", tmp_path):
+        cfg = GenerateConfig(selector="random", protocol="paper", baselines=(), cache=False, progress=False,
+                             decontaminate="drop", decontaminate_benchmarks_dir=str(d))
+        with pytest.raises(DataError):
+            run_generate_stage(cfg, tmp_path / "run", backends=bk, log=lambda m: None)
+    assert all(sum(b.counter.snapshot().values()) == 0 for b in bk.values())
 
 
 def test_benchmark_content_is_in_the_generate_fingerprint(tmp_path):

@@ -51,8 +51,9 @@ from teams_rl_jax.backends.base import QueryCounter
 from teams_rl_jax.backends.cache import CachedBackend, ResponseCache
 from teams_rl_jax.backends.config import max_new_tokens, role_config
 from teams_rl_jax.env.prompts import expert_messages
-from teams_rl_jax.errors import ConfigError
+from teams_rl_jax.errors import ConfigError, DataError
 from teams_rl_jax.eval.decontaminate import decontamination_report
+from teams_rl_jax.eval.tasks import found_tasks
 from teams_rl_jax.evolve import filters as F
 from teams_rl_jax.evolve.config import GenerateConfig
 from teams_rl_jax.evolve.records import (AppendLog, Seed, _read_lines, read_seeds, recover, write_json_atomic,
@@ -402,6 +403,9 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
     ``seeds``: the seed file (the pipeline's top-level ``seeds``; None: the bundled seeds);
     ``prompts``: the roles' wording (the pipeline's ``prompts:`` file, loaded; None: ours)."""
     cfg.validate()
+    if cfg.decontaminate != "off" and not found_tasks(cfg.decontaminate_benchmarks_dir):  # fail before paying
+        raise DataError(f"generate.decontaminate_benchmarks_dir: no benchmark files in "
+                        f"{cfg.decontaminate_benchmarks_dir} (layouts: teams_rl_jax.eval.tasks)")
     run_dir = Path(run_dir)
     name = selector or cfg.selector
     out = Path(out_dir) if out_dir is not None else run_dir / "data"
