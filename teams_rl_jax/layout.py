@@ -38,6 +38,10 @@ class GenerateDir:
         return self.root / "summary.json"
 
     @property
+    def decontamination(self) -> Path:
+        return self.root / "decontamination.json"
+
+    @property
     def shards(self) -> Path:
         return self.root / "shards"
 

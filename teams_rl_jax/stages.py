@@ -29,6 +29,7 @@ from teams_rl_jax import config as cfglib
 from teams_rl_jax.demo import with_demo_roles
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.eval.stage import run_eval_stage
+from teams_rl_jax.eval.tasks import found_tasks, task_files
 from teams_rl_jax.evolve import run_generate_stage
 from teams_rl_jax.evolve.stage import needed_roles
 from teams_rl_jax.layout import STAGES, RunLayout
@@ -148,7 +149,8 @@ def uses_prompts(cfg: Any, stage: str) -> bool:
 def own_config(cfg: Any, stage: str) -> dict:
     """The stage's section, the roles it calls (the offline demo's expert named as such), and the
     top-level ``seeds`` (policy, generate) and ``prompts`` (path and content digest, where the stage
-    sends them) when set: unset, they add nothing (fingerprints of runs made before them hold)."""
+    sends them) when set: unset, they add nothing (fingerprints of runs made before them hold); for
+    generate with ``decontaminate`` on, the digest of the benchmark files it filters against."""
     d = cfglib.to_dict(cfg)
     roles = {r: d["roles"].get(r) for r in roles_used(cfg, stage)}
     if stage == "generate" and cfg.offline_demo and roles.get("expert") is None:
@@ -158,7 +160,19 @@ def own_config(cfg: Any, stage: str) -> dict:
         out["seeds"] = cfg.seeds
     if cfg.prompts is not None and uses_prompts(cfg, stage):
         out["prompts"] = {"path": cfg.prompts, "sha256": hashlib.sha256(Path(cfg.prompts).read_bytes()).hexdigest()}
+    if stage == "generate" and cfg.generate.decontaminate != "off":
+        out["decontaminate_benchmarks"] = benchmarks_digest(cfg.generate.decontaminate_benchmarks_dir)
     return out
+
+
+def benchmarks_digest(data_dir: str) -> str | None:
+    """:func:`digest` of the benchmark files decontamination reads under ``data_dir`` (None: no such dir):
+    other benchmark content = another generate config (a changed file asks for ``--force``)."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        return None
+    files = sorted({f for t in found_tasks(root) for f in task_files(t, root)})
+    return digest(files, root)
 
 
 def input_names(cfg: Any, run: RunLayout, stage: str) -> tuple[str, ...]:
@@ -170,7 +184,8 @@ def input_names(cfg: Any, run: RunLayout, stage: str) -> tuple[str, ...]:
     if stage == "sft":
         return (records,) if cfg.sft.data.path == "auto" else ()
     if stage == "eval":
-        reads_data = cfg.eval.report.enabled or (cfg.eval.mia.enabled and cfg.eval.mia.members == "auto")
+        reads_data = (cfg.eval.report.enabled or (cfg.eval.mia.enabled and cfg.eval.mia.members == "auto")
+                      or cfg.eval.benchmarks.data_dir is not None)  # decontamination reads the records
         return ((checkpoint, records, baselines) if reads_data else ()) + \
             ((export,) if cfg.eval.checkpoint == "auto" else ())
     return ()

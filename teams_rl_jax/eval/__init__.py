@@ -8,6 +8,7 @@ extra, is installed), so ``lm_eval.simple_evaluate(model="teams_rl_jax", ...)`` 
 * :mod:`.harness` - the lm-eval model and ``python -m teams_rl_jax.eval.harness``
 * :mod:`.mia` - loss and reference-calibrated membership inference (ROC AUC, TPR@1%FPR, ROC plot)
 * :mod:`.dataset_report` - size, lengths, distinct-n, MiniLM diversity, complexity, ops, queries
+* :mod:`.decontaminate` - n-gram overlap of generated records with the benchmarks (lm-eval's normalisation)
 * :mod:`.report` - Markdown + PNG + report.json, byte-identical on regeneration
 * :mod:`.stage` - the pipeline's eval stage; ``python -m teams_rl_jax.eval`` is the CLI
 """

@@ -34,9 +34,14 @@ class BenchmarkSection:
     mesh_data: int = -1
     mesh_fsdp: int = 1
     mesh_tensor: int = 1
+    # With data_dir set, the run's data/generated.jsonl is always checked for n-gram overlap with every
+    # task found there (teams_rl_jax.eval.decontaminate): report.json's "decontamination".
+    decontaminate_n: int = 13
 
     def validate(self) -> None:
         """Known tasks, positive sizes."""
+        if self.decontaminate_n < 1:
+            raise ConfigError(f"decontaminate_n must be >= 1, got {self.decontaminate_n}")
         for t in self.tasks:
             if t not in ALL_TASKS:
                 raise ConfigError(f"tasks: unknown task {t!r} (valid: {', '.join(ALL_TASKS)})")

@@ -169,6 +169,22 @@ def plot_roc(path: str | Path, attacks: dict[str, dict], title: str = "membershi
     save_figure(fig, path)
 
 
+def _decontamination_md(d: dict) -> list[str]:
+    lines = ["## Decontamination", "",
+             f"{d['contaminated_records']} of {d['records']} generated records share at least one {d['n']}-gram "
+             f"({d['normalisation']}) of {', '.join(d['fields'])} with a benchmark's questions or choices.", ""]
+    lines += _table(["task", "docs", "benchmark n-grams", "contaminated records", "overlapping n-grams"],
+                    [[t, b["docs"], b["benchmark_ngrams"], b["contaminated_records"], b["overlapping_ngrams"]]
+                     for t, b in d["benchmarks"].items()])
+    examples = [(t, e) for t, b in d["benchmarks"].items() for e in b["examples"][:3]]
+    if examples:
+        lines += ["Examples (first 3 per task):", ""]
+        lines += _table(["task", "record", "seed", "field", "n-gram", "benchmark doc"],
+                        [[t, e["record"], e["seed_id"], e["field"], e["ngram"], e["benchmark_doc"]]
+                         for t, e in examples])
+    return lines
+
+
 def render_markdown(rep: dict, plots: list[str]) -> str:
     ds = rep.get("datasets", [])
     lines = ["# TeaMs-RL eval report", ""]
@@ -213,6 +229,8 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
         lines += _table(["task", "n", "acc", "acc_stderr", "acc_norm"],
                         [[t, r["n"], r["acc"], r["acc_stderr"], r.get("acc_norm")]
                          for t, r in sorted(rep["benchmarks"].items())])
+    if rep.get("decontamination"):
+        lines += _decontamination_md(rep["decontamination"])
     if rep.get("mia"):
         m = rep["mia"]
         lines += ["## Membership inference", ""]

@@ -10,7 +10,9 @@ whose inputs are missing:
   queries; vs episodes when the env spends no queries, as the offline token-edit env does);
 * MIA on the SFT export ``run/sft/hf`` (see :class:`~teams_rl_jax.eval.config.MIASection` for the
   member / non-member choice);
-* benchmarks when ``benchmarks.data_dir`` is set.
+* benchmarks when ``benchmarks.data_dir`` is set, and then always the decontamination report of
+  ``run/data/generated.jsonl`` against every task found there (``decontamination`` in report.json, a
+  section of report.md; :mod:`teams_rl_jax.eval.decontaminate`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from teams_rl_jax.data.readers import read_dataset
 from teams_rl_jax.errors import DataError
 from teams_rl_jax.eval.config import EvalConfig
 from teams_rl_jax.eval.dataset_report import dataset_stats
+from teams_rl_jax.eval.decontaminate import decontamination_report
 from teams_rl_jax.eval.mia import disjoint, run_mia
 from teams_rl_jax.eval.multiple_choice import build_mesh, evaluate_checkpoint
 from teams_rl_jax.eval.report import write_report
@@ -165,6 +168,13 @@ def run_eval_stage(cfg: EvalConfig, run_dir: str | Path, log: Callable[[str], No
             rep["notes"].append(f"no checkpoint at {where}: membership inference skipped")
     b = cfg.benchmarks
     if b.data_dir is not None:
+        if run.data.records.is_file():
+            rows = _read_jsonl(run.data.records)
+            rep["decontamination"], bad = decontamination_report(rows, b.data_dir, b.decontaminate_n)
+            log(f"[eval] decontamination: {len(bad)} of {len(rows)} generated records share a "
+                f"{b.decontaminate_n}-gram with a benchmark")
+        else:
+            rep["notes"].append("no generated dataset in data/: decontamination skipped")
         if not have_ckpt:
             raise DataError(f"benchmarks: checkpoint not found: {checkpoint} (no config.json)")
         res = evaluate_checkpoint(str(checkpoint), b.data_dir, b.tasks, limit=b.limit, batch_size=b.batch_size,

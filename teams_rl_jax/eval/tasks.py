@@ -50,6 +50,9 @@ class Doc:
     labels: tuple[int, ...] | None = None
     where: str = ""  # file:line, for messages
     delimiter: str = " "  # lm-eval's default target_delimiter
+    # The record's own text pieces (question, then every choice as written in the file, gold included),
+    # without prompt wording: what decontamination (:mod:`teams_rl_jax.eval.decontaminate`) looks for.
+    texts: tuple[str, ...] = ()
 
 
 # ---- readers of raw records ---------------------------------------------------------------------------------
@@ -105,7 +108,7 @@ def _arc(rec: Any, where: str) -> Doc:
     key = str(_need(rec, "answerKey", where, (str, int)))
     if key not in labels or len(texts) != len(labels) or len(texts) < 2:
         raise DataError(f"{where}: answerKey {key!r} is not one of the choice labels {labels}")
-    return Doc(f"Question: {stem}\nAnswer:", tuple(texts), labels.index(key), where=where)
+    return Doc(f"Question: {stem}\nAnswer:", tuple(texts), labels.index(key), where=where, texts=(stem, *texts))
 
 
 def _hellaswag_pre(text: str) -> str:  # lm-eval tasks/hellaswag/utils.py: preprocess
@@ -126,7 +129,8 @@ def _hellaswag(rec: Any, where: str) -> Doc:
     if not 0 <= gold < len(endings):
         raise DataError(f"{where}: label {gold} out of range for {len(endings)} endings")
     query = _hellaswag_pre(_need(rec, "activity_label", where) + ": " + ctx)
-    return Doc(query, tuple(_hellaswag_pre(e) for e in endings), gold, where=where)
+    choices = tuple(_hellaswag_pre(e) for e in endings)
+    return Doc(query, choices, gold, where=where, texts=(_hellaswag_pre(ctx), *choices))
 
 
 def _mmlu(rec: Any, where: str, subject: str | None) -> Doc:
@@ -143,7 +147,7 @@ def _mmlu(rec: Any, where: str, subject: str | None) -> Doc:
     desc = (f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
             if subject else "")
     text = f"{desc}{q}\nA. {ch[0]}\nB. {ch[1]}\nC. {ch[2]}\nD. {ch[3]}\nAnswer:"
-    return Doc(text, ("A", "B", "C", "D"), gold, where=where)
+    return Doc(text, ("A", "B", "C", "D"), gold, where=where, texts=(q, *map(str, ch)))
 
 
 _TQA_PROMPT = (
@@ -171,7 +175,8 @@ def _truthfulqa(rec: Any, where: str, key: str) -> Doc:
         raise DataError(f"{where}: '{key}' needs as many labels as choices (>= 2) with at least one true")
     context = _TQA_PROMPT + "\n\nQ: " + q + "\nA:"
     # lm-eval: doc_to_target 0 (the first choice is the true one in MC1); MC2 uses the labels.
-    return Doc(context, tuple(choices), 0, labels=tuple(labels) if key == "mc2_targets" else None, where=where)
+    return Doc(context, tuple(choices), 0, labels=tuple(labels) if key == "mc2_targets" else None, where=where,
+               texts=(q, *choices))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,3 +244,23 @@ def load_task(task: str, data_dir: str | Path, limit: int | None = None) -> list
     if not docs:
         raise DataError(f"{files[0]}: no records for task '{task}'")
     return docs
+
+
+def found_tasks(data_dir: str | Path) -> list[str]:
+    """The tasks of :data:`TASKS` that have files under ``data_dir`` (DataError if it is not a directory)."""
+    if not Path(data_dir).is_dir():
+        raise DataError(f"benchmark data dir not found: {data_dir}")
+    out = []
+    for task in TASKS:
+        try:
+            task_files(task, data_dir)
+        except DataError:
+            continue
+        out.append(task)
+    return out
+
+
+def task_texts(task: str, data_dir: str | Path) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """``(file:line, the doc's raw text pieces)`` for every doc of ``task`` (see :attr:`Doc.texts`)."""
+    for d in load_task(task, data_dir):
+        yield d.where, d.texts

@@ -64,6 +64,13 @@ class GenerateConfig:
     max_queries: int | None = None  # stop starting new batches once this many queries were made
     baselines: tuple[str, ...] = ("random",)
     cache: bool = True  # SQLite response cache under run_dir/cache
+    # Benchmark decontamination of the merged records (issue 20; teams_rl_jax.eval.decontaminate):
+    # off | report (write decontamination.json, count in summary.json) | drop (also remove the
+    # contaminated records from generated.jsonl, before SFT). The benchmarks are read from
+    # decontaminate_benchmarks_dir (eval.tasks layouts), this stage's own key: no other stage's config.
+    decontaminate: Literal["off", "report", "drop"] = "off"
+    decontaminate_benchmarks_dir: str | None = None
+    decontaminate_n: int = 13  # words per n-gram (lm-eval's 13)
     seed: int = 0
     progress: bool = True
 
@@ -94,3 +101,13 @@ class GenerateConfig:
                 raise ConfigError(f"baselines: unknown baseline {b!r} (valid: random, fixed)")
         if self.selector == "fixed" or "fixed" in self.baselines:
             validate_schedule(self.schedule, "schedule")
+        self._validate_decontaminate()
+
+    def _validate_decontaminate(self) -> None:
+        if self.decontaminate not in ("off", "report", "drop"):
+            raise ConfigError(f"decontaminate: unknown {self.decontaminate!r} (valid: off, report, drop)")
+        if self.decontaminate != "off" and not self.decontaminate_benchmarks_dir:
+            raise ConfigError(f"decontaminate_benchmarks_dir: needed with decontaminate: {self.decontaminate} "
+                              "(a local benchmark dir, as eval.benchmarks.data_dir)")
+        if self.decontaminate_n < 1:
+            raise ConfigError(f"decontaminate_n must be >= 1, got {self.decontaminate_n}")

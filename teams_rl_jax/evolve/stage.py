@@ -10,6 +10,10 @@
   paid and replayed separately, queries per kept instruction, operation histogram.
 * ``baselines/<name>/``: the same for each baseline selector, over the same seeds and query budget.
 * ``shards/``: per-process record and progress files (merged into ``generated.jsonl`` at the end).
+* ``decontamination.json`` (``generate.decontaminate: report | drop``): the n-gram overlap of the merged
+  records with the benchmarks in ``decontaminate_benchmarks_dir``; ``drop`` removes the contaminated
+  records from ``generated.jsonl`` (they still count in ``kept``: they were made and paid for) and
+  ``summary.json`` gets ``decontaminated: {task: n}``. Baselines are filtered the same way.
 
 The instructor rewrites a seed's ``instruction`` alone (as the TeaMs-RL reference does); its Alpaca
 ``input`` is kept unchanged as the record's own ``input`` field and shown to the expert with the
@@ -47,13 +51,16 @@ from teams_rl_jax.backends.base import QueryCounter
 from teams_rl_jax.backends.cache import CachedBackend, ResponseCache
 from teams_rl_jax.backends.config import max_new_tokens, role_config
 from teams_rl_jax.env.prompts import expert_messages
-from teams_rl_jax.errors import ConfigError
+from teams_rl_jax.errors import ConfigError, DataError
+from teams_rl_jax.eval.decontaminate import decontamination_report
+from teams_rl_jax.eval.tasks import found_tasks
 from teams_rl_jax.evolve import filters as F
 from teams_rl_jax.evolve.config import GenerateConfig
 from teams_rl_jax.evolve.records import (AppendLog, Seed, _read_lines, read_seeds, recover, write_json_atomic,
                                          write_jsonl_atomic)
 from teams_rl_jax.evolve.operators import LLMRewriter, token_edit_operator
 from teams_rl_jax.evolve.selectors import STOP, make_selector
+from teams_rl_jax.layout import GenerateDir
 from teams_rl_jax.roles.prompts import DEFAULT_PROMPTS, Prompts
 from teams_rl_jax.roles.reviewer import Reviewer
 
@@ -396,6 +403,9 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
     ``seeds``: the seed file (the pipeline's top-level ``seeds``; None: the bundled seeds);
     ``prompts``: the roles' wording (the pipeline's ``prompts:`` file, loaded; None: ours)."""
     cfg.validate()
+    if cfg.decontaminate != "off" and not found_tasks(cfg.decontaminate_benchmarks_dir):  # fail before paying
+        raise DataError(f"generate.decontaminate_benchmarks_dir: no benchmark files in "
+                        f"{cfg.decontaminate_benchmarks_dir} (layouts: teams_rl_jax.eval.tasks)")
     run_dir = Path(run_dir)
     name = selector or cfg.selector
     out = Path(out_dir) if out_dir is not None else run_dir / "data"
@@ -457,10 +467,12 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
         prog.close()
 
     _merge(out, count, proc, dedup=cfg.protocol == "filtered")
+    decontaminated = decontaminate(cfg, out, log) if proc == 0 else {}
     progress_all = [p for k in range(count) for p in _read_lines(shards / f"progress.{k:05d}.jsonl")[0]]
     caches = [b.cache for b in bk.values() if hasattr(b, "cache")]
     summary = summarize(progress_all, caches[0].paid_by_role(tag) if caches else None, name, len(seeds))
     summary.update(protocol_summary(cfg, progress_all))
+    summary.update(decontaminated)
     summary["loop_seconds_this_run"] = round(time.perf_counter() - t0, 3)
     if proc == 0:
         write_json_atomic(out / "summary.json", summary)
@@ -500,6 +512,30 @@ def _merge(out: Path, count: int, proc: int, dedup: bool = True) -> None:
                 seen.add(key)
                 rows.append(r)
     write_jsonl_atomic(out / "generated.jsonl", rows)
+
+
+def decontaminate(cfg: GenerateConfig, out: Path, log: Callable[[str], None]) -> dict:
+    """``generate.decontaminate`` on the merged ``generated.jsonl`` (process 0, after :func:`_merge`).
+
+    ``report``/``drop``: writes ``decontamination.json`` (see :mod:`teams_rl_jax.eval.decontaminate`)
+    and returns the summary keys ``decontaminated`` ({task: contaminated records}) and
+    ``decontamination`` (mode, n, records scanned, contaminated, dropped); ``drop`` also rewrites
+    ``generated.jsonl`` without them. The merge rebuilds the file from the shards on every call, so a
+    resumed run filters the same records the same way (``off``: returns {})."""
+    if cfg.decontaminate == "off":
+        return {}
+    gen = GenerateDir(out)
+    rows = _read_lines(gen.records)[0]
+    rep, bad = decontamination_report(rows, cfg.decontaminate_benchmarks_dir, cfg.decontaminate_n)
+    write_json_atomic(gen.decontamination, rep)
+    dropped = len(bad) if cfg.decontaminate == "drop" else 0
+    if dropped:
+        write_jsonl_atomic(gen.records, [r for i, r in enumerate(rows) if i not in bad])
+    log(f"[generate] decontamination ({cfg.decontaminate}, {cfg.decontaminate_n}-grams): {len(bad)} of "
+        f"{len(rows)} records overlap a benchmark, {dropped} dropped -> {gen.decontamination}")
+    return {"decontaminated": {t: b["contaminated_records"] for t, b in rep["benchmarks"].items()},
+            "decontamination": {"mode": cfg.decontaminate, "n": cfg.decontaminate_n, "records_scanned": len(rows),
+                                "contaminated_records": len(bad), "dropped": dropped}}
 
 
 def read_summary(out: Path) -> dict:
