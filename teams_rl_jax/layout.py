@@ -9,9 +9,10 @@ Every stage and CLI takes its paths from :class:`RunLayout`; no other module spe
       models/tiny-expert/         the offline demo's tiny random expert
       policy/                     policy.json, checkpoint/ (Orbax), curves*.jsonl/png, op_histogram.*, summary.json,
                                   state*/ (resumable runner states)
-      data/                       generated.jsonl, summary.json, shards/, baselines/<name>/ (same shape as data/)
-      sft/                        ckpt/ (Orbax), hf/ (HF export), adapter/ (PEFT), metrics.jsonl, tb/, tokenizer/,
-                                  model_config.json
+      data/                       generated.jsonl, summary.json, shards/, baselines/<name>/ (same shape as data/),
+                                  hf/ (the records as a Hugging Face dataset: data/*.parquet + README.md card)
+      sft/                        ckpt/ (Orbax), hf/ (HF export + README.md model card), adapter/ (PEFT),
+                                  metrics.jsonl, tb/, tokenizer/, model_config.json
       eval/                       report.md, report.json, *.png, benchmarks_per_doc.json
 """
 
@@ -21,6 +22,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STAGES = ("policy", "generate", "sft", "eval")
+
+
+@dataclass(frozen=True)
+class HFDatasetDir:
+    """A generate output dir's records as a Hugging Face dataset dir (``datasets.load_dataset(root)``)."""
+
+    root: Path
+
+    @property
+    def card(self) -> Path:
+        return self.root / "README.md"
+
+    def shard(self, index: int, count: int, split: str = "train") -> Path:
+        return self.root / "data" / f"{split}-{index:05d}-of-{count:05d}.parquet"
+
+    @staticmethod
+    def data_files(split: str = "train") -> str:
+        """The card's ``configs`` glob of ``split``'s shards (relative to ``root``)."""
+        return f"data/{split}-*"
 
 
 @dataclass(frozen=True)
@@ -54,6 +74,10 @@ class GenerateDir:
     @property
     def baselines(self) -> Path:
         return self.root / "baselines"
+
+    @property
+    def hf(self) -> HFDatasetDir:
+        return HFDatasetDir(self.root / "hf")
 
     def baseline(self, name: str) -> "GenerateDir":
         return GenerateDir(self.baselines / name)
@@ -110,6 +134,11 @@ class SFTDir:
     @property
     def hf(self) -> Path:
         return self.root / "hf"
+
+    @property
+    def model_card(self) -> Path:
+        """The export's model card (outside the export's digest: ``stages.artifact_files``)."""
+        return self.hf / "README.md"
 
     @property
     def adapter(self) -> Path:

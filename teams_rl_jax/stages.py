@@ -53,8 +53,10 @@ def _run_generate(cfg: Any, run: RunLayout, log: Log) -> None:
     if gen.selector == "policy" and gen.policy_dir is None and not run.policy.meta.is_file():
         raise ConfigError(f"generate: selector 'policy' needs the policy stage's output {run.policy.root} "
                           f"(run the policy stage first, or set generate.selector: random)")
+    fp = fingerprint(cfg, "generate")  # before the demo roles: the marker's own fingerprint, for the dataset card
     cfg = with_demo_roles(cfg, run.root)
-    run_generate_stage(gen, run.root, cfg.roles, log=log, seeds=cfg.seeds, prompts=load_prompts(cfg.prompts))
+    run_generate_stage(gen, run.root, cfg.roles, log=log, seeds=cfg.seeds, prompts=load_prompts(cfg.prompts),
+                       fingerprint=fp)
 
 
 def _run_sft(cfg: Any, run: RunLayout, log: Log) -> None:

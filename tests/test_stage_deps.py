@@ -201,9 +201,15 @@ REAL = ["stages=[generate,sft,eval]", "offline_demo=true", "generate.selector=ra
 
 def test_real_stages_redo_on_new_dataset_and_skip_when_unchanged(tmp_path):
     """The real generate, SFT and eval stages: (a) a regenerated dataset redoes SFT (new weights) and eval;
-    (c) an unchanged rerun skips all three and pays no query (the response cache does not grow)."""
+    (c) an unchanged rerun skips all three and pays no query (the response cache does not grow), although
+    eval wrote its results into the SFT export's model card (outside the export's digest).
+
+    Also: the dataset card's config fingerprint is the generate marker's. Mutations tried: ``_run_generate``
+    not passing the stage fingerprint (the card gets the generate-section hash); eval not updating the card."""
     run_dir = tmp_path / "run"
     _run(_cfg(tmp_path, *REAL))
+    card = RunLayout(run_dir).data.hf.card.read_text()
+    assert f"config_fingerprint: {json.loads((run_dir / '.stages' / 'generate.json').read_text())['config']}" in card
     weights = sorted((run_dir / "sft" / "hf").glob("*.safetensors"))[0].read_bytes()
     _run(_cfg(tmp_path, *REAL, "generate.seed=7", "stages=[generate]"), force=True)
     logs = _run(_cfg(tmp_path, *REAL, "generate.seed=7"))
@@ -211,6 +217,7 @@ def test_real_stages_redo_on_new_dataset_and_skip_when_unchanged(tmp_path):
     assert any(line.startswith("[eval] redoing: ") for line in logs), logs
     assert sorted((run_dir / "sft" / "hf").glob("*.safetensors"))[0].read_bytes() != weights
     paid = _paid(run_dir)
+    assert "membership inference (loss attack" in RunLayout(run_dir).sft.model_card.read_text()  # eval's update
     logs = _run(_cfg(tmp_path, *REAL, "generate.seed=7"))
     assert [line.split(" ")[0] for line in logs if "complete in" in line] == ["[generate]", "[sft]", "[eval]"], logs
     assert _paid(run_dir) == paid

@@ -9,6 +9,7 @@ resolved config can never leak it.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Literal
 
 from teams_rl_jax.errors import ConfigError
@@ -102,6 +103,18 @@ def role_config(roles, role: str, backend=None) -> RoleConfig | None:
         return spec
     cfg = getattr(backend, "config", None)
     return cfg if isinstance(cfg, RoleConfig) else None
+
+
+def public_identity(roles, role: str, backend=None) -> dict:
+    """What may be published about ``role`` (dataset and model cards): its backend, model name, checkpoint
+    dir and reply length. Never ``base_url`` (it may hold a token) nor anything about the API key."""
+    cfg = role_config(roles, role, backend)
+    if cfg is None:  # a built backend without a RoleConfig (tests' stubs): its model name only
+        return {"model": getattr(backend, "model", None)}
+    out = {"backend": cfg.backend, "model": cfg.model or (Path(cfg.checkpoint).name if cfg.checkpoint else None),
+           "checkpoint": cfg.checkpoint if cfg.backend == "flax" else None,
+           "max_new_tokens": max_new_tokens(roles, role, backend)}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def max_new_tokens(roles, role: str, backend=None) -> int:

@@ -13,6 +13,9 @@ whose inputs are missing:
 * benchmarks when ``benchmarks.data_dir`` is set, and then always the decontamination report of
   ``run/data/generated.jsonl`` against every task found there (``decontamination`` in report.json, a
   section of report.md; :mod:`teams_rl_jax.eval.decontaminate`).
+
+With ``checkpoint: auto`` the results also go into the run's SFT export's model card
+(``sft/hf/README.md``, outside the export's digest: the card's update leaves every stage up to date).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from teams_rl_jax.eval.report import write_report
 from teams_rl_jax.layout import PolicyDir, RunLayout
 from teams_rl_jax.models.encoder import load_encoder
 from teams_rl_jax.sft.loop import DEMO_DATA
+from teams_rl_jax.sft.model_card import update_card_with_eval
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -187,4 +191,6 @@ def run_eval_stage(cfg: EvalConfig, run_dir: str | Path, log: Callable[[str], No
 
     write_report(out, rep)
     log(f"[eval] wrote {run.eval.report_md}")
+    if cfg.checkpoint == "auto" and update_card_with_eval(run.sft.model_card, rep):
+        log(f"[eval] results added to the model card {run.sft.model_card}")
     return rep

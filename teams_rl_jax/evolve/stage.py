@@ -8,6 +8,8 @@
 * ``summary.json``: kept, eliminations by rule, duplicates dropped, unparseable reviewer replies (by
   role), queries by role (paid + replayed),
   paid and replayed separately, queries per kept instruction, operation histogram.
+* ``hf/``: the records as a Hugging Face dataset (Parquet + dataset card with the run's provenance;
+  ``evolve.hf_dataset``), written by process 0 just before ``summary.json``.
 * ``baselines/<name>/``: the same for each baseline selector, over the same seeds and query budget.
 * ``shards/``: per-process record and progress files (merged into ``generated.jsonl`` at the end).
 * ``decontamination.json`` (``generate.decontaminate: report | drop``): the n-gram overlap of the merged
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -49,13 +52,14 @@ from typing import Any, Callable
 from teams_rl_jax.backends import build_roles
 from teams_rl_jax.backends.base import QueryCounter
 from teams_rl_jax.backends.cache import CachedBackend, ResponseCache
-from teams_rl_jax.backends.config import max_new_tokens, role_config
+from teams_rl_jax.backends.config import max_new_tokens, public_identity, role_config
 from teams_rl_jax.env.prompts import expert_messages
 from teams_rl_jax.errors import ConfigError, DataError
 from teams_rl_jax.eval.decontaminate import decontamination_report
 from teams_rl_jax.eval.tasks import found_tasks
 from teams_rl_jax.evolve import filters as F
 from teams_rl_jax.evolve.config import GenerateConfig
+from teams_rl_jax.evolve.hf_dataset import provenance, write_hf_dataset
 from teams_rl_jax.evolve.records import (AppendLog, Seed, _read_lines, read_seeds, recover, write_json_atomic,
                                          write_jsonl_atomic)
 from teams_rl_jax.evolve.operators import LLMRewriter, token_edit_operator
@@ -361,6 +365,17 @@ def protocol_summary(cfg: GenerateConfig, progress: list[dict]) -> dict:
     return out
 
 
+def protocol_settings(cfg: GenerateConfig) -> dict:
+    """How the records were made, for the dataset card: the protocol, its length and the rewriting role."""
+    length = {"rounds": cfg.rounds} if cfg.protocol == "wizardlm" else {"steps": cfg.steps, "keep": cfg.keep}
+    return {"protocol": cfg.protocol, **length, "operator_role": cfg.operator_role}
+
+
+def config_hash(cfg: GenerateConfig) -> str:
+    """sha256 (16 hex digits) of the generate section alone."""
+    return hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def summarize(progress: list[dict], paid_by_role: dict[str, int] | None, selector: str, total_seeds: int) -> dict:
     """The stage summary from per-seed progress lines and the cache's paid rows (None: no cache)."""
     kept = sum(p["records"] for p in progress)
@@ -397,11 +412,13 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
                        log: Callable[[str], None] = print, selector: str | None = None,
                        out_dir: str | Path | None = None, max_queries: int | None = None,
                        run_baselines: bool = True, seeds: str | Path | None = None,
-                       prompts: Prompts | None = None) -> dict:
+                       prompts: Prompts | None = None, fingerprint: str | None = None) -> dict:
     """Run the stage (resuming a killed run); returns the summary. See the module docstring.
 
     ``seeds``: the seed file (the pipeline's top-level ``seeds``; None: the bundled seeds);
-    ``prompts``: the roles' wording (the pipeline's ``prompts:`` file, loaded; None: ours)."""
+    ``prompts``: the roles' wording (the pipeline's ``prompts:`` file, loaded; None: ours);
+    ``fingerprint``: the config's hash for the dataset card (the pipeline passes the stage's marker
+    fingerprint; None: :func:`config_hash` of ``cfg``)."""
     cfg.validate()
     if cfg.decontaminate != "off" and not found_tasks(cfg.decontaminate_benchmarks_dir):  # fail before paying
         raise DataError(f"generate.decontaminate_benchmarks_dir: no benchmark files in "
@@ -474,7 +491,11 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
     summary.update(protocol_summary(cfg, progress_all))
     summary.update(decontaminated)
     summary["loop_seconds_this_run"] = round(time.perf_counter() - t0, 3)
-    if proc == 0:
+    if proc == 0:  # hf/ before summary.json: a finished output dir (summary written last) has its dataset
+        prov = provenance(summary, seeds_file=None if seed_file is None else str(seed_file),
+                          protocol=protocol_settings(cfg), roles={r: public_identity(roles, r, b) for r, b in bk.items()},
+                          fingerprint=fingerprint or config_hash(cfg))
+        write_hf_dataset(GenerateDir(out).hf, _read_lines(out / "generated.jsonl")[0], prov)
         write_json_atomic(out / "summary.json", summary)
         log(f"[generate:{name}] kept {summary['kept']} instructions from {summary['seeds_done']} seeds; "
             f"eliminated {sum(summary['eliminated'].values())}, duplicates {sum(summary['duplicates'].values())}; "
@@ -490,7 +511,7 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
                 continue
             run_generate_stage(cfg, run_dir, roles, backends=backends, log=log, selector=b, out_dir=bout,
                                max_queries=summary["queries_total"] or None, run_baselines=False, seeds=seed_file,
-                               prompts=prompts)
+                               prompts=prompts, fingerprint=fingerprint)
     return summary
 
 

@@ -2,7 +2,8 @@
 
 Layout under ``run_dir/sft/``: ``ckpt/`` (Orbax: train state + data position), ``metrics.jsonl``,
 ``tb/`` (TensorBoard), ``tokenizer/`` (the run's tokenizer), ``model_config.json`` (the model's HF
-config), ``hf/`` (final safetensors export, ``export_dtype``, ``export_shard_size`` shards) and, for
+config), ``hf/`` (final safetensors export, ``export_dtype``, ``export_shard_size`` shards, and its model
+card ``README.md``: ``sft.model_card``) and, for
 LoRA with ``lora.export`` adapter/both, ``adapter/`` (a PEFT adapter dir).
 
 Resume: if ``ckpt/`` holds a checkpoint, the state and the data iterator's position are restored and
@@ -51,6 +52,7 @@ from teams_rl_jax.models import LM, init, load_pretrained, read_hf_config, save_
 from teams_rl_jax.models.lm import abstract_params, as_dtype
 from teams_rl_jax.sft import lora as lora_lib
 from teams_rl_jax.sft.config import SFTConfig
+from teams_rl_jax.sft.model_card import sft_card
 from teams_rl_jax.sft.step import (TrainState, init_state, learning_rate_schedule, make_optimizer, make_train_step,
                                    opt_state_shardings)
 
@@ -299,6 +301,8 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
 
     if out is not None and cfg.export:
         export(cfg, lm, state, tok, out, log)
+        if jax.process_index() == 0 and (out.hf / "config.json").is_file():  # LoRA export adapter: no hf/
+            sft_card(cfg, data_path=data_path, steps=total, name=f"{run_dir.name}-sft").save(out.model_card)
     return state
 
 
