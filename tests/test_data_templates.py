@@ -55,7 +55,9 @@ def test_registry_and_errors():
     assert format_prompt("alpaca", "x", "y") == format_alpaca("x", "y")
     assert format_prompt("vicuna", "x", "y", [("a", "b")], system="S") == format_vicuna("x", "y", [("a", "b")],
                                                                                      system="S")
-    with pytest.raises(ConfigError, match="unknown prompt template 'chatml' \\(valid: alpaca, vicuna\\)"):
+    with pytest.raises(ConfigError, match="unknown prompt template 'chatml' \\(valid: alpaca, vicuna, chat\\)"):
         get_template("chatml")
+    with pytest.raises(ConfigError, match="template 'chat' renders with the tokenizer's chat template"):
+        format_prompt("chat", "x")
     with pytest.raises(ConfigError, match="'alpaca' has no chat turns"):
         format_prompt("alpaca", "x", history=[("a", "b")])

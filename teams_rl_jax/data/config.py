@@ -22,7 +22,10 @@ class DataConfig:
     path: str = "auto"
     # "auto" detects from the file; "jsonl" is an alias of "alpaca_jsonl"; "tfds": a dataset dir or gs:// path
     format: Literal["auto", "alpaca", "alpaca_jsonl", "jsonl", "sharegpt", "tfds"] = "auto"
-    template: Literal["alpaca", "vicuna"] = "alpaca"
+    # "chat": the tokenizer's own chat template (apply_chat_template), loss on assistant turns only
+    template: Literal["alpaca", "vicuna", "chat"] = "alpaca"
+    # template "chat" when the tokenizer has none: a builtin ("chatml") or a Jinja file path
+    chat_template: str | None = None
     max_seq_len: int = 512
     # an example whose prompt leaves fewer response tokens than this in max_seq_len is dropped
     min_response_tokens: int = 1
@@ -40,6 +43,8 @@ class DataConfig:
             raise ConfigError(f"format: expected one of {list(FORMATS)}, got {self.format!r}")
         if self.template not in TEMPLATES:
             raise ConfigError(f"template: expected one of {list(TEMPLATES)}, got {self.template!r}")
+        if self.chat_template is not None and self.template != "chat":
+            raise ConfigError(f"chat_template is only used with template 'chat', got template {self.template!r}")
         if self.max_seq_len < 8:
             raise ConfigError(f"max_seq_len must be >= 8, got {self.max_seq_len}")
         if not 1 <= self.min_response_tokens < self.max_seq_len:

@@ -134,7 +134,8 @@ def make_batch_iterator(cfg, tokenizer, *, global_batch: int, path: str | None =
     if path == "auto":
         raise ConfigError("data.path is 'auto': the caller must resolve it to a file")
     examples = read_dataset(path, cfg.format, split=cfg.tfds_split)
-    seqs, stats = tokenize_dataset(examples, tokenizer, cfg.template, cfg.max_seq_len, cfg.min_response_tokens)
+    seqs, stats = tokenize_dataset(examples, tokenizer, cfg.template, cfg.max_seq_len, cfg.min_response_tokens,
+                                   cfg.chat_template)
     if log is not None:
         log(f"[data] {path}: {stats.summary()}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -11,7 +11,9 @@ One module owns both wordings, for the SFT data and for the env's reviewer/instr
 A template gives two views of an example, kept consistent by construction:
 ``prompt(...)`` is the text a model is asked to continue at inference, and ``pieces(...)`` is the
 training text as ``(text, is_response)`` pieces whose concatenation is ``prompt + response``.
-Registry by name: :func:`get_template`, :func:`format_prompt`.
+Registry by name: :func:`get_template`, :func:`format_prompt`. ``chat`` is registered here too but
+renders with a tokenizer's Jinja chat template (:mod:`teams_rl_jax.data.chat_sft`), so it has no
+text-only ``prompt``/``pieces`` (they raise ConfigError).
 """
 
 from __future__ import annotations
@@ -139,6 +141,11 @@ def _vicuna_prompt(instruction: str, input: str = "", history: Turns = (), syste
     return format_vicuna(instruction, input, history, system=system, eos=eos)
 
 
+def _chat_text_only(*args, **kwargs):
+    raise ConfigError("template 'chat' renders with the tokenizer's chat template (tokenize_dataset / "
+                      "teams_rl_jax.data.chat.render_chat); it has no tokenizer-free text form")
+
+
 @dataclasses.dataclass(frozen=True)
 class Template:
     """A named prompt format: ``prompt`` (inference text) and ``pieces`` (training text with response marks).
@@ -156,6 +163,8 @@ class Template:
 TEMPLATES = {
     "alpaca": Template("alpaca", _alpaca_prompt, alpaca_pieces, multi_turn=False),
     "vicuna": Template("vicuna", _vicuna_prompt, vicuna_pieces, multi_turn=True),
+    # the tokenizer's (or sft.data.chat_template's) Jinja chat template: see teams_rl_jax.data.chat_sft
+    "chat": Template("chat", _chat_text_only, _chat_text_only, multi_turn=True),
 }
 
 

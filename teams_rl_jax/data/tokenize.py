@@ -10,6 +10,8 @@ instead, so no response token is ever hidden in the prompt.
 
 ``loss_mask`` is 1 on response tokens and on the final EOS (the model must learn to stop), 0 on BOS
 and the prompt. Multi-turn (Vicuna) examples get loss on every assistant reply, as in FastChat.
+Template ``chat`` is the exception to this layout: the ids are the chat template's rendering, BOS/EOS
+included, and the mask is 1 on assistant turns only (:mod:`teams_rl_jax.data.chat_sft`).
 
 Truncation policy for a sequence longer than ``max_seq_len``:
 
@@ -29,6 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
+from teams_rl_jax.data.chat_sft import encode_chat, example_messages, resolve_chat_template
 from teams_rl_jax.data.example import Example
 from teams_rl_jax.data.templates import VICUNA_SEP2, get_template
 from teams_rl_jax.errors import ConfigError
@@ -127,11 +130,13 @@ def _encode_many(tokenizer, all_pieces: Sequence[list[tuple[str, bool]]]) -> lis
     return out
 
 
-def _finish(ids: list[int], mask: list[int], bos: list[int], eos: int, max_seq_len: int,
+def _finish(ids: list[int], mask: list[int], bos: list[int], eos: int | None, max_seq_len: int,
             min_response_tokens: int) -> tuple[np.ndarray | None, np.ndarray | None, str, int]:
-    """Add BOS/EOS and apply the truncation policy: ``(ids, mask, status, full_length)``."""
-    ids = bos + ids + [eos]
-    mask = [0] * len(bos) + mask + [1]
+    """Add BOS/EOS (``eos`` None: neither, the chat template wrote them) and apply the truncation policy:
+    ``(ids, mask, status, full_length)``."""
+    if eos is not None:
+        ids = bos + ids + [eos]
+        mask = [0] * len(bos) + mask + [1]
     n = len(ids)
     if n <= max_seq_len:
         return np.asarray(ids, np.int32), np.asarray(mask, np.int32), "kept", n
@@ -141,17 +146,33 @@ def _finish(ids: list[int], mask: list[int], bos: list[int], eos: int, max_seq_l
     return np.asarray(ids[:max_seq_len], np.int32), np.asarray(mask[:max_seq_len], np.int32), "truncated", n
 
 
-def tokenize_example(ex: Example, tokenizer, template: str, max_seq_len: int, min_response_tokens: int = 1):
-    """``(ids int32 [n], loss_mask int32 [n], status)``; status ``kept``/``truncated``/``dropped`` (ids None)."""
+def _encode_all(examples: Sequence[Example], tokenizer, template: str, chat_template: str | None):
+    """``(encoded (ids, mask) per example, bos, eos)``; ``eos`` None for ``chat`` (the template writes it)."""
+    if template == "chat":
+        jinja = resolve_chat_template(tokenizer, chat_template)
+        return ([encode_chat(tokenizer, example_messages(ex), jinja, f"example {i}") for i, ex in enumerate(examples)],
+                [], None)
     bos, eos = _special_ids(tokenizer)
-    (ids, mask), = _encode_many(tokenizer, [_pieces(ex, template, tokenizer)])
+    return _encode_many(tokenizer, [_pieces(ex, template, tokenizer) for ex in examples]), bos, eos
+
+
+def tokenize_example(ex: Example, tokenizer, template: str, max_seq_len: int, min_response_tokens: int = 1,
+                     chat_template: str | None = None):
+    """``(ids int32 [n], loss_mask int32 [n], status)``; status ``kept``/``truncated``/``dropped`` (ids None).
+
+    ``chat_template`` (builtin name or Jinja file) is used by template ``chat`` when the tokenizer has none."""
+    [(ids, mask)], bos, eos = _encode_all([ex], tokenizer, template, chat_template)
     ids, mask, status, _ = _finish(ids, mask, bos, eos, max_seq_len, min_response_tokens)
     return ids, mask, status
 
 
 def tokenize_dataset(examples: Sequence[Example], tokenizer, template: str, max_seq_len: int,
-                     min_response_tokens: int = 1) -> tuple[list[tuple[np.ndarray, np.ndarray]], TokenizeStats]:
+                     min_response_tokens: int = 1, chat_template: str | None = None,
+                     ) -> tuple[list[tuple[np.ndarray, np.ndarray]], TokenizeStats]:
     """Tokenize all examples under the truncation policy; returns ``(list of (ids, loss_mask), stats)``.
+
+    Template ``chat`` renders with the tokenizer's chat template, else ``chat_template`` (see
+    :mod:`teams_rl_jax.data.chat_sft`).
 
     Raises ConfigError for multi-turn examples under a template without chat turns (``alpaca``).
     """
@@ -164,8 +185,7 @@ def tokenize_dataset(examples: Sequence[Example], tokenizer, template: str, max_
         if n_multi:
             raise ConfigError(f"{n_multi} examples are multi-turn conversations but template {template!r} has "
                               f"no chat turns; use template 'vicuna'")
-    bos, eos = _special_ids(tokenizer)
-    encoded = _encode_many(tokenizer, [_pieces(ex, template, tokenizer) for ex in examples])
+    encoded, bos, eos = _encode_all(examples, tokenizer, template, chat_template)
     stats = TokenizeStats(examples=len(examples))
     out = []
     for i, (ids, mask) in enumerate(encoded):

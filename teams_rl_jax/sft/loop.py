@@ -199,7 +199,7 @@ def train(cfg: SFTConfig, run_dir: str | Path | None = None, log: Callable[[str]
     resume_step = mngr.latest_step() if mngr is not None else None
     lm, tok = build_model_and_tokenizer(cfg, examples, out, mesh, resume=resume_step is not None)
     seqs, stats = tokenize_dataset(examples, tok, cfg.data.template, cfg.data.max_seq_len,
-                                   cfg.data.min_response_tokens)
+                                   cfg.data.min_response_tokens, cfg.data.chat_template)
     log(f"[sft] {data_path}: {stats.summary()}")
     d = cfg.data
     it = BatchIterator(seqs, global_batch=cfg.global_batch, seq_len=d.max_seq_len, pack=d.pack, seed=d.shuffle_seed,
