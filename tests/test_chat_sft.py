@@ -109,8 +109,8 @@ def ex_from(messages):
 @pytest.mark.parametrize("jinja", [LLAMA2, LLAMA3, CHATML_QWEN], ids=["llama2", "llama3", "chatml"])
 @pytest.mark.parametrize("case", ["alpaca", "alpaca_input", "multi"])
 def test_ids_equal_apply_chat_template(tok, jinja, case):
-    """Catches: BOS/EOS added on top of the template's (tried: template path through _finish with eos -> fails),
-    the input dropped or joined without the blank line (tried: " " join -> fails), history or system lost."""
+    """Catches (tried): the tokenizer's EOS appended on top of the template's (chat path through _finish with
+    eos), the input joined with " " instead of a blank line."""
     with_template(tok, jinja)
     ex = {"alpaca": Example("Name a color.", "Blue."),
           "alpaca_input": Example("Write a poem about rain.", "Rain falls softly.", "Name a color."),
@@ -140,8 +140,9 @@ def test_mask_equals_transformers_assistant_mask(tok):
 @pytest.mark.parametrize("jinja", [LLAMA2, LLAMA3, CHATML_QWEN], ids=["llama2", "llama3", "chatml"])
 def test_multi_turn_masks_both_assistant_turns_only(tok, jinja):
     """Masked tokens are exactly the two replies (with the template's end of turn), in order; nothing of the
-    system or user turns. Catches (tried): only the last turn masked (loop breaks after one), system turn
-    masked in, mask shifted by one."""
+    system or user turns.
+
+    Tried: only the first assistant turn masked (break after one) -> fails; system turn masked in -> fails."""
     with_template(tok, jinja)
     ids, mask = encode(tok, ex_from(MULTI))
     end = {LLAMA2: " </s>", LLAMA3: "<|eot_id|>", CHATML_QWEN: "<|im_end|>\n"}[jinja]
@@ -155,8 +156,8 @@ def test_multi_turn_masks_both_assistant_turns_only(tok, jinja):
 
 def test_packing_keeps_the_masks(tok, tmp_path):
     """A packed batch's loss mask is, at each example's place, that example's mask (and 0 on padding).
-    Catches (tried): packing writing the loss mask from the ids (mask = ids > 0 -> fails), masks of the
-    wrong sequence (reversed concat -> fails). Also end to end through DataConfig(template=chat)."""
+    Catches (tried): packing writing the loss mask from the ids (ids > 0). Also end to end through
+    DataConfig(template=chat) and make_batch_iterator."""
     with_template(tok, LLAMA3)
     exs = [ex_from(MULTI), Example("Name a color.", "Blue."), Example("Write a poem about rain.", "Rain falls softly.",
                                                                        "Name a color."), ex_from(MULTI[1:3])]
@@ -196,8 +197,8 @@ def test_readers_map_messages_and_sharegpt(tmp_path):
 @pytest.mark.parametrize("turns", [["user", "user", "assistant"], ["assistant", "user"],
                                    ["user", "assistant", "system", "user", "assistant"]])
 def test_non_alternating_record_is_one_line_error(tmp_path, turns):
-    """Catches: a reader accepting two user turns / an assistant first / a late system turn, or an error not
-    naming file:line (tried: dropping the where prefix -> fails)."""
+    """Catches (tried): the reader accepting two user turns in a row; the error not naming file:line (the
+    ``where`` prefix dropped)."""
     path = tmp_path / "bad.jsonl"
     good = {"messages": MULTI[1:3]}
     bad = {"messages": [{"role": r, "content": "x"} for r in turns]}
@@ -208,7 +209,7 @@ def test_non_alternating_record_is_one_line_error(tmp_path, turns):
 
 
 def test_missing_chat_template_is_one_line_config_error(tok, tmp_path):
-    """Catches (tried): falling back silently to Vicuna/ChatML when neither is set, a bad path accepted."""
+    """Catches (tried): silently falling back to the builtin chatml when neither is set."""
     with_template(tok, None)
     with pytest.raises(ConfigError) as e:
         TK.tokenize_dataset([Example("Name a color.", "Blue.")], tok, "chat", 64)
@@ -244,3 +245,40 @@ def test_prefix_unstable_template_is_one_line_error(tok):
         TK.tokenize_dataset([Example("Name a color.", "Blue."), ex_from(MULTI)], tok, "chat", 128)
     assert str(e.value).startswith("example 0: ") and "not a token prefix" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_offline_word_tokenizer_with_configured_template(tmp_path):
+    """The SFT stage's offline default (a word-level tokenizer built from the message texts) renders with a
+    configured template, and once it is the tokenizer's own (as the SFT stage sets it before saving) the saved
+    and reloaded tokenizer gives the same ids."""
+    from teams_rl_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
+
+    ex = ex_from(MULTI)
+    word = build_word_tokenizer([" ".join(m["content"] for m in example_messages(ex))], 256)
+    ids, mask = encode(word, ex, chat_template="chatml")
+    assert 0 < sum(mask) < len(ids)
+    word.chat_template = CHATML
+    word.save_pretrained(str(tmp_path))
+    again = load_tokenizer(tmp_path)
+    assert encode(again, ex)[0] == ids == hf_ids(again, MULTI)
+
+
+def test_sft_stage_trains_chat_and_exports_the_template(tmp_path):
+    """sft.data.template: chat end to end on the offline default (random tiny model, word-level tokenizer from
+    the data, sft.data.chat_template: chatml): trains, and the exported tokenizer carries the template the data
+    was rendered with (tried: not setting it on the tokenizer -> the export has none -> fails)."""
+    from transformers import AutoTokenizer
+
+    from teams_rl_jax.sft.config import SFTConfig
+    from teams_rl_jax.sft.loop import train
+
+    tiny = dict(model_type="llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (MULTI, MULTI[1:3], MULTI[:3], MULTI[1:])))
+    cfg = from_dict(SFTConfig, {"model": {"config": tiny}, "max_steps": 1, "global_batch": 2,
+                                "data": {"path": str(data), "template": "chat", "chat_template": "chatml",
+                                         "max_seq_len": 128}})
+    train(cfg, tmp_path / "run", log=lambda m: None)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "sft" / "hf")
+    assert tok.chat_template == CHATML

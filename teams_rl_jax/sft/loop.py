@@ -44,6 +44,7 @@ import jax
 
 from teams_rl_jax import sharding as shd
 from teams_rl_jax.data import BatchIterator, read_dataset, tokenize_dataset
+from teams_rl_jax.data.chat_sft import example_messages, resolve_chat_template
 from teams_rl_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
 from teams_rl_jax.data.tokenize import prompt_text
 from teams_rl_jax.errors import ConfigError, DataError, TrainingError
@@ -98,7 +99,10 @@ def build_model_and_tokenizer(cfg: SFTConfig, examples, out_dir: SFTDir | None, 
     elif m.path is not None or m.tokenizer is not None:
         tok = load_tokenizer(m.tokenizer or m.path)
     else:  # offline default: a word-level tokenizer built from the data (saved for the export)
-        texts = [prompt_text(e, cfg.data.template) + " " + e.output for e in examples]
+        if cfg.data.template == "chat":  # the markers come from the chat template, the words from the data
+            texts = [" ".join(msg["content"] for msg in example_messages(e)) for e in examples]
+        else:
+            texts = [prompt_text(e, cfg.data.template) + " " + e.output for e in examples]
         save = saved_tok if saved_tok is not None and jax.process_index() == 0 else None
         tok = build_word_tokenizer(texts, int(m.config.get("vocab_size", 4096)), save_dir=save)
     if lean_resume and not lora_lib.enabled(cfg.lora):
@@ -109,12 +113,16 @@ def build_model_and_tokenizer(cfg: SFTConfig, examples, out_dir: SFTDir | None, 
         lm = load_pretrained(m.path, dtype=m.dtype, compute_dtype=m.compute_dtype, mesh=mesh)
     else:
         lm = init(m.config, jax.random.key(cfg.seed), dtype=m.dtype, compute_dtype=m.compute_dtype, mesh=mesh)
+    set_template = cfg.data.template == "chat" and not getattr(tok, "chat_template", None)
+    if set_template:
+        # the configured template becomes the tokenizer's, so the saved tokenizer and the export render alike
+        tok.chat_template = resolve_chat_template(tok, cfg.data.chat_template)
     if len(tok) > lm.config.vocab_size:
         raise ConfigError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {lm.config.vocab_size}")
     if out_dir is not None and jax.process_index() == 0 and not lean_resume:
         # What a resume (or the export) needs besides the checkpoint: no trip back to model.path.
         saved_cfg.write_text(json.dumps(lm.config.to_hf(), indent=2) + "\n")
-        if not (saved_tok / "tokenizer_config.json").is_file():
+        if set_template or not (saved_tok / "tokenizer_config.json").is_file():
             tok.save_pretrained(str(saved_tok))
     # Runtime choices (not in config.json): attention kernel and layers per scan step.
     runtime = dataclasses.replace(lm.config, attention_impl=m.attention, scan_unroll=m.scan_unroll)
