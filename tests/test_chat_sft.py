@@ -282,3 +282,14 @@ def test_sft_stage_trains_chat_and_exports_the_template(tmp_path):
     train(cfg, tmp_path / "run", log=lambda m: None)
     tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "sft" / "hf")
     assert tok.chat_template == CHATML
+    # The eval stage's MIA renders records with the SFT template (mia.template auto -> chat): the export's
+    # own chat template, the same loss as SFT.
+    from teams_rl_jax.eval.mia import run_mia
+
+    non = tmp_path / "non.jsonl"
+    non.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"unseen question {k}?"},
+                                                    {"role": "assistant", "content": f"unseen answer {k}."}]}) + "\n"
+                           for k in range(3)))
+    rep = run_mia(tmp_path / "run" / "sft" / "hf", str(data), str(non), template="chat", max_seq_len=128,
+                  log=lambda m: None)
+    assert 0.0 <= rep["loss"]["auc"] <= 1.0

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--non-members")
     p.add_argument("--reference", help="reference checkpoint for the calibrated attack")
     p.add_argument("--max-examples", type=int, default=256)
-    p.add_argument("--template", choices=("alpaca", "vicuna"), default="alpaca")
+    p.add_argument("--template", choices=("alpaca", "vicuna", "chat"), default="alpaca")
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--out", default="eval_report", help="output dir")
     return p

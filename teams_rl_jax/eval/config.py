@@ -67,7 +67,7 @@ class MIASection:
     batch_size: int = 16
     max_seq_len: int | None = None  # None: the SFT stage's sft.data.max_seq_len (run/config.yaml), else 256
     # the SFT template (the attack's loss is the SFT loss); "auto": sft.data.template of run/config.yaml
-    template: Literal["auto", "alpaca", "vicuna"] = "auto"
+    template: Literal["auto", "alpaca", "vicuna", "chat"] = "auto"
 
     def validate(self) -> None:
         """Positive sizes."""
