@@ -9,11 +9,12 @@ Every stage and CLI takes its paths from :class:`RunLayout`; no other module spe
       models/tiny-expert/         the offline demo's tiny random expert
       policy/                     policy.json, checkpoint/ (Orbax), curves*.jsonl/png, op_histogram.*, summary.json,
                                   state*/ (resumable runner states)
-      data/                       generated.jsonl, summary.json, shards/, baselines/<name>/ (same shape as data/),
+      data/                       generated.jsonl, summary.json, trace.jsonl (every step, kept or not), shards/,
+                                  baselines/<name>/ (same shape as data/),
                                   hf/ (the records as a Hugging Face dataset: data/*.parquet + README.md card)
       sft/                        ckpt/ (Orbax), hf/ (HF export + README.md model card), adapter/ (PEFT),
                                   metrics.jsonl, tb/, tokenizer/, model_config.json
-      eval/                       report.md, report.json, *.png, benchmarks_per_doc.json
+      eval/                       report.md, report.json, *.png, benchmarks_per_doc.json, browse.html (dataset browser)
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ class GenerateDir:
         return self.root / "decontamination.json"
 
     @property
+    def trace(self) -> Path:
+        """Every evolution step, kept or eliminated (one JSON line each; merged from the shards)."""
+        return self.root / "trace.jsonl"
+
+    @property
     def shards(self) -> Path:
         return self.root / "shards"
 
@@ -70,6 +76,9 @@ class GenerateDir:
 
     def shard_progress(self, proc: int) -> Path:
         return self.shards / f"progress.{proc:05d}.jsonl"
+
+    def shard_trace(self, proc: int) -> Path:
+        return self.shards / f"trace.{proc:05d}.jsonl"
 
     @property
     def baselines(self) -> Path:
@@ -178,6 +187,11 @@ class EvalDir:
     @property
     def benchmarks_per_doc(self) -> Path:
         return self.root / "benchmarks_per_doc.json"
+
+    @property
+    def browse(self) -> Path:
+        """The dataset browser: one self-contained HTML page over ``data/trace.jsonl``."""
+        return self.root / "browse.html"
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ def final_message(cfg: TrainConfig, layout: RunLayout) -> str:
         ("dataset", layout.data.records, "summary: data/summary.json; baselines: data/baselines/"),
         ("SFT checkpoint", layout.sft.ckpt, "Hugging Face export: sft/hf"),
         ("eval report", layout.eval.report_md, "also eval/report.json"),
+        ("dataset browser", layout.eval.browse, "open in a browser: every step of data/trace.jsonl"),
     ]
     lines = [f"done: {layout.root}"]
     for what, path, extra in rows:

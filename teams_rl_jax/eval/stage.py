@@ -12,7 +12,9 @@ whose inputs are missing:
   member / non-member choice);
 * benchmarks when ``benchmarks.data_dir`` is set, and then always the decontamination report of
   ``run/data/generated.jsonl`` against every task found there (``decontamination`` in report.json, a
-  section of report.md; :mod:`teams_rl_jax.eval.decontaminate`).
+  section of report.md; :mod:`teams_rl_jax.eval.decontaminate`);
+* the dataset browser ``eval/browse.html`` from ``data/trace.jsonl`` and the baselines' traces, with the
+  report's PNGs (:mod:`teams_rl_jax.eval.browse`), when a trace is there.
 
 With ``checkpoint: auto`` the results also go into the run's SFT export's model card
 (``sft/hf/README.md``, outside the export's digest: the card's update leaves every stage up to date).
@@ -26,6 +28,7 @@ from typing import Callable
 
 from teams_rl_jax.data.readers import read_dataset
 from teams_rl_jax.errors import DataError
+from teams_rl_jax.eval.browse import write_browse
 from teams_rl_jax.eval.config import EvalConfig
 from teams_rl_jax.eval.dataset_report import dataset_stats
 from teams_rl_jax.eval.decontaminate import decontamination_report
@@ -191,6 +194,12 @@ def run_eval_stage(cfg: EvalConfig, run_dir: str | Path, log: Callable[[str], No
 
     write_report(out, rep)
     log(f"[eval] wrote {run.eval.report_md}")
+    base = run.data.baselines
+    traces = [run.data.trace] + ([run.data.baseline(d.name).trace for d in sorted(base.iterdir()) if d.is_dir()]
+                                 if base.is_dir() else [])
+    page = write_browse(traces, run.eval.browse, plots_dir=out)
+    if page:
+        log(f"[eval] dataset browser: {page['steps']} steps of {page['seeds']} seeds -> {run.eval.browse}")
     if cfg.checkpoint == "auto" and update_card_with_eval(run.sft.model_card, rep):
         log(f"[eval] results added to the model card {run.sft.model_card}")
     return rep

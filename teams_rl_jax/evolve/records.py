@@ -5,8 +5,8 @@ and ``progress.jsonl`` (one line per *finished* seed: its eliminations, duplicat
 A seed's records are written, flushed and fsynced one by one, and only then its progress line, so
 after a ``kill -9`` at any instant :func:`recover` can restore the invariant "every seed's records
 appear exactly once": a half-written last line is cut, and records of seeds without a progress line
-(always the tail of the file) are dropped; those seeds are evolved again (their paid answers replay
-from the response cache).
+(always the tail of the file) are dropped (:func:`keep_seeds`; the same for the trace shard); those
+seeds are evolved again (their paid answers replay from the response cache).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from teams_rl_jax.data.seeds import Seed, read_seeds  # noqa: F401 - re-exported for the stage
 
@@ -51,16 +51,22 @@ def recover(records_path: Path, progress_path: Path) -> tuple[list[dict], list[d
     if progress_path.exists() and size != progress_path.stat().st_size:
         _truncate(progress_path, size)
     done = {p["seed_id"] for p in progress}
-    records, size = _read_lines(records_path)
-    keep = [r for r in records if r.get("meta", {}).get("seed_id") in done]
-    if len(keep) != len(records) or (records_path.exists() and size != records_path.stat().st_size):
-        tmp = records_path.with_suffix(".tmp")
+    return keep_seeds(records_path, done, lambda r: r.get("meta", {}).get("seed_id")), progress
+
+
+def keep_seeds(path: Path, done: set, seed_of: Callable[[dict], Any]) -> list[dict]:
+    """Rewrite ``path`` with only the lines of finished seeds (``seed_of(line) in done``; a torn tail
+    dropped) and return them: a resumed run redoes the other seeds and appends their lines again."""
+    rows, size = _read_lines(path)
+    keep = [r for r in rows if seed_of(r) in done]
+    if len(keep) != len(rows) or (path.exists() and size != path.stat().st_size):
+        tmp = path.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in keep)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, records_path)
-    return keep, progress
+        os.replace(tmp, path)
+    return keep
 
 
 class AppendLog:

@@ -11,7 +11,15 @@
 * ``hf/``: the records as a Hugging Face dataset (Parquet + dataset card with the run's provenance;
   ``evolve.hf_dataset``), written by process 0 just before ``summary.json``.
 * ``baselines/<name>/``: the same for each baseline selector, over the same seeds and query budget.
-* ``shards/``: per-process record and progress files (merged into ``generated.jsonl`` at the end).
+* ``trace.jsonl``: every step of every seed, kept or eliminated (:func:`_trace`): ``{"seed_id", "step"
+  (protocol wizardlm: the round), "op", "before", "instruction" (the rewrite), "reviewer_reply",
+  "verdict" (null when the reviewer was not asked), "rule" (the elimination rule or ``duplicate_exact``/
+  ``duplicate_near`` that dropped it; null: kept), "answer" (the expert's, when one was made),
+  "selector"}``. With ``keep: final`` the one answer (and a final duplicate drop) goes on the seed's last
+  kept step. Written per seed through ``shards/trace.<proc>.jsonl`` like the records (a resumed run's
+  trace has each step once).
+* ``shards/``: per-process record, progress and trace files (merged into ``generated.jsonl`` and
+  ``trace.jsonl`` at the end).
 * ``decontamination.json`` (``generate.decontaminate: report | drop``): the n-gram overlap of the merged
   records with the benchmarks in ``decontaminate_benchmarks_dir``; ``drop`` removes the contaminated
   records from ``generated.jsonl`` (they still count in ``kept``: they were made and paid for) and
@@ -60,8 +68,8 @@ from teams_rl_jax.eval.tasks import found_tasks
 from teams_rl_jax.evolve import filters as F
 from teams_rl_jax.evolve.config import GenerateConfig
 from teams_rl_jax.evolve.hf_dataset import provenance, write_hf_dataset
-from teams_rl_jax.evolve.records import (AppendLog, Seed, _read_lines, read_seeds, recover, write_json_atomic,
-                                         write_jsonl_atomic)
+from teams_rl_jax.evolve.records import (AppendLog, Seed, _read_lines, keep_seeds, read_seeds, recover,
+                                         write_json_atomic, write_jsonl_atomic)
 from teams_rl_jax.evolve.operators import LLMRewriter, token_edit_operator
 from teams_rl_jax.evolve.selectors import STOP, make_selector
 from teams_rl_jax.layout import GenerateDir
@@ -155,6 +163,8 @@ class _Batch:
         self.unparseable: list[dict[str, int]] = [{"reviewer": 0} for _ in range(n)]
         self.stopped = [False] * n
         self.kept_per_round: list[list[int]] = [[] for _ in range(n)]  # protocol wizardlm
+        self.trace: list[list[dict]] = [[] for _ in range(n)]  # every step (trace.jsonl)
+        self.open: list[dict | None] = [None] * n  # the trace step the next expert answer belongs to
 
     def charge(self, i: int, q: dict[str, int]) -> None:
         for r, n in q.items():
@@ -175,6 +185,10 @@ def _answer(rs: _Roles, cfg: GenerateConfig, batch: _Batch, items: list[tuple[in
         batch.charge(i, {"expert": 1})
         flags = F.answer_flags(c.text)
         hit = [r for r in F.ANSWER_RULES if flags[r] and rules]
+        if batch.open[i] is not None:  # the trace step this answer belongs to
+            batch.open[i]["answer"] = c.text.strip()
+            if hit:
+                batch.open[i]["rule"] = hit[0]
         if hit:
             batch.elim[i][hit[0]] += 1
             continue
@@ -193,6 +207,16 @@ def _record(batch: _Batch, i: int, text: str, step: int, answer: str, finish: st
             "meta": {"seed_id": batch.seeds[i].id, "selector": selector, "ops": list(batch.chain[i]), "step": step,
                      "judge": batch.judge[i], "queries": {r: n for r, n in batch.queries[i].items() if n},
                      "answer_finish": finish}}
+
+
+def _trace(batch: _Batch, i: int, step: int, op: str, text: str, selector: str, reply: str | None = None,
+           verdict: float | None = None, rule: str | None = None) -> dict:
+    """Append one step of seed row ``i`` to its trace (before ``batch.cur[i]`` moves on); returns the
+    entry (the caller sets ``rule``/``answer`` when they are known)."""
+    e = {"seed_id": batch.seeds[i].id, "step": step, "op": op, "before": batch.cur[i], "instruction": text,
+         "reviewer_reply": reply, "verdict": verdict, "rule": rule, "answer": None, "selector": selector}
+    batch.trace[i].append(e)
+    return e
 
 
 def _choose(batch: _Batch, selector, t: int) -> list[tuple[int, str]]:
@@ -231,6 +255,7 @@ def _evolve_batch_paper(cfg: GenerateConfig, batch: _Batch, selector, operator, 
             break
         new = _rewrite(batch, selector, operator, act, t)
         for (i, op), (text, _, _) in zip(act, new):
+            batch.open[i] = _trace(batch, i, t + 1, op, text, selector.name)
             batch.chain[i].append(op)
             batch.cur[i] = text
         todo = [(i, batch.cur[i], t + 1) for i, _ in act]
@@ -264,12 +289,16 @@ def _evolve_batch_wizardlm(cfg: GenerateConfig, batch: _Batch, selector, operato
         with _operator_seed(operator, round_seed(cfg, r)):
             new = _rewrite(batch, selector, operator, act, r)
         verdict: dict[int, float | None] = {}
+        replies: list[str] = []
         if rs.reviewer is not None:
             for i, v in zip(idx, rs.reviewer.judge([batch.cur[i] for i in idx], [x for x, _, _ in new],
-                                                   seed=cfg.seed)):
+                                                   seed=cfg.seed, replies=replies)):
                 batch.charge(i, {"reviewer": 1})
                 batch.unparseable[i]["reviewer"] += v is None
                 verdict[i] = v
+        reply = dict(zip(idx, replies))
+        for (i, op), (text, _, _) in zip(act, new):
+            batch.open[i] = _trace(batch, i, r + 1, op, text, selector.name, reply.get(i), verdict.get(i))
         answers = {i: (answer, finish) for i, _, _, answer, finish in
                    _answer(rs, cfg, batch, [(i, x, r + 1) for i, (x, _, _) in zip(idx, new)], rules=False,
                            seed=round_seed(cfg, r))}
@@ -280,6 +309,7 @@ def _evolve_batch_wizardlm(cfg: GenerateConfig, batch: _Batch, selector, operato
                                            truncated=truncated and cfg.drop_truncated), **F.answer_flags(answer)}
             hit = [rule for rule in F.RULES if flags[rule]]
             batch.kept_per_round[i].append(0 if hit else 1)
+            batch.trace[i][-1]["rule"] = hit[0] if hit else None
             if hit:
                 batch.elim[i][hit[0]] += 1  # back to the pool unchanged
                 continue
@@ -298,21 +328,25 @@ def _evolve_batch(cfg: GenerateConfig, batch: _Batch, selector, operator, rs: _R
         idx = [i for i, _ in act]
         new = _rewrite(batch, selector, operator, act, t)
         verdict: dict[int, float | None] = {}
+        replies: list[str] = []
         if reviewer is not None:
-            got = reviewer.judge([batch.cur[i] for i in idx], [x for x, _, _ in new], seed=cfg.seed)
+            got = reviewer.judge([batch.cur[i] for i in idx], [x for x, _, _ in new], seed=cfg.seed, replies=replies)
             for i, v in zip(idx, got):
                 batch.charge(i, {"reviewer": 1})
                 batch.unparseable[i]["reviewer"] += v is None
                 verdict[i] = v
+        reply = dict(zip(idx, replies))
         accepted = []
         for (i, op), (text, truncated, _) in zip(act, new):
             judge = verdict.get(i)
             flags = F.instruction_flags(batch.cur[i], text, judge_equal=(judge == 0.0) if judge is not None else None,
                                         truncated=truncated and cfg.drop_truncated)
             hit = [r for r in ("truncated", "no_gain", "template_copy") if flags[r]]
+            entry = _trace(batch, i, t + 1, op, text, name, reply.get(i), judge, hit[0] if hit else None)
             if hit:
                 batch.elim[i][hit[0]] += 1  # dropped: the seed continues from its previous instruction
                 continue
+            batch.open[i] = entry
             accepted.append((i, op, text, judge))
         if cfg.keep == "all":
             fresh = dedup.filter([dedup_text(text, batch.seeds[i].input) for i, _, text, _ in accepted])
@@ -322,6 +356,7 @@ def _evolve_batch(cfg: GenerateConfig, batch: _Batch, selector, operator, rs: _R
                 batch.cur[i], batch.judge[i] = text, judge
                 if dup:
                     batch.dups[i][dup] += 1
+                    batch.open[i]["rule"] = f"duplicate_{dup}"
                 else:
                     todo.append((i, text, t + 1))
             for i, text, step, answer, finish in _answer(rs, cfg, batch, todo):
@@ -337,6 +372,7 @@ def _evolve_batch(cfg: GenerateConfig, batch: _Batch, selector, operator, rs: _R
         for i, dup in zip(cand, fresh):
             if dup:
                 batch.dups[i][dup] += 1
+                batch.open[i]["rule"] = f"duplicate_{dup}"
             else:
                 todo.append((i, batch.cur[i], len(batch.chain[i])))
         for i, text, step, answer, finish in _answer(rs, cfg, batch, todo):
@@ -436,6 +472,8 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
     prog_path = shards / f"progress.{proc:05d}.jsonl"
     kept, progress = recover(rec_path, prog_path)
     done = {p["seed_id"] for p in progress}
+    trace_path = GenerateDir(out).shard_trace(proc)
+    keep_seeds(trace_path, done, lambda e: e.get("seed_id"))
     todo = [(i, s) for i, s in mine if s.id not in done]
 
     tag = str(out.relative_to(run_dir)) if out.is_relative_to(run_dir) else str(out)
@@ -454,7 +492,7 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
             f"protocol {cfg.protocol}, {cfg.rounds if cfg.protocol == 'wizardlm' else cfg.steps} "
             f"{'rounds' if cfg.protocol == 'wizardlm' else 'steps'}, operator {cfg.operator_role}, roles {', '.join(bk) or 'none'}")
 
-    records, prog = AppendLog(rec_path), AppendLog(prog_path)
+    records, prog, trace = AppendLog(rec_path), AppendLog(prog_path), AppendLog(trace_path)
     used = sum(sum(p["queries"].values()) for p in progress)
     from tqdm import tqdm
 
@@ -472,7 +510,9 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
             for i, s in enumerate(batch.seeds):
                 for r in batch.records[i]:
                     records.write(r)
-                prog.write(_progress_line(cfg, batch, i))
+                for e in batch.trace[i]:
+                    trace.write(e)
+                prog.write(_progress_line(cfg, batch, i))  # last: the seed is done
                 q = sum(batch.queries[i].values())
                 used += q
                 asked += q
@@ -482,6 +522,7 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
         bar.close()
         records.close()
         prog.close()
+        trace.close()
 
     _merge(out, count, proc, dedup=cfg.protocol == "filtered")
     decontaminated = decontaminate(cfg, out, log) if proc == 0 else {}
@@ -517,7 +558,8 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
 
 def _merge(out: Path, count: int, proc: int, dedup: bool = True) -> None:
     """Process 0 merges the shard files into ``generated.jsonl`` (exact duplicates across shards dropped
-    when ``dedup``: protocol filtered; the paper's and WizardLM's keep every record)."""
+    when ``dedup``: protocol filtered; the paper's and WizardLM's keep every record) and ``trace.jsonl``
+    (every line)."""
     if count > 1:
         from jax.experimental import multihost_utils
 
@@ -533,6 +575,8 @@ def _merge(out: Path, count: int, proc: int, dedup: bool = True) -> None:
                 seen.add(key)
                 rows.append(r)
     write_jsonl_atomic(out / "generated.jsonl", rows)
+    gen = GenerateDir(out)
+    write_jsonl_atomic(gen.trace, [e for k in range(count) for e in _read_lines(gen.shard_trace(k))[0]])
 
 
 def decontaminate(cfg: GenerateConfig, out: Path, log: Callable[[str], None]) -> dict:

@@ -100,8 +100,10 @@ class Reviewer:
         if self.parser not in PARSERS:
             raise ConfigError(f"roles.reviewer.parser: expected one of {list(PARSERS)}, got {self.parser!r}")
 
-    def judge(self, olds: Sequence[str], news: Sequence[str], seed: int | None = None) -> list[float | None]:
-        """``parse_reply`` of the reviewer's answer for each ``(old, new)`` pair."""
+    def judge(self, olds: Sequence[str], news: Sequence[str], seed: int | None = None,
+              replies: list[str] | None = None) -> list[float | None]:
+        """``parse_reply`` of the reviewer's answer for each ``(old, new)`` pair (``replies``: a list the
+        raw reply texts are appended to, in the same order; the generate stage's trace)."""
         if not olds:
             return []
         outs = self.backend.complete([judge_messages(o, n, instruction=self.template) for o, n in zip(olds, news)],
@@ -109,6 +111,8 @@ class Reviewer:
         if len(outs) != len(olds):
             raise BackendError(f"reviewer returned {len(outs)} completions for {len(olds)} prompts")
         verdicts = [parse_reply(c.text, self.parser) for c in outs]
+        if replies is not None:
+            replies.extend(c.text for c in outs)
         self.stats["calls"] += 1
         self.stats["rows"] += len(olds)
         self.stats["unparseable"] += sum(v is None for v in verdicts)
