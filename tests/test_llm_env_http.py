@@ -60,7 +60,7 @@ def served(tmp_path_factory):
     log = tmp / "server.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "teams_rl_jax.serve", "--checkpoint", str(ckpt), "--port",
-                                 str(port), "--dtype", "float32", "--log-level", "warning", "--batch-wait-ms", "5"],
+                                 str(port), "--dtype", "float32", "--log-level", "warning"],
                                 stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     try:
         deadline = time.time() + 300

@@ -97,7 +97,7 @@ def test_generate_through_own_serve_openai_backend(tmp_path):
     ckpt = tiny_expert(tmp_path)
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "teams_rl_jax.serve", "--checkpoint", str(ckpt), "--port",
-                               str(port), "--dtype", "float32", "--log-level", "warning", "--batch-wait-ms", "20"],
+                               str(port), "--dtype", "float32", "--log-level", "warning"],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env=dict(os.environ, JAX_PLATFORMS="cpu"))
     try:

@@ -101,7 +101,7 @@ def serve(checkpoint: Path, log_path: Path, timeout_s: float = 240):
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "teams_rl_jax.serve", "--checkpoint", str(checkpoint),
                              "--port", str(port), "--dtype", "float32", "--model-name", SERVED_NAME,
-                             "--api-key-env", API_KEY_ENV, "--log-level", "warning", "--batch-wait-ms", "20"],
+                             "--api-key-env", API_KEY_ENV, "--log-level", "warning"],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=cpu_env(**{API_KEY_ENV: API_KEY}))
     url = f"http://127.0.0.1:{port}/v1"
     try:

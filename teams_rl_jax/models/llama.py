@@ -202,6 +202,8 @@ class Attention(nn.Module):
             # slot-major [B, S, KVH, Dh] made XLA transpose-copy every layer's cache on every step.
             def write(buf, new):
                 new = new.transpose(0, 2, 1, 3)[None].astype(buf.dtype)  # [1, B, KVH, T, Dh]
+                if jnp.ndim(cache_index) == 1:  # one column per row (continuous batching; T == 1)
+                    return buf.at[layer, jnp.arange(B), :, cache_index, :].set(new[0, :, :, 0, :], mode="drop")
                 return jax.lax.dynamic_update_slice(buf, new, (layer, 0, 0, cache_index, 0))
 
             kv_cache = {"k": write(kv_cache["k"], k), "v": write(kv_cache["v"], v)}
@@ -318,7 +320,8 @@ class CausalLM(nn.Module):
     """Decoder-only LM. ``__call__`` returns ``(logits f32 [B,T,V], hidden [B,T,D], new_cache)``.
 
     Args (call): ``input_ids [B,T]``, ``segment_ids [B,T]`` (0 = pad), ``positions [B,T]``,
-    optional ``cache`` (from :func:`init_cache`) and ``cache_index`` (slot of the first new token);
+    optional ``cache`` (from :func:`init_cache`) and ``cache_index`` (slot of the first new token: a
+    scalar, or ``[B]`` for a one-token decode step where each row writes its own column);
     ``last_only`` computes logits (and returns hidden) for the last position only; ``prefill`` declares
     that the cache is empty before ``cache_index == 0``, so attention skips the (empty) cache slots;
     ``skip_logits`` returns ``(None, hidden, None)`` without applying the head (the chunked loss does).
@@ -360,8 +363,14 @@ class CausalLM(nn.Module):
             kv, new_segments, index = None, None, 0
         else:
             index = cache_index
-            new_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index))
-            q_slots = index + jnp.arange(T)
+            if jnp.ndim(index) == 1:  # a column per row: [B] (slot engine decode, T == 1)
+                new_segments = cache["segment_ids"].at[jnp.arange(B), index].set(
+                    segment_ids[:, 0].astype(jnp.int32), mode="drop")
+                q_slots = index[:, None] + jnp.arange(T)[None]
+            else:
+                new_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32),
+                                                            (0, index))
+                q_slots = index + jnp.arange(T)
             k_slots = jnp.arange(new_segments.shape[1])
             k_segments = new_segments
             kv = {"k": cache["k"], "v": cache["v"]}

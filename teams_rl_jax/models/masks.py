@@ -13,10 +13,14 @@ Array = jax.Array
 
 def segment_mask(q_segments: Array, k_segments: Array, q_slots: Array, k_slots: Array,
                  window: int | None = None) -> Array:
-    """Boolean mask ``[B, 1, T, S]``: same non-zero segment, causal in slot order, optional window."""
+    """Boolean mask ``[B, 1, T, S]``: same non-zero segment, causal in slot order, optional window.
+
+    ``q_slots`` is ``[T]`` (every row's queries at the same slots) or ``[B, T]`` (a slot per row: the
+    continuous-batching decode step, where each row writes at its own cache column)."""
     same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] > 0)
-    causal = k_slots[None, :] <= q_slots[:, None]
-    mask = same & causal[None]
+    qs = q_slots if q_slots.ndim == 2 else q_slots[None]
+    causal = k_slots[None, None, :] <= qs[:, :, None]
+    mask = same & causal
     if window:
-        mask = mask & ((q_slots[:, None] - k_slots[None, :]) < window)[None]
+        mask = mask & ((qs[:, :, None] - k_slots[None, None, :]) < window)
     return mask[:, None]

@@ -41,10 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="served model name (default: the checkpoint dir name)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=1,tensor=8 (default: one device)")
-    p.add_argument("--max-batch", type=int, default=32, help="rows per batched generate")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="KV-cache slots: rows decoded at once (continuous batching)")
     p.add_argument("--min-batch", type=int, default=1,
-                   help="pad every generate to at least this many rows (fewer programs to compile)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long the batcher waits for more requests")
+                   help="pad every prefill to at least this many rows (fewer programs to compile)")
+    p.add_argument("--decode-chunk", type=int, default=8,
+                   help="decode steps between admissions (a finished row idles fewer than this many)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
@@ -76,10 +78,10 @@ def build_app(args: argparse.Namespace):
     cfg = RoleConfig(backend="flax", checkpoint=args.checkpoint, dtype=args.dtype, mesh=parse_mesh(args.mesh),
                      max_batch=args.max_batch, model=args.model_name)
     cfg.validate()
-    backend = FlaxBackend.from_config(cfg, role="serve", min_batch=args.min_batch)
+    backend = FlaxBackend.from_config(cfg, role="serve", min_batch=args.min_batch, decode_chunk=args.decode_chunk)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                     max_tokens=args.max_tokens, max_n=args.max_n)
-    app = make_app(backend, model_name=args.model_name, api_key=key, limits=limits, batch_wait_ms=args.batch_wait_ms)
+    app = make_app(backend, model_name=args.model_name, api_key=key, limits=limits)
     return app, backend, key
 
 

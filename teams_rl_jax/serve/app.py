@@ -44,12 +44,11 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
 class Service:
     """The server's state (backend, batcher, limits, counters) and one method per endpoint."""
 
-    def __init__(self, backend, *, model_name: str | None, api_key: str | None, limits: Limits,
-                 batch_wait_ms: float):
+    def __init__(self, backend, *, model_name: str | None, api_key: str | None, limits: Limits):
         self.backend, self.api_key, self.limits = backend, api_key, limits
         self.name = model_name or backend.model
         self.positions = backend.lm.config.max_position_embeddings
-        self.batcher = Batcher(backend, max_batch=backend.max_batch, wait_ms=batch_wait_ms)
+        self.batcher = Batcher(backend)
         self.stats = {"requests": 0, "completion_tokens": 0, "prompt_tokens": 0}
         self.created = int(time.time())
 
@@ -197,20 +196,19 @@ def _add_routes(app: FastAPI, svc: Service) -> None:
         return await svc.chat_completions(await svc.body(request))
 
 
-def make_app(backend, *, model_name: str | None = None, api_key: str | None = None, limits: Limits | None = None,
-             batch_wait_ms: float = 5.0) -> FastAPI:
+def make_app(backend, *, model_name: str | None = None, api_key: str | None = None,
+             limits: Limits | None = None) -> FastAPI:
     """The ASGI app serving ``backend`` (a ``FlaxBackend``) as ``model_name``.
 
     ``api_key``: when set, every ``/v1`` and ``/stats`` request needs ``Authorization: Bearer <key>``.
     """
-    svc = Service(backend, model_name=model_name, api_key=api_key, limits=limits or Limits(),
-                  batch_wait_ms=batch_wait_ms)
+    svc = Service(backend, model_name=model_name, api_key=api_key, limits=limits or Limits())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        svc.batcher.start()  # the worker lives on the server's event loop
+        svc.batcher.start()
         yield
-        await svc.batcher.stop()
+        await svc.batcher.stop()  # uvicorn has drained the in-flight requests; wait for any rows left
 
     app = FastAPI(title="teams-rl-jax OpenAI-compatible server", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)

@@ -1,0 +1,194 @@
+"""Continuous batching (``slot_engine`` + ``backends.continuous``) on tiny random checkpoints, float32.
+
+A row must decode exactly as ``generation.generate`` decodes its prompt alone, whatever shares the slots
+(neighbours of other prompt lengths and limits, admitted while it decodes, the cache growing under it);
+the top-2 margin of every compared step is asserted, so a near-tie cannot pass by luck. A short request
+must return while long ones are still decoding; sampled rows depend on their seed and index only; the
+number of compiled programs is bounded whatever the mix of lengths and limits.
+
+Mutations tried (all caught): the per-row cache column replaced by column 0 (``slot_engine.decode``
+``col``); the prompt's segment ids not written into the slot (``seg_row`` zeros); a slot's stale columns
+left visible (``seg_row`` only over ``[:Tb]`` of the old row); positions advanced for done rows too
+(``inc`` = 1); the first token sampled with the step-1 key; ``_retire`` never freeing a slot before the
+chunk's end of the longest row (short request held); the per-row key ignored (``keys`` zeros); ``grow``
+dropping the old columns; ``n_steps`` = the request's exact remaining count (one program per limit).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import helpers
+from helpers import rng as seeded_rng
+from helpers import seed as record_seed
+from hf_models import make_hf_model
+from teams_rl_jax import generate, slot_engine
+from teams_rl_jax.backends import FlaxBackend
+from teams_rl_jax.models import load_pretrained
+
+pytest.importorskip("torch")
+
+_BUILT: dict = {}
+
+
+SLOTS = 4  # one slot count for every test: they share the compiled programs
+
+
+def _backend(tmp_path_factory, variant: str, slots: int = SLOTS) -> FlaxBackend:
+    """A FlaxBackend over a tiny random ``variant`` (no EOS: rows run to their limits unless told)."""
+    if variant not in _BUILT:
+        tmp = tmp_path_factory.mktemp(f"cb_{variant}")
+        tok = helpers.make_tokenizer(tmp / "tok", vocab_size=300)
+        _, path = make_hf_model(tmp, variant, seed=record_seed(31 if variant == "llama3" else 32, f"{variant} weights"),
+                                vocab_size=len(tok), initializer_range=0.15)
+        _BUILT[variant] = (load_pretrained(path), tok)
+    lm, tok = _BUILT[variant]
+    return FlaxBackend.from_lm(lm, tok, role="t", max_batch=slots, eos_ids=(), chat=False)
+
+
+def _alone(lm, ids, limit) -> list[int]:
+    """Reference: ``generate`` on this prompt alone (batch 1, left-padded to 64 and run for 48 tokens, so one
+    program serves every prompt; greedy without EOS, so the first ``limit`` tokens are the run's)."""
+    ids_ = np.zeros((1, 64), np.int32)
+    mask = np.zeros((1, 64), np.int32)
+    ids_[0, 64 - len(ids):], mask[0, 64 - len(ids):] = ids, 1
+    out = generate(lm, lm.params, ids_, mask, max_new_tokens=48, rng=jax.random.key(0))
+    return [int(t) for t in np.asarray(out)[0, :limit]]
+
+
+_APPLY: dict = {}  # one jitted forward per model
+
+
+def _min_margin(lm, ids, new) -> float:
+    """Smallest top1 - top2 logit gap over the steps that produced ``new`` (teacher-forced forward)."""
+    seq = list(ids) + list(new)
+    full = np.zeros((1, 128), np.int32)
+    mask = np.zeros((1, 128), np.int32)
+    full[0, :len(seq)], mask[0, :len(seq)] = seq, 1
+    fwd = _APPLY.setdefault(id(lm), jax.jit(lm.apply))
+    logits = np.asarray(fwd(lm.params, full, mask), np.float64)[0]
+    steps = logits[len(ids) - 1:len(ids) - 1 + len(new)]
+    top2 = np.sort(steps, -1)[:, -2:]
+    return float((top2[:, 1] - top2[:, 0]).min())
+
+
+@pytest.mark.parametrize("variant", ["llama3", "mistral"])
+def test_greedy_rows_equal_generate_alone_whatever_shares_the_slots(tmp_path_factory, variant):
+    """Four slots, seven requests in two waves: the second wave (longer prompts: the cache grows while the
+    first wave's long row decodes) joins freed slots mid-run. Mistral's sliding window (4) is shorter than
+    most prompts, so the window must act on each row's own columns."""
+    be = _backend(tmp_path_factory, variant)
+    lm = be.lm
+    rng = seeded_rng(7 if variant == "llama3" else 18, f"{variant} prompts")
+    V = lm.config.vocab_size
+    wave1 = [(rng.integers(4, V, n).tolist(), lim) for n, lim in ((2, 12), (5, 3), (9, 20))]
+    wave2 = [(rng.integers(4, V, n).tolist(), lim) for n, lim in ((33, 40), (17, 7), (3, 1), (12, 9))]
+    f1 = be.submit_ids([p for p, _ in wave1], max_new_tokens=[m for _, m in wave1])
+    f1[1].result(timeout=120)                       # the short row is out; the long ones are still decoding
+    assert not f1[2].done()
+    cache_before = be.engine._cache_len
+    f2 = be.submit_ids([p for p, _ in wave2], max_new_tokens=[m for _, m in wave2])
+    got = [f.result(timeout=300) for f in f1 + f2]
+    assert be.engine._cache_len > cache_before, "the second wave should have grown the cache"
+    for (ids, limit), out in zip(wave1 + wave2, got):
+        want = _alone(lm, ids, limit)
+        margin = _min_margin(lm, ids, want)
+        # Slot layouts change only float32 summation order (logit differences ~1e-6): a 1e-4 gap cannot flip.
+        assert margin > 1e-4, f"{variant}: near-tie (top-2 margin {margin:.2e}): pick another seed, do not loosen"
+        assert list(out.token_ids) == want, (variant, len(ids), limit)
+        assert out.finish_reason == "length"
+
+
+def test_greedy_rows_stop_at_their_own_eos(tmp_path_factory):
+    """With an EOS id the free runs produce, rows end at different steps; each equals its alone run cut
+    at its first EOS, and the freed slots serve the queued rows."""
+    be0 = _backend(tmp_path_factory, "llama3")
+    lm = be0.lm
+    rng = seeded_rng(9, "eos prompts")
+    prompts = [rng.integers(4, lm.config.vocab_size, n).tolist() for n in (3, 7, 11, 4, 6, 9, 2)]
+    free = [_alone(lm, p, 16) for p in prompts]
+    counts: dict = {}
+    for row in free:
+        for t in set(row[1:]):
+            counts[t] = counts.get(t, 0) + 1
+    eos = max(counts, key=lambda t: (counts[t] < len(free), counts[t]))  # in some runs, not in all
+    be = FlaxBackend.from_lm(lm, be0.tokenizer, role="t", max_batch=SLOTS, eos_ids=(eos,), chat=False)
+    outs = be.generate_ids(prompts, max_new_tokens=16)
+    stopped = 0
+    for row, out in zip(free, outs):
+        cut = row.index(eos) if eos in row else None
+        assert list(out.token_ids) == (row if cut is None else row[:cut])
+        assert out.finish_reason == ("length" if cut is None else "stop")
+        stopped += cut is not None
+    assert 0 < stopped < len(prompts)
+
+
+def test_short_request_is_not_held_behind_long_ones(tmp_path_factory):
+    """Three long rows decode in 3 of 4 slots; two short ones arrive, the second waits for the first's slot:
+    both return while every long row is still decoding."""
+    be = _backend(tmp_path_factory, "llama3")
+    rng = seeded_rng(10, "hold prompts")
+    p = [rng.integers(4, be.lm.config.vocab_size, n).tolist() for n in (6, 9, 3, 4, 5)]
+    longs = be.submit_ids(p[:3], max_new_tokens=96)
+    t0 = time.monotonic()
+    while be.engine.decode_calls == 0 and time.monotonic() - t0 < 120:
+        time.sleep(0.005)
+    short_b, short_c = be.submit_ids(p[3:], max_new_tokens=4)  # c waits for b's slot
+    assert len(short_c.result(timeout=120).token_ids) == 4
+    assert short_b.done() and not any(f.done() for f in longs), "a short request waited for the long ones"
+    assert all(len(f.result(timeout=300).token_ids) == 96 for f in longs)
+
+
+def test_sampled_row_depends_on_its_seed_and_index_only(tmp_path_factory):
+    be = _backend(tmp_path_factory, "llama3")
+    rng = seeded_rng(11, "sample prompts")
+    p = [rng.integers(4, be.lm.config.vocab_size, n).tolist() for n in (5, 13, 2)]
+    seed = record_seed(1234, "sampling seed")
+    alone = be.generate_ids([p[0]], max_new_tokens=12, temperature=0.9, seed=seed)[0]
+    crowd = be.generate_ids(p, max_new_tokens=[12, 30, 5], temperature=0.9, seed=seed)[0]
+    assert alone.token_ids == crowd.token_ids
+    other = be.generate_ids([p[0]], max_new_tokens=12, temperature=0.9, seed=seed + 1)[0]
+    assert other.token_ids != alone.token_ids
+
+
+def test_compiled_programs_stay_bounded_under_any_mix(tmp_path_factory):
+    """32 requests from 4 threads with every prompt length in 1..100 and limit in 1..48 (the soak's mix that
+    grew the server's memory: a program per max_tokens value): the programs compiled stay within the
+    bucket product, and a second, different mix compiles almost nothing new."""
+    be = _backend(tmp_path_factory, "llama3")
+    V = be.lm.config.vocab_size
+
+    def programs():
+        return slot_engine.insert._cache_size() + slot_engine.decode._cache_size()
+
+    def run(seed):
+        rng = seeded_rng(seed, "mix")
+        reqs = [(rng.integers(4, V, int(rng.integers(1, 101))).tolist(), int(rng.integers(1, 49))) for _ in range(32)]
+        errors = []
+
+        def worker(part):
+            try:
+                for ids, lim in part:
+                    be.generate_ids([ids], max_new_tokens=lim)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(reqs[i::4],)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+
+    before = programs()
+    run(12)
+    first = programs() - before
+    # insert: k in {1,2,4} x Tb in {16,...,128}; decode: n in {1,...,8} x window in {16,...,256}
+    assert first <= 3 * 4 + 4 * 5, first
+    run(13)
+    assert programs() - before - first <= 4, "a second mix of the same ranges compiled many new programs"
