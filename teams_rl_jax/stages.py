@@ -154,7 +154,9 @@ def own_config(cfg: Any, stage: str) -> dict:
     sends them) when set: unset, they add nothing (fingerprints of runs made before them hold); for
     generate with ``decontaminate`` on, the digest of the benchmark files it filters against."""
     d = cfglib.to_dict(cfg)
-    roles = {r: d["roles"].get(r) for r in roles_used(cfg, stage)}
+    # A role's rate budgets change when answers arrive, not what they are.
+    roles = {r: {k: v for k, v in d["roles"][r].items() if k not in ("requests_per_minute", "tokens_per_minute")}
+             if isinstance(d["roles"].get(r), dict) else d["roles"].get(r) for r in roles_used(cfg, stage)}
     if stage == "generate" and cfg.offline_demo and roles.get("expert") is None:
         roles["expert"] = "offline demo: tiny random Llama"
     out = {stage: d[stage], "roles": roles}
