@@ -254,12 +254,16 @@ def mark_complete(cfg: Any, run: RunLayout, stage: str, inputs: dict[str, str | 
 
 
 def run_stage(cfg: Any, run: RunLayout, stage: str, log: Log, *, force: bool = False, lead: bool = True,
-              worker: bool = False) -> str:
+              worker: bool = False, rerun: bool = False) -> str:
     """Skip, run or redo ``stage``; returns what was done (``skipped``, ``ran``, ``redone``, ``forced``).
 
     ``worker`` (``generate.worker`` mode): a worker never clears the stage (that would delete the other
-    workers' shards), and the marker is written by whichever worker leaves the outputs complete."""
+    workers' shards), and the marker is written by whichever worker leaves the outputs complete.
+    ``rerun``: run a complete stage again instead of skipping it, without clearing it (``--worker
+    merge``: the merge is idempotent)."""
     action, why = ("redo", "") if force else plan(cfg, run, stage)
+    if rerun and action == "skip":
+        action = "run"
     if worker and action == "redo":
         raise ConfigError(f"generate.worker: stage '{stage}' in {run.root} must be redone ({why or '--force'}); "
                           f"a worker cannot clear the other workers' shards: redo it once without --worker "

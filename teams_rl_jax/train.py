@@ -57,7 +57,8 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print, *, force: bool = F
     say = log if lead else (lambda msg: None)  # only process 0 logs
     for name in STAGES:
         if name in cfg.stages:
-            stages.run_stage(cfg, layout, name, say, force=force, lead=lead, worker=worker)
+            stages.run_stage(cfg, layout, name, say, force=force, lead=lead, worker=worker,
+                             rerun=cfg.generate.worker == "merge")
     say(final_message(cfg, layout))
     return layout.root
 
