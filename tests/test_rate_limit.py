@@ -8,11 +8,11 @@
   ``max_concurrency`` requests in flight (and does reach it), and the budgets stretch the virtual time
   as they must (N requests at R a minute take at least ceil(N / R) - 1 minutes).
 
-Mutations tried (each made a test fail): the limiter ignoring tokens (``_wait_needed`` without the tpm
-branch); ignoring requests (without the rpm branch); pruning with ``< now - 2 * window`` instead of
-``<= now - window`` is *not* stricter, so it passes (over-cautious); ``_prune`` dropping entries younger
-than the window (``<= now``): windows overflow; the backend not calling ``acquire`` before an attempt;
-``max_concurrency`` ignored (the pool sized 16).
+Mutations tried: the limiter ignoring tokens (no tpm branch in ``_wait_needed``), ignoring requests (no
+rpm branch), a 30 s window (``WINDOW_S``), the backend not calling ``acquire`` before an attempt, a
+chat request charged 1 token, ``max_concurrency`` ignored (a pool of 16): each made a test fail. Not
+caught, and equivalent: the tpm wait computed from the oldest entry only (the loop re-checks after
+the sleep, so the budget still holds; only more wake-ups).
 """
 
 from __future__ import annotations

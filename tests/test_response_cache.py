@@ -71,9 +71,9 @@ def test_worker_files_write_own_read_all(tmp_path):
     """Several workers over one cache dir: each writes only its own file; a lookup also reads the other
     workers' files (one that appears after the reader opened) and an older run's single file.
 
-    Mutations tried (each fails here): ``_other_dbs`` returning [] (lookups ignore the others' files);
-    ``cache_store``-style sharing, i.e. the reader's ``put_many`` writing to the other file (its row
-    count changes); ``paid_by_role`` counting its own file only."""
+    Mutations tried (each fails here): ``_other_dbs`` returning [] (lookups ignore the others' files),
+    listing the other files only once (a worker's file that appears later is missed), skipping
+    ``responses.<n>.sqlite`` names; ``paid_by_role`` counting its own file only."""
     from teams_rl_jax.layout import response_cache_file
 
     legacy = ResponseCache(response_cache_file(tmp_path))  # a single-process run before: WAL, still open
