@@ -197,3 +197,17 @@ def test_jax_distributed_generate_matches_single_process(tmp_path, server):
     assert [p.name for p in (tmp_path / "c1").glob("*.sqlite")] == ["responses.sqlite"]
     s1, s2 = (json.loads((tmp_path / d / "data" / "summary.json").read_text()) for d in ("single", "dist"))
     assert s1["kept"] == s2["kept"] and s1["queries"] == s2["queries"] and s1["paid"] == s2["paid"]
+
+
+def test_worker_spec():
+    """``generate.worker``: I/N, the SLURM array's index, merge; one-line errors naming the key."""
+    from teams_rl_jax.errors import ConfigError
+    from teams_rl_jax.evolve.config import worker_spec
+
+    assert worker_spec("2/5", {}) == (2, 5) and worker_spec("merge", {}) is None
+    env = {"SLURM_ARRAY_TASK_ID": "13", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "4"}
+    assert worker_spec("slurm", env) == (3, 4)
+    for bad, env in (("2/2", {}), ("x", {}), ("1/0", {}), ("slurm", {})):
+        with pytest.raises(ConfigError, match=r"^generate\.worker: ") as e:
+            worker_spec(bad, env)
+        assert "\n" not in str(e.value)
