@@ -5,7 +5,9 @@ Every stage and CLI takes its paths from :class:`RunLayout`; no other module spe
     run_dir/
       config.yaml                 the resolved config (secrets redacted)
       .stages/<stage>.json        stage markers: fingerprint of what the outputs depend on + artifact digests
-      cache/responses.sqlite      every paid LLM answer (shared by every stage, arm and rerun)
+      cache/responses.sqlite      every paid LLM answer (shared by every stage, arm and rerun); with several
+                                  workers / processes, responses.<worker>.sqlite each (response_cache_file;
+                                  the dir is generate.cache_dir when set)
       models/tiny-expert/         the offline demo's tiny random expert
       policy/                     policy.json, checkpoint/ (Orbax), curves*.jsonl/png, op_histogram.*, summary.json,
                                   state*/ (resumable runner states)
@@ -23,6 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STAGES = ("policy", "generate", "sft", "eval")
+
+
+def response_cache_file(cache_dir: str | Path, worker: int | None = None) -> Path:
+    """The response cache file a process writes: ``responses.sqlite`` for a single-process run,
+    ``responses.<worker>.sqlite`` for worker ``worker`` of several (each reads the others' files)."""
+    return Path(cache_dir) / ("responses.sqlite" if worker is None else f"responses.{worker:05d}.sqlite")
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,15 @@ class GenerateDir:
 
     def shard_trace(self, proc: int) -> Path:
         return self.shards / f"trace.{proc:05d}.jsonl"
+
+    def shard_done(self, proc: int) -> Path:
+        """Worker ``proc`` finished its seeds (``generate.worker`` mode): ``{"worker", "count"}``."""
+        return self.shards / f"done.{proc:05d}.json"
+
+    @property
+    def merge_lock(self) -> Path:
+        """Held (flock) by the worker that merges, so two workers finishing together merge one at a time."""
+        return self.shards / "merge.lock"
 
     @property
     def baselines(self) -> Path:
@@ -211,8 +228,14 @@ class RunLayout:
         return self.root / ".stages" / f"{stage}.json"
 
     @property
+    def cache_dir(self) -> Path:
+        """The default response cache dir (``generate.cache_dir`` moves the generate stage's)."""
+        return self.root / "cache"
+
+    @property
     def cache(self) -> Path:
-        return self.root / "cache" / "responses.sqlite"
+        """The single-process response cache file."""
+        return response_cache_file(self.cache_dir)
 
     @property
     def tiny_expert(self) -> Path:

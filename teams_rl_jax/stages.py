@@ -154,10 +154,14 @@ def own_config(cfg: Any, stage: str) -> dict:
     sends them) when set: unset, they add nothing (fingerprints of runs made before them hold); for
     generate with ``decontaminate`` on, the digest of the benchmark files it filters against."""
     d = cfglib.to_dict(cfg)
-    roles = {r: d["roles"].get(r) for r in roles_used(cfg, stage)}
+    # A role's rate budgets change when answers arrive, not what they are.
+    roles = {r: {k: v for k, v in d["roles"][r].items() if k not in ("requests_per_minute", "tokens_per_minute")}
+             if isinstance(d["roles"].get(r), dict) else d["roles"].get(r) for r in roles_used(cfg, stage)}
     if stage == "generate" and cfg.offline_demo and roles.get("expert") is None:
         roles["expert"] = "offline demo: tiny random Llama"
     out = {stage: d[stage], "roles": roles}
+    if stage == "generate":  # where a worker runs and where its cache lives do not change what is made
+        out[stage] = {k: v for k, v in d[stage].items() if k not in ("worker", "cache_dir")}
     if stage in ("policy", "generate") and cfg.seeds is not None:
         out["seeds"] = cfg.seeds
     if cfg.prompts is not None and uses_prompts(cfg, stage):
@@ -249,9 +253,21 @@ def mark_complete(cfg: Any, run: RunLayout, stage: str, inputs: dict[str, str | 
     tmp.replace(marker)
 
 
-def run_stage(cfg: Any, run: RunLayout, stage: str, log: Log, *, force: bool = False, lead: bool = True) -> str:
-    """Skip, run or redo ``stage``; returns what was done (``skipped``, ``ran``, ``redone``, ``forced``)."""
+def run_stage(cfg: Any, run: RunLayout, stage: str, log: Log, *, force: bool = False, lead: bool = True,
+              worker: bool = False, rerun: bool = False) -> str:
+    """Skip, run or redo ``stage``; returns what was done (``skipped``, ``ran``, ``redone``, ``forced``).
+
+    ``worker`` (``generate.worker`` mode): a worker never clears the stage (that would delete the other
+    workers' shards), and the marker is written by whichever worker leaves the outputs complete.
+    ``rerun``: run a complete stage again instead of skipping it, without clearing it (``--worker
+    merge``: the merge is idempotent)."""
     action, why = ("redo", "") if force else plan(cfg, run, stage)
+    if rerun and action == "skip":
+        action = "run"
+    if worker and action == "redo":
+        raise ConfigError(f"generate.worker: stage '{stage}' in {run.root} must be redone ({why or '--force'}); "
+                          f"a worker cannot clear the other workers' shards: redo it once without --worker "
+                          f"or use a new --run-dir")
     if action == "skip":
         log(f"[{stage}] complete in {run.root} (skipped; --force reruns it)")
         return "skipped"
@@ -261,7 +277,7 @@ def run_stage(cfg: Any, run: RunLayout, stage: str, log: Log, *, force: bool = F
         clear(run, stage)
     inputs = current_inputs(cfg, run, stage)
     RUNNERS[stage](cfg, run, log)
-    if lead:
+    if lead and (not worker or all(p.exists() for p in outputs(run, stage))):
         mark_complete(cfg, run, stage, inputs)
     return "forced" if force else ("redone" if action == "redo" else "ran")
 

@@ -4,6 +4,8 @@
     python -m teams_rl_jax.train --config configs/openai_endpoint.yaml --run-dir runs/vllm
     python -m teams_rl_jax.train --config my.yaml --stages policy --set policy.algo=ppo
     python -m teams_rl_jax.train --force --stages generate         # redo a finished stage
+    python -m teams_rl_jax.train --config my.yaml --worker 2/8     # generate worker 2 of 8 (HTTP roles;
+                                                                   # the last to finish merges)
 
 Stages run in pipeline order; each reads only earlier stages' artifacts in the run dir. A finished
 stage is skipped, so a killed pipeline rerun with the same command continues to the end; a stage
@@ -25,6 +27,7 @@ from teams_rl_jax import cli, stages
 from teams_rl_jax import config as cfglib
 from teams_rl_jax.data.seeds import check_seed_file
 from teams_rl_jax.distributed import maybe_initialize_distributed
+from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.layout import STAGES, RunLayout
 from teams_rl_jax.train_config import TrainConfig  # noqa: F401 (re-exported: the CLI's config)
 
@@ -36,7 +39,16 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print, *, force: bool = F
     cfg.validate()
     if {"policy", "generate"} & set(cfg.stages):
         check_seed_file(cfg.seeds)  # before any stage runs: a missing Alpaca file is a one-line error
-    maybe_initialize_distributed(cfg.distributed)
+    worker = cfg.generate.worker is not None
+    if worker:
+        if tuple(cfg.stages) != ("generate",):
+            raise ConfigError(f"generate.worker: worker mode runs the generate stage only (--stages generate), "
+                              f"got stages {list(cfg.stages)}")
+        if force:
+            raise ConfigError("--force: not with --worker (each worker would delete the others' shards); redo "
+                              "the stage once without --worker, or use a new --run-dir")
+    else:
+        maybe_initialize_distributed(cfg.distributed)
     layout = RunLayout(cfg.run_dir)
     lead = jax.process_index() == 0
     if lead:
@@ -45,7 +57,8 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print, *, force: bool = F
     say = log if lead else (lambda msg: None)  # only process 0 logs
     for name in STAGES:
         if name in cfg.stages:
-            stages.run_stage(cfg, layout, name, say, force=force, lead=lead)
+            stages.run_stage(cfg, layout, name, say, force=force, lead=lead, worker=worker,
+                             rerun=cfg.generate.worker == "merge")
     say(final_message(cfg, layout))
     return layout.root
 
@@ -82,6 +95,9 @@ def build_parser():
     ap = cli.config_parser("python -m teams_rl_jax.train", __doc__, force=True,
                            config_help="YAML config (default: the packaged offline default)")
     ap.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
+    ap.add_argument("--worker", default=None, metavar="I/N|slurm|merge",
+                    help="generate worker mode without jax.distributed (= --set generate.worker=...; implies "
+                         "--stages generate): worker I of N, the SLURM array's index, or merge the finished shards")
     return ap
 
 
@@ -93,7 +109,11 @@ def default_config_path() -> Path:
 def load_config(args) -> TrainConfig:
     """TrainConfig from the parsed CLI arguments."""
     stage_list = [s.strip() for s in (args.stages or "").split(",") if s.strip()]
-    extra = ["stages=[" + ",".join(stage_list) + "]"] if args.stages else []
+    if getattr(args, "worker", None) and not args.stages:
+        stage_list = ["generate"]
+    extra = ["stages=[" + ",".join(stage_list) + "]"] if stage_list else []
+    if getattr(args, "worker", None):
+        extra.append(f"generate.worker={args.worker}")
     return cli.load_config(TrainConfig, args, default=default_config_path(), overrides=extra)
 
 

@@ -65,3 +65,30 @@ def test_no_secret_in_cache(tmp_path, monkeypatch):
     assert b"sk-secret-123" not in raw
     rows = sqlite3.connect(tmp_path / "c.sqlite").execute("SELECT backend, model, request FROM responses").fetchall()
     assert rows[0][0] == "Echo" and rows[0][1] == "m1" and "hello" in rows[0][2]
+
+
+def test_worker_files_write_own_read_all(tmp_path):
+    """Several workers over one cache dir: each writes only its own file; a lookup also reads the other
+    workers' files (one that appears after the reader opened) and an older run's single file.
+
+    Mutations tried (each fails here): ``_other_dbs`` returning [] (lookups ignore the others' files),
+    listing the other files only once (a worker's file that appears later is missed), skipping
+    ``responses.<n>.sqlite`` names; ``paid_by_role`` counting its own file only."""
+    from teams_rl_jax.layout import response_cache_file
+
+    legacy = ResponseCache(response_cache_file(tmp_path))  # a single-process run before: WAL, still open
+    CachedBackend(Echo(), legacy, tag="data").complete(["old"], max_new_tokens=8)
+    w0 = ResponseCache(response_cache_file(tmp_path, 0), read_dir=tmp_path)
+    inner0 = Echo()
+    cb0 = CachedBackend(inner0, w0, tag="data")
+    cb0.complete(["a"], max_new_tokens=8)  # before worker 1's file exists
+    w1 = ResponseCache(response_cache_file(tmp_path, 1), read_dir=tmp_path)
+    inner1 = Echo()
+    CachedBackend(inner1, w1, tag="data").complete(["b", "a"], max_new_tokens=8)
+    assert inner1.seen == ["b"]  # "a" was paid by worker 0
+    got = cb0.complete(["b", "old", "c"], max_new_tokens=8)
+    assert inner0.seen == ["a", "c"] and [c.text for c in got] == ["b|8|0.0", "old|8|0.0", "c|8|0.0"]
+    assert (len(legacy), len(w0), len(w1)) == (1, 2, 1)  # each file holds what its own worker paid
+    assert w0.paid_by_role("data") == {"expert": 4}  # every worker's paid rows, the old run's included
+    for c in (legacy, w0, w1):
+        c.close()

@@ -12,6 +12,14 @@ Why SQLite (stdlib ``sqlite3``) rather than a JSONL log: atomic commits that sur
 journal), concurrent readers, and key lookups without loading the file. Why per prompt and not per
 call: a resumed run batches the remaining work differently.
 
+Past one machine (``ResponseCache(path, read_dir=...)``): each worker / process writes only its own
+file (``cache/responses.<worker>.sqlite``, :func:`teams_rl_jax.layout.response_cache_file`), since an
+SQLite file is never shared by writers on several hosts; a lookup that misses there also reads every
+other ``responses*.sqlite`` in ``read_dir`` (opened read-only, re-listed on each lookup, so files of
+workers that start later are found, and the single-process ``responses.sqlite`` of an older run is one
+more source), so nothing any worker paid for is paid again. Those files use SQLite's rollback journal
+rather than WAL: WAL needs shared memory, which a reader on another host does not have.
+
 Nothing secret is stored: the key and the row hold the request content and the model *name*; API
 keys live in the inner backend's client and never reach this module.
 """
@@ -57,29 +65,62 @@ def request_key(backend: str, model: str, kind: str, request: dict) -> str:
 
 
 class ResponseCache:
-    """One SQLite file of responses (usually ``run_dir/cache/responses.sqlite``); thread-safe."""
+    """One SQLite file of responses (usually ``run_dir/cache/responses.sqlite``); thread-safe.
 
-    def __init__(self, path: str | Path):
+    ``read_dir``: also look up (never write) every other ``responses*.sqlite`` there (see the module
+    docstring); those files and this one then use the rollback journal instead of WAL."""
+
+    def __init__(self, path: str | Path, read_dir: str | Path | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_dir = Path(read_dir) if read_dir is not None else None
         self._lock = threading.Lock()
+        self._others: dict[Path, sqlite3.Connection] = {}
         try:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=60.0)
-            self._db.execute("PRAGMA journal_mode=WAL")  # a committed row survives kill -9 of the writer
+            # A committed row survives kill -9 of the writer in either mode; WAL only where no other host reads.
+            self._db.execute(f"PRAGMA journal_mode={'WAL' if self.read_dir is None else 'DELETE'}")
             self._db.execute(SCHEMA)
             self._db.commit()
         except sqlite3.DatabaseError as e:
             raise BackendError(f"{self.path}: cannot open the response cache ({e})") from None
 
+    def _other_dbs(self) -> list[sqlite3.Connection]:
+        """Read-only connections to the other workers' files in ``read_dir`` (new files picked up)."""
+        if self.read_dir is None:
+            return []
+        for p in sorted(self.read_dir.glob("responses*.sqlite")):
+            if p.resolve() == self.path.resolve() or p in self._others:
+                continue
+            try:
+                db = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False, timeout=60.0)
+                db.execute("SELECT 1 FROM responses LIMIT 1")  # a file still being created: try again next lookup
+            except sqlite3.Error:
+                continue
+            self._others[p] = db
+        return list(self._others.values())
+
+    @staticmethod
+    def _lookup(db: sqlite3.Connection, keys: Sequence[str], out: dict[str, Any]) -> None:
+        for i in range(0, len(keys), 500):  # SQLite's bound-parameter limit
+            chunk = list(keys[i:i + 500])
+            q = f"SELECT key, response FROM responses WHERE key IN ({','.join('?' * len(chunk))})"
+            for k, v in db.execute(q, chunk):
+                out[k] = json.loads(v)
+
     def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
-        """``{key: response}`` for the keys present."""
+        """``{key: response}`` for the keys present (this file first, then the other workers')."""
         out: dict[str, Any] = {}
         with self._lock:
-            for i in range(0, len(keys), 500):  # SQLite's bound-parameter limit
-                chunk = list(keys[i:i + 500])
-                q = f"SELECT key, response FROM responses WHERE key IN ({','.join('?' * len(chunk))})"
-                for k, v in self._db.execute(q, chunk):
-                    out[k] = json.loads(v)
+            self._lookup(self._db, keys, out)
+            for db in self._other_dbs():
+                rest = [k for k in keys if k not in out]
+                if not rest:
+                    break
+                try:
+                    self._lookup(db, rest, out)
+                except sqlite3.Error:  # e.g. a hot journal of a killed writer: its owner rolls it back
+                    continue
         return out
 
     def put_many(self, rows: Sequence[tuple[str, str, str, str, str, str, dict, Any]]) -> None:
@@ -93,11 +134,21 @@ class ResponseCache:
             self._db.commit()
 
     def paid_by_role(self, tag: str) -> dict[str, int]:
-        """Queries paid (= rows stored) under ``tag``, by role: exact even across kill -9s, since a
-        row is committed with its answer."""
+        """Queries paid (= rows stored) under ``tag``, by role, in this file and the other workers':
+        exact even across kill -9s, since a row is committed with its answer."""
+        q = "SELECT role, COUNT(*) FROM responses WHERE tag = ? GROUP BY role"
+        out: dict[str, int] = {}
         with self._lock:
-            q = "SELECT role, COUNT(*) FROM responses WHERE tag = ? GROUP BY role"
-            return {r: int(n) for r, n in self._db.execute(q, (tag,))}
+            for db in [self._db, *self._other_dbs()]:
+                try:
+                    rows = db.execute(q, (tag,)).fetchall()
+                except sqlite3.Error:
+                    if db is self._db:
+                        raise
+                    continue
+                for r, n in rows:
+                    out[r] = out.get(r, 0) + int(n)
+        return out
 
     def __len__(self) -> int:
         with self._lock:
@@ -106,6 +157,9 @@ class ResponseCache:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            for db in self._others.values():
+                db.close()
+            self._others.clear()
 
 
 class CachedBackend:

@@ -35,6 +35,8 @@ class RoleConfig:
     api_key_env: str | None = None     # NAME of the env variable holding the key (never the key itself)
     chat: bool = True                  # chat messages (/v1/chat/completions, chat template) vs plain text
     max_concurrency: int = 8           # openai: requests in flight
+    requests_per_minute: int | None = None  # openai: budget over any sliding minute, per process (None: none)
+    tokens_per_minute: int | None = None    # openai: same, prompt (4 chars a token) + max_new_tokens per request
     timeout_s: float = 60.0            # openai: per request
     max_retries: int = 5               # openai: retries after the first attempt
     backoff_s: float = 0.5             # openai: base of the exponential backoff (full jitter)
@@ -77,6 +79,10 @@ class RoleConfig:
             raise ConfigError(f"max_batch: must be >= 1, got {self.max_batch}")
         if self.max_concurrency < 1:
             raise ConfigError(f"max_concurrency: must be >= 1, got {self.max_concurrency}")
+        for key in ("requests_per_minute", "tokens_per_minute"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise ConfigError(f"{key}: must be >= 1 or null (no limit), got {v}")
         if self.timeout_s <= 0:
             raise ConfigError(f"timeout_s: must be > 0, got {self.timeout_s}")
         if self.max_retries < 0:

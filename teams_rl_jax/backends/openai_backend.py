@@ -7,6 +7,9 @@ logged (without the key) and also cover what the client does not retry (a 200 wi
 * Concurrency: a batch is sent by a thread pool of ``max_concurrency`` workers, so at most that many
   requests are in flight per backend (the sync client is thread-safe; the env's host loop and the
   generate stage are synchronous code, so no event loop is imposed on callers).
+* Budgets: ``requests_per_minute`` / ``tokens_per_minute`` (None: none), one sliding-window
+  :class:`~teams_rl_jax.backends.ratelimit.RateLimiter` per backend shared by its threads; every
+  attempt (retries included) is charged before it is sent.
 * Per request: ``timeout_s``. Retried: 429, 5xx, timeouts, connection errors, unparseable replies,
   with exponential backoff and full jitter (``uniform(0, min(max_backoff_s, backoff_s * 2**k))``);
   a ``Retry-After`` (or ``retry-after-ms``) header is honoured, capped at ``max_backoff_s``.
@@ -29,6 +32,7 @@ from typing import Sequence
 from urllib.parse import urlparse
 
 from teams_rl_jax.backends.base import Completion, Prompt, QueryCounter
+from teams_rl_jax.backends.ratelimit import RateLimiter, request_tokens
 from teams_rl_jax.data.chat import render_chat
 from teams_rl_jax.errors import BackendError, ConfigError
 
@@ -76,7 +80,9 @@ class OpenAIBackend:
 
     def __init__(self, *, base_url: str, model: str, role: str, counter: QueryCounter | None = None,
                  api_key: str | None = None, chat: bool = True, max_concurrency: int = 8, timeout_s: float = 60.0,
-                 max_retries: int = 5, backoff_s: float = 0.5, max_backoff_s: float = 30.0, seed: int = 0):
+                 max_retries: int = 5, backoff_s: float = 0.5, max_backoff_s: float = 30.0, seed: int = 0,
+                 requests_per_minute: int | None = None, tokens_per_minute: int | None = None,
+                 clock=time.monotonic, sleep=time.sleep):
         import openai
 
         self.role = role
@@ -93,6 +99,7 @@ class OpenAIBackend:
         self.retries = 0  # retried attempts so far (all calls)
         self._lock = threading.Lock()
         self._jitter = random.Random(seed)  # seeded: backoff sleeps are reproducible
+        self.limiter = RateLimiter(requests_per_minute, tokens_per_minute, role=role, clock=clock, sleep=sleep)
         # The key stays in the client and in this one private attribute (used to scrub error text).
         self.__key = api_key or ""
         # An endpoint without auth still needs a non-empty key for the client; "EMPTY" is vLLM's convention.
@@ -101,8 +108,9 @@ class OpenAIBackend:
                                                            thread_name_prefix=f"openai-{role}")
 
     @classmethod
-    def from_config(cls, cfg, *, role: str, counter: QueryCounter | None = None) -> "OpenAIBackend":
-        """From a ``RoleConfig`` with ``backend: openai``; the key comes from ``os.environ[cfg.api_key_env]``."""
+    def from_config(cls, cfg, *, role: str, counter: QueryCounter | None = None, **kw) -> "OpenAIBackend":
+        """From a ``RoleConfig`` with ``backend: openai``; the key comes from ``os.environ[cfg.api_key_env]``
+        (``kw``: the constructor's ``clock``/``sleep``, for tests)."""
         key = None
         if cfg.api_key_env:
             key = os.environ.get(cfg.api_key_env)
@@ -110,7 +118,8 @@ class OpenAIBackend:
                 raise ConfigError(f"roles.{role}.api_key_env: environment variable {cfg.api_key_env} is not set")
         return cls(base_url=cfg.base_url, model=cfg.model, role=role, counter=counter, api_key=key, chat=cfg.chat,
                    max_concurrency=cfg.max_concurrency, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
-                   backoff_s=cfg.backoff_s, max_backoff_s=cfg.max_backoff_s)
+                   backoff_s=cfg.backoff_s, max_backoff_s=cfg.max_backoff_s,
+                   requests_per_minute=cfg.requests_per_minute, tokens_per_minute=cfg.tokens_per_minute, **kw)
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(role={self.role!r}, model={self.model!r}, host={self.host!r})"
@@ -145,7 +154,7 @@ class OpenAIBackend:
         except (ValueError, openai.APIResponseValidationError) as e:  # json.JSONDecodeError is a ValueError
             raise _Retryable(f"unparseable reply ({type(e).__name__})") from None
 
-    def _with_retries(self, fn):
+    def _with_retries(self, fn, tokens: int = 0):
         last: _Retryable | None = None
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -157,6 +166,7 @@ class OpenAIBackend:
                 log.warning("%s: %s at %s: %s; retry %d/%d in %.2f s", self.role, self.model, self.host,
                             last.reason, attempt, self.max_retries, wait)
                 time.sleep(wait)
+            self.limiter.acquire(tokens)  # every attempt is a request the endpoint counts
             try:
                 return self._attempt(fn)
             except _Retryable as e:
@@ -177,12 +187,15 @@ class OpenAIBackend:
 
     def _one(self, prompt: Prompt, kw: dict) -> Completion:
         if self.chat:
+            msgs = self._messages(prompt)
+            tokens = request_tokens(sum(len(m["content"]) for m in msgs), kw["max_tokens"])
             resp = self._with_retries(lambda: _one_choice(self._client.chat.completions.create(
-                model=self.model, messages=self._messages(prompt), **kw)))
+                model=self.model, messages=msgs, **kw)), tokens)
             text = (resp[0].message.content if resp[0].message is not None else None) or ""
         else:
+            text_prompt = self._text(prompt)
             resp = self._with_retries(lambda: _one_choice(self._client.completions.create(
-                model=self.model, prompt=self._text(prompt), **kw)))
+                model=self.model, prompt=text_prompt, **kw)), request_tokens(len(text_prompt), kw["max_tokens"]))
             text = resp[0].text or ""
         choice, usage = resp
         reason = "length" if choice.finish_reason == "length" else "stop"
@@ -217,7 +230,8 @@ class OpenAIBackend:
 
         def one(prompt: str, cont: str) -> float:
             choice = self._with_retries(lambda: _first_choice(self._client.completions.create(
-                model=self.model, prompt=prompt + cont, max_tokens=0, echo=True, logprobs=0, temperature=0.0)))
+                model=self.model, prompt=prompt + cont, max_tokens=0, echo=True, logprobs=0, temperature=0.0)),
+                request_tokens(len(prompt + cont), 0))
             lp = getattr(choice, "logprobs", None)
             if lp is None or not lp.token_logprobs or lp.text_offset is None:
                 raise BackendError(f"{self.role}: {self.model} at {self.host} cannot score (no echoed logprobs)")

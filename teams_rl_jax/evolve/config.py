@@ -63,7 +63,14 @@ class GenerateConfig:
     batch_seeds: int = 32  # seeds evolved together: one batched call per role per step
     max_queries: int | None = None  # stop starting new batches once this many queries were made
     baselines: tuple[str, ...] = ("random",)
-    cache: bool = True  # SQLite response cache under run_dir/cache
+    cache: bool = True  # SQLite response cache under run_dir/cache (or cache_dir)
+    # Where the response cache lives (null: run_dir/cache). Several workers each write their own
+    # responses.<worker>.sqlite there and read all of them (teams_rl_jax.backends.cache).
+    cache_dir: str | None = None
+    # Worker mode (no jax.distributed; for HTTP roles on a SLURM array): "I/N" = worker I of N (seed i
+    # belongs to worker i % N), "slurm" = I/N from SLURM_ARRAY_TASK_ID/_MIN/_COUNT, "merge" = only merge the
+    # finished workers' shards. The worker that finishes last merges (docs/design.md, "Past one machine").
+    worker: str | None = None
     # Benchmark decontamination of the merged records (issue 20; teams_rl_jax.eval.decontaminate):
     # off | report (write decontamination.json, count in summary.json) | drop (also remove the
     # contaminated records from generated.jsonl, before SFT). The benchmarks are read from
@@ -102,6 +109,8 @@ class GenerateConfig:
         if self.selector == "fixed" or "fixed" in self.baselines:
             validate_schedule(self.schedule, "schedule")
         self._validate_decontaminate()
+        if self.worker is not None:
+            worker_spec(self.worker, {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "1"})
 
     def _validate_decontaminate(self) -> None:
         if self.decontaminate not in ("off", "report", "drop"):
@@ -111,3 +120,28 @@ class GenerateConfig:
                               "(a local benchmark dir, as eval.benchmarks.data_dir)")
         if self.decontaminate_n < 1:
             raise ConfigError(f"decontaminate_n must be >= 1, got {self.decontaminate_n}")
+
+
+def worker_spec(spec: str, env) -> tuple[int, int] | None:
+    """``generate.worker`` as ``(index, count)``; None for ``merge``. ``slurm`` reads the array's env."""
+    spec = str(spec).strip()
+    if spec == "merge":
+        return None
+    if spec == "slurm":
+        try:
+            i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            n = int(env["SLURM_ARRAY_TASK_COUNT"])
+        except (KeyError, ValueError):
+            raise ConfigError("generate.worker: 'slurm' needs SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT "
+                              "(run it as a job array, e.g. sbatch --array=0-3)") from None
+    else:
+        a, sep, b = spec.partition("/")
+        try:
+            i, n = int(a), int(b)
+        except ValueError:
+            i, n, sep = -1, 0, ""
+        if not sep:
+            raise ConfigError(f"generate.worker: expected I/N (worker I of N), slurm or merge, got {spec!r}")
+    if not 0 <= i < n:
+        raise ConfigError(f"generate.worker: need 0 <= I < N, got worker {i} of {n}")
+    return i, n

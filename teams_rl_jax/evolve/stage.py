@@ -52,7 +52,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import fcntl
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -66,13 +68,13 @@ from teams_rl_jax.errors import ConfigError, DataError
 from teams_rl_jax.eval.decontaminate import decontamination_report
 from teams_rl_jax.eval.tasks import found_tasks
 from teams_rl_jax.evolve import filters as F
-from teams_rl_jax.evolve.config import GenerateConfig
+from teams_rl_jax.evolve.config import GenerateConfig, worker_spec
 from teams_rl_jax.evolve.hf_dataset import provenance, write_hf_dataset
 from teams_rl_jax.evolve.records import (AppendLog, Seed, _read_lines, keep_seeds, read_seeds, recover,
                                          write_json_atomic, write_jsonl_atomic)
 from teams_rl_jax.evolve.operators import LLMRewriter, token_edit_operator
 from teams_rl_jax.evolve.selectors import STOP, make_selector
-from teams_rl_jax.layout import GenerateDir
+from teams_rl_jax.layout import GenerateDir, RunLayout, response_cache_file
 from teams_rl_jax.roles.prompts import DEFAULT_PROMPTS, Prompts
 from teams_rl_jax.roles.reviewer import Reviewer
 
@@ -94,15 +96,25 @@ def needed_roles(cfg: GenerateConfig, roles: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(need))
 
 
+def cache_store(cfg: GenerateConfig, run_dir: Path, worker: int | None = None) -> ResponseCache:
+    """The response cache this process writes (``generate.cache_dir``, else ``run_dir/cache``): the
+    single-process file, or worker ``worker``'s own file reading every other worker's."""
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else RunLayout(run_dir).cache_dir
+    if worker is None:
+        return ResponseCache(response_cache_file(cache_dir))
+    return ResponseCache(response_cache_file(cache_dir, worker), read_dir=cache_dir)
+
+
 def build_backends(cfg: GenerateConfig, roles: Any, run_dir: Path, backends: dict | None = None,
-                   tag: str = "data") -> dict:
+                   tag: str = "data", worker: int | None = None) -> dict:
     """``{role: backend}`` for the roles this stage calls, each wrapped in the response cache when
-    ``cfg.cache`` (``backends`` given = use those, e.g. tests' counting backends)."""
+    ``cfg.cache`` (``backends`` given = use those, e.g. tests' counting backends; ``worker``: this
+    process's index when there are several, see :func:`cache_store`)."""
     import dataclasses
 
     wrap = None
     if cfg.cache:
-        store = ResponseCache(Path(run_dir) / "cache" / "responses.sqlite")
+        store = cache_store(cfg, Path(run_dir), worker)
         wrap = lambda b: CachedBackend(b, store, tag=tag)  # noqa: E731
     if backends is not None:
         return {r: wrap(b) if wrap else b for r, b in backends.items()}
@@ -136,7 +148,12 @@ def text_roles(bk: dict, roles: Any, prompts: Prompts | None = None) -> _Roles:
     return _Roles(bk.get("expert"), max_new_tokens(roles, "expert"), reviewer)
 
 
-def _process() -> tuple[int, int]:
+def _process(cfg: GenerateConfig | None = None) -> tuple[int, int]:
+    """``(index, count)`` of this process: ``generate.worker`` in worker mode, else jax's."""
+    if cfg is not None and cfg.worker is not None:
+        got = worker_spec(cfg.worker, os.environ)
+        if got is not None:
+            return got
     try:
         import jax
 
@@ -464,20 +481,53 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
     out = Path(out_dir) if out_dir is not None else run_dir / "data"
     budget = max_queries if max_queries is not None else cfg.max_queries
     seed_file, seeds = seeds, read_seeds(seeds, cfg.max_seeds)
-    proc, count = _process()
+    tag = str(out.relative_to(run_dir)) if out.is_relative_to(run_dir) else str(out)
+    workers = cfg.worker is not None  # worker mode: no collectives, per-worker done markers
+    gen = GenerateDir(out)
+    if workers and worker_spec(cfg.worker, os.environ) is None:  # merge only
+        count = _finished_count(gen)
+        bk: dict = {}
+        summary = _finish_workers(cfg, run_dir, roles, out, count, name, seeds, seed_file, tag, bk, fingerprint,
+                                  log, time.perf_counter(), strict=True)
+    else:
+        summary = _evolve_shard(cfg, run_dir, roles, backends, out, name, seeds, seed_file, tag, budget, prompts,
+                                fingerprint, log)
+
+    if run_baselines and out_dir is None:
+        for b in cfg.baselines:
+            if b == name:
+                continue
+            bout = out / "baselines" / b
+            if outputs_complete(bout):
+                continue
+            # Worker mode: a worker cannot wait for the others' total, so its baseline share gets its own
+            # share's queries (the same seeds, the same budget, summed over the workers).
+            run_generate_stage(cfg, run_dir, roles, backends=backends, log=log, selector=b, out_dir=bout,
+                               max_queries=(summary.get("queries_this_worker") if workers
+                                            else summary["queries_total"]) or None,
+                               run_baselines=False, seeds=seed_file, prompts=prompts, fingerprint=fingerprint)
+    return summary
+
+
+def _evolve_shard(cfg: GenerateConfig, run_dir: Path, roles: Any, backends: dict | None, out: Path, name: str,
+                  seeds: list, seed_file, tag: str, budget: int | None, prompts: Prompts | None,
+                  fingerprint: str | None, log: Callable[[str], None]) -> dict:
+    """Evolve this process's seeds into its shards, then merge (process 0, or the last worker)."""
+    proc, count = _process(cfg)
+    workers = cfg.worker is not None
     mine = [(i, s) for i, s in enumerate(seeds) if i % count == proc]
-    shards = out / "shards"
+    gen = GenerateDir(out)
+    shards = gen.shards
     shards.mkdir(parents=True, exist_ok=True)
-    rec_path = shards / f"generated.{proc:05d}.jsonl"
-    prog_path = shards / f"progress.{proc:05d}.jsonl"
+    rec_path = gen.shard_records(proc)
+    prog_path = gen.shard_progress(proc)
     kept, progress = recover(rec_path, prog_path)
     done = {p["seed_id"] for p in progress}
-    trace_path = GenerateDir(out).shard_trace(proc)
+    trace_path = gen.shard_trace(proc)
     keep_seeds(trace_path, done, lambda e: e.get("seed_id"))
     todo = [(i, s) for i, s in mine if s.id not in done]
 
-    tag = str(out.relative_to(run_dir)) if out.is_relative_to(run_dir) else str(out)
-    bk = build_backends(cfg, roles, run_dir, backends, tag=tag)
+    bk = build_backends(cfg, roles, run_dir, backends, tag=tag, worker=proc if workers or count > 1 else None)
     sel = make_selector(name, cfg, run_dir, roles)
     if cfg.operator_role == "token_edit":
         operator = token_edit_operator(seeds, seed=cfg.seed, batch=cfg.batch_seeds)
@@ -524,43 +574,93 @@ def run_generate_stage(cfg: GenerateConfig, run_dir: str | Path, roles: Any = No
         prog.close()
         trace.close()
 
+    if workers:
+        write_json_atomic(gen.shard_done(proc), {"worker": proc, "count": count})
+        return _finish_workers(cfg, run_dir, roles, out, count, name, seeds, seed_file, tag, bk, fingerprint,
+                               log, t0, strict=False, proc=proc)
     _merge(out, count, proc, dedup=cfg.protocol == "filtered")
-    decontaminated = decontaminate(cfg, out, log) if proc == 0 else {}
+    return _finish(cfg, roles, out, count, name, seeds, seed_file, tag, bk, fingerprint, log, t0, lead=proc == 0)
+
+
+def _finished_count(gen: GenerateDir) -> int:
+    """The worker count written in the done markers of ``gen`` (``--worker merge``)."""
+    marks = sorted(gen.shards.glob("done.*.json"))
+    if not marks:
+        raise DataError(f"{gen.shards}: no finished workers (no done.*.json); run the workers first "
+                        f"(generate.worker: I/N)")
+    return int(json.loads(marks[0].read_text())["count"])
+
+
+def _finish_workers(cfg: GenerateConfig, run_dir: Path, roles: Any, out: Path, count: int, name: str, seeds: list,
+                    seed_file, tag: str, bk: dict, fingerprint: str | None, log: Callable[[str], None], t0: float,
+                    strict: bool, proc: int | None = None) -> dict:
+    """Worker mode: merge and finish once every worker's done marker is there (the last worker to
+    finish does it; ``strict`` (``--worker merge``): a missing worker is an error). Under an exclusive
+    lock, so two workers finishing together merge one after the other (the merge is idempotent)."""
+    gen = GenerateDir(out)
+    missing = [k for k in range(count) if not gen.shard_done(k).is_file()]
+    own = _read_lines(gen.shard_progress(proc))[0] if proc is not None else []
+    if missing:
+        if strict:
+            raise DataError(f"generate.worker: workers {', '.join(map(str, missing))} of {count} have not finished "
+                            f"(no {gen.shard_done(missing[0]).name} in {gen.shards}); rerun them (finished seeds are kept)")
+        log(f"[generate:{name}] worker {proc}/{count} done; waiting for workers {', '.join(map(str, missing))}: "
+            f"the last one to finish merges (or run --worker merge)")
+        part = summarize(own, None, name, len(seeds))
+        part["queries_this_worker"] = part["queries_total"]
+        return part
+    if not bk and cfg.cache:  # --worker merge: the paid counts from every worker's cache file
+        bk = {"_store": _CacheOnly(cache_store(cfg, run_dir, 0))}
+    with open(gen.merge_lock, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            _merge(out, count, 0, dedup=cfg.protocol == "filtered", sync=False)
+            summary = _finish(cfg, roles, out, count, name, seeds, seed_file, tag, bk, fingerprint, log, t0,
+                              lead=True)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    summary["queries_this_worker"] = sum(sum(p["queries"].values()) for p in own)
+    return summary
+
+
+@dataclasses.dataclass
+class _CacheOnly:
+    """Only the response cache (``--worker merge`` counts paid queries without building any role)."""
+
+    cache: ResponseCache
+
+
+def _finish(cfg: GenerateConfig, roles: Any, out: Path, count: int, name: str, seeds: list, seed_file, tag: str,
+            bk: dict, fingerprint: str | None, log: Callable[[str], None], t0: float, lead: bool) -> dict:
+    """After the merge: decontamination, the summary, and (``lead``) ``hf/`` then ``summary.json``."""
+    shards = out / "shards"
+    decontaminated = decontaminate(cfg, out, log) if lead else {}
     progress_all = [p for k in range(count) for p in _read_lines(shards / f"progress.{k:05d}.jsonl")[0]]
     caches = [b.cache for b in bk.values() if hasattr(b, "cache")]
     summary = summarize(progress_all, caches[0].paid_by_role(tag) if caches else None, name, len(seeds))
     summary.update(protocol_summary(cfg, progress_all))
     summary.update(decontaminated)
     summary["loop_seconds_this_run"] = round(time.perf_counter() - t0, 3)
-    if proc == 0:  # hf/ before summary.json: a finished output dir (summary written last) has its dataset
+    if lead:  # hf/ before summary.json: a finished output dir (summary written last) has its dataset
+        ident = {r: public_identity(roles, r, b) for r, b in bk.items() if r in ROLES} or \
+            {r: public_identity(roles, r) for r in needed_roles(cfg, roles)}
         prov = provenance(summary, seeds_file=None if seed_file is None else str(seed_file),
-                          protocol=protocol_settings(cfg), roles={r: public_identity(roles, r, b) for r, b in bk.items()},
-                          fingerprint=fingerprint or config_hash(cfg))
+                          protocol=protocol_settings(cfg), roles=ident, fingerprint=fingerprint or config_hash(cfg))
         write_hf_dataset(GenerateDir(out).hf, _read_lines(out / "generated.jsonl")[0], prov)
         write_json_atomic(out / "summary.json", summary)
         log(f"[generate:{name}] kept {summary['kept']} instructions from {summary['seeds_done']} seeds; "
             f"eliminated {sum(summary['eliminated'].values())}, duplicates {sum(summary['duplicates'].values())}; "
             f"queries {summary['queries_total']} (paid {sum(summary['paid'].values())}, replayed "
             f"{sum(summary['replayed'].values())}) -> {out / 'generated.jsonl'}")
-
-    if run_baselines and out_dir is None:
-        for b in cfg.baselines:
-            if b == name:
-                continue
-            bout = out / "baselines" / b
-            if outputs_complete(bout):
-                continue
-            run_generate_stage(cfg, run_dir, roles, backends=backends, log=log, selector=b, out_dir=bout,
-                               max_queries=summary["queries_total"] or None, run_baselines=False, seeds=seed_file,
-                               prompts=prompts, fingerprint=fingerprint)
     return summary
 
 
-def _merge(out: Path, count: int, proc: int, dedup: bool = True) -> None:
+def _merge(out: Path, count: int, proc: int, dedup: bool = True, sync: bool = True) -> None:
     """Process 0 merges the shard files into ``generated.jsonl`` (exact duplicates across shards dropped
     when ``dedup``: protocol filtered; the paper's and WizardLM's keep every record) and ``trace.jsonl``
-    (every line)."""
-    if count > 1:
+    (every line). Rebuilt from the shards each time: merging twice writes the same files. ``sync``:
+    wait for every jax process first (worker mode has no collectives: done markers instead)."""
+    if count > 1 and sync:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("teams_rl_jax.generate.merge")
