@@ -6,6 +6,7 @@ Every stage and CLI takes its paths from :class:`RunLayout`; no other module spe
       config.yaml                 the resolved config (secrets redacted)
       .stages/<stage>.json        stage markers: fingerprint of what the outputs depend on + artifact digests
       cache/responses.sqlite      every paid LLM answer (shared by every stage, arm and rerun)
+      cache/batches/<sha256>.json Batch API jobs in flight (openai_batch roles), keyed by request file
       models/tiny-expert/         the offline demo's tiny random expert
       policy/                     policy.json, checkpoint/ (Orbax), curves*.jsonl/png, op_histogram.*, summary.json,
                                   state*/ (resumable runner states)
@@ -213,6 +214,11 @@ class RunLayout:
     @property
     def cache(self) -> Path:
         return self.root / "cache" / "responses.sqlite"
+
+    @property
+    def batch_state(self) -> Path:
+        """Where ``openai_batch`` roles record their batches in flight (re-attached to on rerun)."""
+        return self.root / "cache" / "batches"
 
     @property
     def tiny_expert(self) -> Path:

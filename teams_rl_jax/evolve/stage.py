@@ -72,7 +72,7 @@ from teams_rl_jax.evolve.records import (AppendLog, Seed, _read_lines, keep_seed
                                          write_json_atomic, write_jsonl_atomic)
 from teams_rl_jax.evolve.operators import LLMRewriter, token_edit_operator
 from teams_rl_jax.evolve.selectors import STOP, make_selector
-from teams_rl_jax.layout import GenerateDir
+from teams_rl_jax.layout import GenerateDir, RunLayout
 from teams_rl_jax.roles.prompts import DEFAULT_PROMPTS, Prompts
 from teams_rl_jax.roles.reviewer import Reviewer
 
@@ -102,7 +102,7 @@ def build_backends(cfg: GenerateConfig, roles: Any, run_dir: Path, backends: dic
 
     wrap = None
     if cfg.cache:
-        store = ResponseCache(Path(run_dir) / "cache" / "responses.sqlite")
+        store = ResponseCache(RunLayout(run_dir).cache)
         wrap = lambda b: CachedBackend(b, store, tag=tag)  # noqa: E731
     if backends is not None:
         return {r: wrap(b) if wrap else b for r, b in backends.items()}
@@ -112,7 +112,7 @@ def build_backends(cfg: GenerateConfig, roles: Any, run_dir: Path, backends: dic
             raise ConfigError(f"roles.{role}: the generate stage needs this role (a flax checkpoint dir or an "
                               f"openai endpoint)")
     only = dataclasses.replace(roles, **{r: None for r in ROLES if r not in need})
-    return build_roles(only, QueryCounter(), cache=wrap)
+    return build_roles(only, QueryCounter(), cache=wrap, state_dir=RunLayout(run_dir).batch_state)
 
 
 @dataclasses.dataclass
