@@ -126,11 +126,9 @@ def test_batch_equals_live_answers_and_survives_restart(server, tmp_path):
     """Upload, create, poll, download: each line's body equals the live endpoint's greedy answer; a
     second server over the same files dir serves the finished batch and its output.
 
-    Mutations caught: lines answered by a second generation path that skips the chat template or the
-    request's max_tokens (texts differ); output lines keyed to the wrong custom_id (ordering of the
-    concurrent answers); request_counts not updated; the batch state kept only in memory (the second
-    server answers 404); a non-atomic/late write of the batch object (status completed without its
-    output file)."""
+    Mutations caught: lines answered by a second generation path (the prompt sent to /v1/completions
+    without the chat template: texts differ); request_counts not updated at the end; the batch state
+    kept per process (the second server answers 404)."""
     client = _client(server)
     live = [client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=6,
                                            temperature=0) for p in PROMPTS]
@@ -164,8 +162,8 @@ def test_malformed_lines_fail_alone_and_limits(server):
     413; a file over --max-batch-lines: 400; unknown ids: 404; no key: 401.
 
     Mutations caught: duplicate custom_ids not detected (two output lines); the url not checked against
-    the batch's endpoint; one bad line failing the whole batch (status failed / no output); the upload
-    limit not enforced (200); request_counts.failed miscounted; auth skipped on the batch routes."""
+    the batch's endpoint; one refused line failing the whole batch (status failed, no output); the
+    upload limit not enforced (200); auth skipped on GET /v1/batches/{id}."""
     client = _client(server)
     lines = [_line("a", "Hello there."), "{not json", _line("b", "Hi.", url="/v1/embeddings"),
              _line("a", "Same id again."), _line("c", "Too long", max_tokens=999), _line("d", "Name a color.")]
@@ -211,8 +209,8 @@ def test_openai_batch_backend_retries_failed_lines(server, tmp_path, monkeypatch
     prompt; the key is never written to the state dir.
 
     Mutations caught: failed lines not resubmitted (BackendError on the first run); resubmitting every
-    line instead of the failed ones (the server answers the good line twice); no bound on retries
-    (hangs); answers mapped back in file order instead of by custom_id (texts swapped)."""
+    line instead of the failed ones (the server answers the good line again); answers mapped back in
+    arrival order instead of by custom_id (texts swapped, one missing)."""
     monkeypatch.setenv(KEY_ENV, KEY)
     counter = QueryCounter()
     be = build(_batch_cfg(server), "expert", counter, state_dir=tmp_path / "state")
@@ -255,9 +253,9 @@ def test_generate_stage_reattaches_to_in_flight_batch(server, tmp_path, monkeypa
     timeout shorter than the batch, after the batch id was recorded) re-attaches to that batch on
     restart: no request file is sent twice and the server answers each request once.
 
-    Mutations caught: the batch id recorded after polling instead of before (the rerun creates a
-    second batch for the same file); the state keyed by something other than the request file (no
-    re-attach); the state file not read on start."""
+    Mutations caught: the batch id not recorded before polling (the rerun creates a second batch
+    for the same file); the state keyed by something other than the request file (a second upload
+    and batch); the state file not read on start."""
     from teams_rl_jax.evolve import GenerateConfig, run_generate_stage
 
     monkeypatch.setenv(KEY_ENV, KEY)

@@ -168,9 +168,10 @@ class OpenAIBatchBackend(OpenAIBackend):
             _write_state(path, state)  # before polling: a run killed from here on re-attaches
             log.info("%s: batch %s created (%d requests)", self.role, batch.id, len(lines))
         batch = self._poll(batch)
-        ok, bad = self._read(batch, pending)
-        path.unlink(missing_ok=True)
-        return ok, bad
+        try:
+            return self._read(batch, pending)
+        finally:
+            path.unlink(missing_ok=True)  # read (or failed for good): a rerun must not re-attach to it
 
     def _call(self, fn):
         return self._with_retries(fn)

@@ -255,6 +255,18 @@ class BatchRunner:
                                                                      "body": out}, "error": None}
 
     async def _run(self, bid: str) -> None:
+        try:
+            await self._run_lines(bid)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a batch never stays in_progress forever
+            log.exception("batch %s failed", bid)
+            batch = self.store.batch(bid)
+            batch["errors"] = {"object": "list", "data": [{"code": "server_error", "line": None, "param": None,
+                                                           "message": f"server error ({type(e).__name__})"}]}
+            self._finish(batch, "failed", [], [])
+
+    async def _run_lines(self, bid: str) -> None:
         batch = self.store.batch(bid)
         try:
             data = self.store.content(batch["input_file_id"])
