@@ -124,11 +124,13 @@ PROMPTS = ["Name three primary colors.", "Explain why the sky looks blue.", "Hel
 
 def test_batch_equals_live_answers_and_survives_restart(server, tmp_path):
     """Upload, create, poll, download: each line's body equals the live endpoint's greedy answer; a
-    second server over the same files dir serves the finished batch and its output.
+    second server over the same files dir serves the finished batch and its output, and re-runs a
+    batch left in_progress.
 
     Mutations caught: lines answered by a second generation path (the prompt sent to /v1/completions
     without the chat template: texts differ); request_counts not updated at the end; the batch state
-    kept per process (the second server answers 404)."""
+    kept per process (the second server answers 404); a restarted server not re-running the batches
+    left in_progress."""
     client = _client(server)
     live = [client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=6,
                                            temperature=0) for p in PROMPTS]
@@ -146,7 +148,12 @@ def test_batch_equals_live_answers_and_survives_restart(server, tmp_path):
         assert got["choices"][0]["finish_reason"] == want.choices[0].finish_reason
         assert got["usage"]["completion_tokens"] == want.usage.completion_tokens
     assert client.batches.list().data[0].id == b.id
-    # A restarted server (a second process over the same --files-dir) serves the finished batch.
+    # A batch a stopped server left in_progress (its object as a crash leaves it on disk).
+    cut = {**json.loads((server["files"] / "batches" / f"{b.id}.json").read_text()), "status": "in_progress",
+           "id": "batch-" + "e" * 32, "output_file_id": None, "error_file_id": None, "completed_at": None}
+    (server["files"] / "batches" / f"{cut['id']}.json").write_text(json.dumps(cut))
+    # A restarted server (a second process over the same --files-dir) serves the finished batch and
+    # re-runs the unfinished one.
     with serve(server["ckpt"], server["files"], tmp_path / "second.log") as url2:
         import openai
 
@@ -154,6 +161,10 @@ def test_batch_equals_live_answers_and_survives_restart(server, tmp_path):
         b2 = c2.batches.retrieve(b.id)
         assert b2.status == "completed" and b2.output_file_id == b.output_file_id
         assert c2.files.content(b.output_file_id).text == client.files.content(b.output_file_id).text
+        b3 = _wait(c2, cut["id"], timeout_s=60)
+        assert b3.status == "completed" and b3.request_counts.completed == 3
+        redo = {r["custom_id"]: r["response"]["body"]["choices"] for r in _rows(c2, b3.output_file_id)}
+        assert redo == {c: r["response"]["body"]["choices"] for c, r in rows.items()}
 
 
 def test_malformed_lines_fail_alone_and_limits(server):
