@@ -217,7 +217,7 @@ def _batch_cfg(server, **kw) -> RoleConfig:
 def test_openai_batch_backend_retries_failed_lines(server, tmp_path, monkeypatch):
     """A line the server fails once is resubmitted in a second batch and answered; a line that fails
     every retry is one BackendError naming its custom_id and the server's error; queries count per
-    prompt; the key is never written to the state dir.
+    prompt; plain-text prompts use /v1/completions; the key is not in the server's log.
 
     Mutations caught: failed lines not resubmitted (BackendError on the first run); resubmitting every
     line instead of the failed ones (the server answers the good line again); answers mapped back in
@@ -240,8 +240,13 @@ def test_openai_batch_backend_retries_failed_lines(server, tmp_path, monkeypatch
     with pytest.raises(BackendError, match=r"custom_id \w+.*max_tokens") as e:
         be.complete(prompts[1:2], max_new_tokens=999)
     assert len(str(e.value).splitlines()) == 1
-    for p in (tmp_path / "state").rglob("*"):
-        assert KEY not in p.read_text()
+    # Plain-text prompts go to /v1/completions, one batch line each, with the live answers.
+    text_be = build(_batch_cfg(server, chat=False), "expert", counter, state_dir=tmp_path / "state")
+    text_live = build(RoleConfig(backend="openai", base_url=server["url"] + "/v1", model=MODEL, api_key_env=KEY_ENV,
+                                 chat=False), "expert")
+    assert [c.text for c in text_be.complete(["Hello there."], max_new_tokens=6)] == \
+        [c.text for c in text_live.complete(["Hello there."], max_new_tokens=6)]
+    assert KEY not in server["log"].read_text()
 
 
 def test_openai_batch_only_where_answers_come_in_batches(monkeypatch):
@@ -281,6 +286,7 @@ def test_generate_stage_reattaches_to_in_flight_batch(server, tmp_path, monkeypa
     states = list((run / "cache" / "batches").glob("*.json"))
     assert len(states) == 1
     first = json.loads(states[0].read_text())["batch_id"]
+    assert KEY not in states[0].read_text()
     run_generate_stage(cfg, run, RolesConfig(expert=_batch_cfg(server)), log=lambda m: None)
     new = [b for b in client.batches.list(limit=100).data if b.id not in before_ids]
     assert first in [b.id for b in new]
