@@ -8,6 +8,7 @@ Every stage and CLI takes its paths from :class:`RunLayout`; no other module spe
       cache/responses.sqlite      every paid LLM answer (shared by every stage, arm and rerun); with several
                                   workers / processes, responses.<worker>.sqlite each (response_cache_file;
                                   the dir is generate.cache_dir when set)
+      cache/batches/<sha256>.json Batch API jobs in flight (openai_batch roles), keyed by request file
       models/tiny-expert/         the offline demo's tiny random expert
       policy/                     policy.json, checkpoint/ (Orbax), curves*.jsonl/png, op_histogram.*, summary.json,
                                   state*/ (resumable runner states)
@@ -236,6 +237,11 @@ class RunLayout:
     def cache(self) -> Path:
         """The single-process response cache file."""
         return response_cache_file(self.cache_dir)
+
+    @property
+    def batch_state(self) -> Path:
+        """Where ``openai_batch`` roles record their batches in flight (re-attached to on rerun)."""
+        return self.root / "cache" / "batches"
 
     @property
     def tiny_expert(self) -> Path:

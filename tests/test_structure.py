@@ -41,6 +41,7 @@ IN_FUNCTION_ALLOWED: dict[tuple[str, str], str] = {
     (f"{PKG}.backends", f"{PKG}.backends.openai_backend"): (
         "build: as flax_backend (the package __getattr__ is lazy too): it would pull the data package and numpy into "
         "every `import teams_rl_jax.backends.config`"),
+    (f"{PKG}.backends", f"{PKG}.backends.openai_batch"): "build: as openai_backend (it subclasses OpenAIBackend)",
 }
 
 # Modules whose in-function imports other helpers of issue 17 are moving to module top (or that no

@@ -5,6 +5,8 @@
 * :class:`OpenAIBackend` (``backend: openai``): any OpenAI-compatible endpoint (vLLM, TGI, our own
   ``python -m teams_rl_jax.serve``, a hosted API) through the official ``openai`` client, with
   bounded concurrency, timeouts and counted retries.
+* :class:`OpenAIBatchBackend` (``backend: openai_batch``): the same endpoint's Batch API, one batch
+  per ``complete`` call, resumable (generate-stage roles only: it needs a ``state_dir``).
 
 Usage::
 
@@ -21,15 +23,18 @@ from __future__ import annotations
 from teams_rl_jax.backends.base import Backend, Completion, QueryCounter
 from teams_rl_jax.backends.config import RoleConfig, RolesConfig
 
-__all__ = ["Backend", "Completion", "FlaxBackend", "OpenAIBackend", "QueryCounter", "RoleConfig", "RolesConfig",
+__all__ = ["Backend", "Completion", "FlaxBackend", "OpenAIBackend", "OpenAIBatchBackend", "QueryCounter", "RoleConfig", "RolesConfig",
            "build", "build_roles"]
 
 
-def build(cfg: RoleConfig, role: str, counter: QueryCounter | None = None, *, cache=None) -> Backend:
+def build(cfg: RoleConfig, role: str, counter: QueryCounter | None = None, *, cache=None,
+          state_dir=None) -> Backend:
     """The backend ``cfg`` describes, counting its queries as ``role`` on ``counter``.
 
     ``cache``: optional; a callable ``cache(backend) -> Backend`` that wraps the backend (e.g. the
     generate stage's completion cache), applied last so cached answers cost no query.
+    ``state_dir``: where ``openai_batch`` records its batches in flight (the generate stage passes
+    ``RunLayout.batch_state``); without it ``openai_batch`` is a ConfigError.
     """
     cfg.validate()
     counter = counter if counter is not None else QueryCounter()
@@ -37,13 +42,18 @@ def build(cfg: RoleConfig, role: str, counter: QueryCounter | None = None, *, ca
         from teams_rl_jax.backends.flax_backend import FlaxBackend
 
         backend = FlaxBackend.from_config(cfg, role=role, counter=counter)
+    elif cfg.backend == "openai_batch":
+        from teams_rl_jax.backends.openai_batch import OpenAIBatchBackend
+
+        backend = OpenAIBatchBackend.from_config(cfg, role=role, counter=counter, state_dir=state_dir)
     else:
         from teams_rl_jax.backends.openai_backend import OpenAIBackend
         backend = OpenAIBackend.from_config(cfg, role=role, counter=counter)
     return cache(backend) if cache is not None else backend
 
 
-def build_roles(roles: RolesConfig, counter: QueryCounter | None = None, *, cache=None) -> dict[str, Backend]:
+def build_roles(roles: RolesConfig, counter: QueryCounter | None = None, *, cache=None,
+                state_dir=None) -> dict[str, Backend]:
     """A backend for every configured role, sharing one counter; two roles with the same flax
     checkpoint, dtype and mesh share one loaded model (a 7B model is not loaded twice)."""
     from teams_rl_jax.backends.flax_backend import FlaxBackend
@@ -67,7 +77,7 @@ def build_roles(roles: RolesConfig, counter: QueryCounter | None = None, *, cach
                 backend = loaded[key] = FlaxBackend.from_config(cfg, role=role, counter=counter)
             out[role] = cache(backend) if cache is not None else backend
         else:
-            out[role] = build(cfg, role, counter, cache=cache)
+            out[role] = build(cfg, role, counter, cache=cache, state_dir=state_dir)
     return out
 
 
@@ -76,6 +86,9 @@ def __getattr__(name):
     if name == "FlaxBackend":
         from teams_rl_jax.backends.flax_backend import FlaxBackend
         return FlaxBackend
+    if name == "OpenAIBatchBackend":
+        from teams_rl_jax.backends.openai_batch import OpenAIBatchBackend
+        return OpenAIBatchBackend
     if name == "OpenAIBackend":
         from teams_rl_jax.backends.openai_backend import OpenAIBackend
         return OpenAIBackend

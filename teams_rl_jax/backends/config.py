@@ -1,7 +1,8 @@
 """Per-role LLM backend config: ``roles.<instructor|reviewer|expert>`` in YAML.
 
 Each role names a backend (``flax``: a local Hugging Face checkpoint dir run in-process;
-``openai``: any OpenAI-compatible HTTP endpoint) plus what that backend needs. The API key is never
+``openai``: any OpenAI-compatible HTTP endpoint; ``openai_batch``: the same endpoint's Batch API, for
+the generate stage's roles only) plus what that backend needs. The API key is never
 part of the config: ``api_key_env`` names the environment variable that holds it, so a written,
 resolved config can never leak it.
 """
@@ -14,6 +15,7 @@ from typing import Literal
 
 from teams_rl_jax.errors import ConfigError
 
+BACKENDS = ("flax", "openai", "openai_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 REVIEWER_PARSERS = ("exact", "lenient")
 # A role's reply length when ``roles.<role>.max_new_tokens`` is unset: a rewritten instruction, the
@@ -25,7 +27,7 @@ DEFAULT_MAX_NEW_TOKENS = {"instructor": 256, "reviewer": 8, "expert": 512}
 class RoleConfig:
     """One LLM role (see the module docstring)."""
 
-    backend: Literal["flax", "openai"] = "flax"
+    backend: Literal["flax", "openai", "openai_batch"] = "flax"
     checkpoint: str | None = None      # flax: local HF dir (tokenizer from the same dir)
     dtype: str = "bfloat16"            # flax: param dtype
     mesh: dict | None = None           # flax: {data, fsdp, tensor} for sharding.make_mesh; None = one device
@@ -41,6 +43,8 @@ class RoleConfig:
     max_retries: int = 5               # openai: retries after the first attempt
     backoff_s: float = 0.5             # openai: base of the exponential backoff (full jitter)
     max_backoff_s: float = 30.0        # openai: cap of one backoff sleep (and of an honoured Retry-After)
+    batch_poll_s: float = 10.0         # openai_batch: seconds between two batches.retrieve polls
+    batch_timeout_s: float = 86400.0   # openai_batch: give up waiting (rerunning re-attaches to the batch)
     # Longest reply, in every stage that calls this role (None = DEFAULT_MAX_NEW_TOKENS[role]).
     max_new_tokens: int | None = None
     # reviewer: how its text reply is read (roles.reviewer.parse_reply): "exact" = the reference
@@ -49,8 +53,8 @@ class RoleConfig:
 
     def validate(self) -> None:
         """One-line ConfigError naming the key at fault (``config.from_dict`` calls it; so does ``build``)."""
-        if self.backend not in ("flax", "openai"):
-            raise ConfigError(f"backend: expected 'flax' or 'openai', got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
         if self.backend == "flax":
             if not self.checkpoint:
                 raise ConfigError("checkpoint: the flax backend needs a local Hugging Face checkpoint dir")
@@ -62,11 +66,12 @@ class RoleConfig:
                     raise ConfigError(f"mesh: unknown axis {bad[0]!r} (valid: data, fsdp, tensor)")
         else:
             if not self.base_url:
-                raise ConfigError("base_url: the openai backend needs an endpoint, e.g. http://127.0.0.1:8000/v1")
+                raise ConfigError(f"base_url: the {self.backend} backend needs an endpoint, e.g. "
+                                  "http://127.0.0.1:8000/v1")
             if not self.base_url.startswith(("http://", "https://")):
                 raise ConfigError(f"base_url: expected an http(s) URL, got {self.base_url!r}")
             if not self.model:
-                raise ConfigError("model: the openai backend needs the served model name")
+                raise ConfigError(f"model: the {self.backend} backend needs the served model name")
         if self.api_key_env is not None and (not self.api_key_env or not self.api_key_env.replace("_", "").isalnum()):
             # A value that is not a variable name is most likely the key itself pasted by mistake:
             # refuse it without echoing it.
@@ -89,6 +94,10 @@ class RoleConfig:
             raise ConfigError(f"max_retries: must be >= 0, got {self.max_retries}")
         if self.backoff_s < 0 or self.max_backoff_s < 0:
             raise ConfigError("backoff_s/max_backoff_s: must be >= 0")
+        if self.batch_poll_s <= 0:
+            raise ConfigError(f"batch_poll_s: must be > 0, got {self.batch_poll_s}")
+        if self.batch_timeout_s <= 0:
+            raise ConfigError(f"batch_timeout_s: must be > 0, got {self.batch_timeout_s}")
 
 
 @dataclasses.dataclass(frozen=True)

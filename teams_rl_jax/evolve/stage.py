@@ -124,7 +124,7 @@ def build_backends(cfg: GenerateConfig, roles: Any, run_dir: Path, backends: dic
             raise ConfigError(f"roles.{role}: the generate stage needs this role (a flax checkpoint dir or an "
                               f"openai endpoint)")
     only = dataclasses.replace(roles, **{r: None for r in ROLES if r not in need})
-    return build_roles(only, QueryCounter(), cache=wrap)
+    return build_roles(only, QueryCounter(), cache=wrap, state_dir=RunLayout(run_dir).batch_state)
 
 
 @dataclasses.dataclass

@@ -1,4 +1,5 @@
-"""CLI: ``python -m teams_rl_jax.serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]``.
+"""CLI: ``python -m teams_rl_jax.serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]
+[--files-dir DIR]``.
 
 Bad input (missing checkpoint, unset key variable, bad mesh) prints ``error: ...`` and exits 2.
 """
@@ -17,6 +18,7 @@ from teams_rl_jax.backends.config import RoleConfig
 from teams_rl_jax.backends.flax_backend import FlaxBackend
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.serve.app import Limits, make_app
+from teams_rl_jax.serve.batch import BatchLimits
 
 
 def parse_mesh(text: str | None) -> dict | None:
@@ -51,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--max-n", type=int, default=8)
+    p.add_argument("--files-dir", default="serve_files",
+                   help="Batch API files and batches, kept across restarts (default ./serve_files)")
+    p.add_argument("--max-upload-bytes", type=int, default=100 << 20, help="largest /v1/files upload")
+    p.add_argument("--max-batch-lines", type=int, default=50_000, help="most requests in one batch")
+    p.add_argument("--batch-fail-once", default=None, help=argparse.SUPPRESS)  # test hook (serve.batch)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -81,7 +88,10 @@ def build_app(args: argparse.Namespace):
     backend = FlaxBackend.from_config(cfg, role="serve", min_batch=args.min_batch, decode_chunk=args.decode_chunk)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                     max_tokens=args.max_tokens, max_n=args.max_n)
-    app = make_app(backend, model_name=args.model_name, api_key=key, limits=limits)
+    batch_limits = BatchLimits(max_upload_bytes=args.max_upload_bytes, max_lines=args.max_batch_lines,
+                               fail_once=args.batch_fail_once)
+    app = make_app(backend, model_name=args.model_name, api_key=key, limits=limits, files_dir=args.files_dir,
+                   batch_limits=batch_limits)
     return app, backend, key
 
 

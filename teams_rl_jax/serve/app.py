@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API over a ``FlaxBackend`` (FastAPI on uvicorn).
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream``
-answers with server-sent events: the whole completion in one chunk, then ``[DONE]``), ``GET /stats``
+answers with server-sent events: the whole completion in one chunk, then ``[DONE]``), OpenAI's Batch
+API (``/v1/files``, ``/v1/batches``: :mod:`~teams_rl_jax.serve.batch`, each line answered by
+:meth:`Service.answer`, the live routes' own handler), ``GET /stats``
 (generate calls, rows, requests; behind auth like the rest) and ``GET /health`` (no auth).
 
 Every client error is a 4xx with OpenAI's error body ``{"error": {"message", "type", "param",
@@ -21,15 +23,18 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from teams_rl_jax.backends.base import Completion
 from teams_rl_jax.serve import parse
+from teams_rl_jax.serve.batch import BatchLimits, BatchRunner, Store
 from teams_rl_jax.serve.batcher import Batcher
 from teams_rl_jax.serve.parse import ApiError, Limits
 
@@ -51,6 +56,7 @@ class Service:
         self.batcher = Batcher(backend)
         self.stats = {"requests": 0, "completion_tokens": 0, "prompt_tokens": 0}
         self.created = int(time.time())
+        self.runner: BatchRunner | None = None  # the Batch API (make_app sets it)
 
     # ---- shared steps ---------------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
@@ -64,7 +70,19 @@ class Service:
 
     async def body(self, request: Request) -> dict:
         self.check_auth(request)
-        return await parse.read_body(request, self.limits, self.name)
+        return await parse.read_body(request, self.limits)
+
+    async def answer(self, endpoint: str, body: dict, *, stream_ok: bool = True):
+        """The one handler of a generation request (``endpoint``: ``/v1/completions`` or
+        ``/v1/chat/completions``), for the live routes and for every line of a batch alike."""
+        parse.check_model(body, self.name)
+        if body.get("stream") and not stream_ok:
+            raise ApiError(400, "'stream' is not supported in a batch", param="stream")
+        if endpoint == "/v1/completions":
+            return await self.completions(body)
+        if endpoint == "/v1/chat/completions":
+            return await self.chat_completions(body)
+        raise ApiError(404, f"unknown endpoint {endpoint[:80]}", param="url")
 
     async def generate(self, ids_list: list[list[int]], s: dict) -> list[Completion]:
         rows = [ids for ids in ids_list for _ in range(s["n"])]
@@ -189,25 +207,84 @@ def _add_routes(app: FastAPI, svc: Service) -> None:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await svc.completions(await svc.body(request))
+        return await svc.answer("/v1/completions", await svc.body(request))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await svc.chat_completions(await svc.body(request))
+        return await svc.answer("/v1/chat/completions", await svc.body(request))
+
+    _add_batch_routes(app, svc)
 
 
-def make_app(backend, *, model_name: str | None = None, api_key: str | None = None,
-             limits: Limits | None = None) -> FastAPI:
+def _add_batch_routes(app: FastAPI, svc: Service) -> None:
+    """OpenAI's Files + Batch API (``serve.batch``); every route behind auth."""
+
+    @app.post("/v1/files")
+    async def upload(request: Request):
+        svc.check_auth(request)
+        lim = svc.runner.limits
+        # The form's own fields and boundaries ride on top of the file: a little slack for them.
+        raw = await parse.read_bytes(request, lim.max_upload_bytes + 4096, "upload")
+        form = parse.multipart_form(raw, request.headers.get("content-type", ""))
+        purpose = form.get("purpose", (None, b""))[1].decode("utf-8", "replace").strip()
+        if purpose != "batch":
+            raise ApiError(400, f"'purpose' must be 'batch', got {purpose[:40]!r}", param="purpose")
+        if "file" not in form:
+            raise ApiError(400, "'file' is required", param="file")
+        filename, data = form["file"]
+        if len(data) > lim.max_upload_bytes:
+            raise ApiError(413, f"upload over {lim.max_upload_bytes} bytes", code="request_too_large")
+        return svc.runner.store.put_file(data, (filename or "upload.jsonl")[:200], purpose)
+
+    @app.get("/v1/files/{file_id}")
+    async def file_meta(file_id: str, request: Request):
+        svc.check_auth(request)
+        return svc.runner.store.file(file_id)
+
+    @app.get("/v1/files/{file_id}/content")
+    async def file_content(file_id: str, request: Request):
+        svc.check_auth(request)
+        return Response(svc.runner.store.content(file_id), media_type="application/jsonl")
+
+    @app.post("/v1/batches")
+    async def create_batch(request: Request):
+        return svc.runner.create(await svc.body(request))
+
+    @app.get("/v1/batches")
+    async def list_batches(request: Request, limit: int = 20, after: str | None = None):
+        svc.check_auth(request)
+        return svc.runner.list(max(1, min(limit, 100)), after)
+
+    @app.get("/v1/batches/{batch_id}")
+    async def get_batch(batch_id: str, request: Request):
+        svc.check_auth(request)
+        return svc.runner.store.batch(batch_id)
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    async def cancel_batch(batch_id: str, request: Request):
+        svc.check_auth(request)
+        return svc.runner.cancel(batch_id)
+
+
+def make_app(backend, *, model_name: str | None = None, api_key: str | None = None, limits: Limits | None = None,
+             files_dir: str | Path | None = None, batch_limits: BatchLimits | None = None) -> FastAPI:
     """The ASGI app serving ``backend`` (a ``FlaxBackend``) as ``model_name``.
 
     ``api_key``: when set, every ``/v1`` and ``/stats`` request needs ``Authorization: Bearer <key>``.
+    ``files_dir``: where the Batch API keeps files and batches (default: a fresh temp dir, gone with
+    the process; the CLI's ``--files-dir`` defaults to a persistent ``./serve_files``).
     """
     svc = Service(backend, model_name=model_name, api_key=api_key, limits=limits or Limits())
+    if files_dir is None:
+        files_dir = tempfile.mkdtemp(prefix="teams_rl_jax_serve_files_")
+    svc.runner = BatchRunner(svc, Store(files_dir), batch_limits or BatchLimits())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         svc.batcher.start()
+        svc.runner.resume()  # batches a stopped server left unfinished
         yield
+        await svc.runner.stop()
         await svc.batcher.stop()  # uvicorn has drained the in-flight requests; wait for any rows left
 
     app = FastAPI(title="teams-rl-jax OpenAI-compatible server", docs_url=None, redoc_url=None, openapi_url=None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -44,31 +45,73 @@ def field(body: dict, name: str, kinds: tuple, default: Any, *, lo=None, hi=None
     return v
 
 
-async def read_body(request: Request, limits: Limits, model_name: str) -> dict:
-    """The JSON object of a request for ``model_name``: 413 over ``max_body_bytes`` (with or without a
-    content-length), 400 for bad JSON or a missing ``model``, 404 for another model."""
+async def read_bytes(request: Request, limit: int, what: str = "request body") -> bytes:
+    """The raw body, 413 over ``limit`` bytes (with or without a content-length)."""
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-        raise ApiError(413, f"request body over {limits.max_body_bytes} bytes", code="request_too_large")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"{what} over {limit} bytes", code="request_too_large")
     chunks, size = [], 0
     async for chunk in request.stream():  # also bounds chunked bodies without a content-length
         size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise ApiError(413, f"request body over {limits.max_body_bytes} bytes", code="request_too_large")
+        if size > limit:
+            raise ApiError(413, f"{what} over {limit} bytes", code="request_too_large")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_body(request: Request, limits: Limits) -> dict:
+    """The JSON object of a request: 413 over ``max_body_bytes``, 400 for bad JSON."""
+    raw = await read_bytes(request, limits.max_body_bytes)
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+def check_model(body: dict, model_name: str) -> None:
+    """400 for a missing ``model``, 404 for another model than ``model_name``."""
     model = body.get("model")
     if not isinstance(model, str):
         raise ApiError(400, "'model' is required", param="model")
     if model != model_name:
         raise ApiError(404, f"model '{model[:100]}' does not exist (this server serves '{model_name}')",
                        param="model", code="model_not_found")
-    return body
+
+
+_PARAM = re.compile(r'(?:^|;)\s*([a-zA-Z_-]+)="([^"]*)"')
+
+
+def multipart_form(raw: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]]:
+    """``{field: (filename or None, bytes)}`` of a ``multipart/form-data`` body (already size-bounded).
+
+    A small parser of our own (boundary split, RFC 7578) instead of a dependency on python-multipart.
+    """
+    kind, _, rest = content_type.partition(";")
+    m = re.search(r'boundary="?([^";]+)"?', rest)
+    if kind.strip().lower() != "multipart/form-data" or m is None:
+        raise ApiError(400, "expected a multipart/form-data body with a boundary")
+    delim = b"--" + m.group(1).encode("latin-1")
+    parts = raw.split(delim)
+    if len(parts) < 3 or not parts[-1].startswith(b"--"):
+        raise ApiError(400, "malformed multipart body (no closing boundary)")
+    out: dict[str, tuple[str | None, bytes]] = {}
+    for part in parts[1:-1]:
+        part = part[2:] if part.startswith(b"\r\n") else part
+        head, sep, data = part.partition(b"\r\n\r\n")
+        if not sep:
+            raise ApiError(400, "malformed multipart body (a part without headers)")
+        data = data[:-2] if data.endswith(b"\r\n") else data
+        params: dict[str, str] = {}
+        for line in head.decode("utf-8", "replace").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-disposition":
+                params = {k.lower(): v for k, v in _PARAM.findall(value)}
+        if "name" in params:
+            out[params["name"]] = (params.get("filename"), data)
+    return out
 
 
 def sampling(body: dict, limits: Limits, default_max_tokens: int | None = 16) -> dict:
