@@ -293,6 +293,7 @@ def test_generate_stage_reattaches_to_in_flight_batch(server, tmp_path, monkeypa
     inputs = [client.files.content(b.input_file_id).text for b in new]
     assert len(set(inputs)) == len(inputs), "a request file was sent in two batches"
     lines = sum(len(t.splitlines()) for t in inputs)
-    assert len(new) >= 2 and lines >= 4  # 2 seeds x (rewrite + answer), the first batch among them
+    # 2 rewrites, then an answer per kept rewrite (a sampled rewrite may be eliminated), the first batch among them
+    assert len(new) >= 2 and lines >= 3
     assert _stats(server)["requests"] - before["requests"] == lines
     assert not list((run / "cache" / "batches").glob("*.json"))  # finished batches leave no state
