@@ -106,6 +106,11 @@ class ContinuousEngine:
             self._thread.join()
 
     @property
+    def in_flight(self) -> int:
+        """Rows waiting for a slot or decoding."""
+        return len(self._pending) + len(self._live)
+
+    @property
     def cache_bytes(self) -> int:
         if self._state is None:
             return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 import uvicorn
@@ -70,7 +71,13 @@ def main(argv=None) -> None:
     app, backend, key = build_app(args)
     logging.getLogger(__name__).info("serving %s on http://%s:%d/v1 (auth %s)", backend.model, args.host, args.port,
                                      "on" if key else "off")
+    # uvicorn drains the in-flight requests on SIGTERM/SIGINT, then re-raises the signal to the handler
+    # installed before it: a no-op here, so a drained shutdown exits 0 (a supervisor reads it as clean).
+    # Installed only now: while the model loads, SIGTERM still kills at once.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    logging.getLogger(__name__).info("drained and stopped")
 
 
 def build_app(args: argparse.Namespace):

@@ -119,7 +119,8 @@ class Service:
     def get_stats(self) -> dict:
         b = self.batcher
         return {**self.stats, "generate_calls": self.backend.generate_calls, "batches": b.generate_calls,
-                "rows": b.rows, "max_rows_per_call": b.max_rows_per_call, "max_batch": b.max_batch}
+                "rows": b.rows, "max_rows_per_call": b.max_rows_per_call, "max_batch": b.max_batch,
+                "rows_in_flight": b.in_flight}
 
     def _prompt_ids(self, prompts: list, max_tokens: int) -> list[list[int]]:
         vocab = self.backend.lm.config.vocab_size

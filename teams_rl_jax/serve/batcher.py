@@ -59,3 +59,9 @@ class Batcher:
     @property
     def max_rows_per_call(self) -> int:
         return self._engine_stat("max_live")
+
+    @property
+    def in_flight(self) -> int:
+        """Rows queued or decoding now."""
+        e = self.backend._engine
+        return 0 if e is None else e.in_flight
