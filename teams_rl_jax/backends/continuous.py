@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import logging
 import threading
 from typing import Callable, Sequence
 
@@ -28,6 +29,7 @@ import numpy as np
 from teams_rl_jax import sharding, slot_engine
 
 MIN_LEN_BUCKET = 16
+log = logging.getLogger(__name__)
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -152,6 +154,9 @@ class ContinuousEngine:
         elif need > self._cache_len:
             self._cache_len = bucket(need)
             self._state = slot_engine.grow(self._state, self._cache_len)
+        else:
+            return
+        log.info("KV cache: %d slots x %d columns = %.1f MiB", self.slots, self._cache_len, self.cache_bytes / 2**20)
 
     def _admit(self, rows: list[_Row], slots: list[int]) -> None:
         Tb = bucket(max(len(r.ids) for r in rows), MIN_LEN_BUCKET)
