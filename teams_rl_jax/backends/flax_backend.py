@@ -2,7 +2,9 @@
 
 Prompts are rendered once on the host (chat messages through the checkpoint's own chat template,
 else Vicuna v1.1 wording: ``data.chat.render_chat``), tokenized without the tokenizer's automatic
-specials (the template writes its own BOS; a BOS is prepended only when the text lacks it), then
+specials, then given the front specials the tokenizer's own ``tokenizer(text)`` would add (Llama's BOS,
+none for Qwen2: :func:`front_special_ids`) unless the text already starts with them (a chat template
+that writes its own BOS gets no second one), then
 generated ``max_batch`` rows at a time by ``teams_rl_jax.generate`` (left-padded, finished rows
 stop, the loop exits when every row is done).
 
@@ -81,6 +83,27 @@ def cut_at_stop(text: str, stop: Sequence[str] | None) -> int | None:
     return min(cuts) if cuts else None
 
 
+def front_special_ids(tokenizer) -> tuple[int, ...]:
+    """The ids ``tokenizer(text)`` (``add_special_tokens=True``, the default) puts *before* the text's own
+    tokens: ``(bos,)`` for Llama (``add_bos_token`` / a ``<s> $A`` post-processor), ``()`` for Qwen2 or
+    a tokenizer without a post-processor. Found by encoding a probe text both ways (trailing specials,
+    e.g. an EOS some tokenizers append, are not front specials)."""
+    probe = "Hello"
+    try:
+        with_sp = [int(i) for i in tokenizer(probe)["input_ids"]]
+        bare = [int(i) for i in tokenizer(probe, add_special_tokens=False)["input_ids"]]
+    except (TypeError, ValueError, KeyError):  # a tokenizer that cannot encode the probe: fall back to its add_bos_token flag
+        bos = getattr(tokenizer, "bos_token_id", None)
+        return (int(bos),) if bos is not None and getattr(tokenizer, "add_bos_token", False) else ()
+    if not bare:  # probe encodes to nothing: only a leading BOS can be told apart from trailing specials
+        bos = getattr(tokenizer, "bos_token_id", None)
+        return (bos,) if with_sp[:1] == [bos] else ()
+    for k in range(len(with_sp) - len(bare) + 1):
+        if with_sp[k:k + len(bare)] == bare:
+            return tuple(with_sp[:k])
+    return ()
+
+
 class FlaxBackend:
     """``Backend`` over an in-process ``models.LM`` (see the module docstring).
 
@@ -107,6 +130,7 @@ class FlaxBackend:
         self.eos_ids = tuple(eos_ids) if eos_ids is not None else eos_ids_of(tokenizer, lm.config, checkpoint)
         self.pad_id = choose_pad_id(tokenizer, self.eos_ids)  # never an EOS id
         self.bos_id = getattr(tokenizer, "bos_token_id", None)
+        self.front_ids = front_special_ids(tokenizer)  # what tokenizer(text) puts before the text's tokens
         self.generate_calls = 0
         # Sampling calls without a seed draw from fold_in(key(seed), call number): reproducible run to
         # run, yet two calls with the same prompts do not return the same samples.
@@ -154,10 +178,12 @@ class FlaxBackend:
         return render_chat(self.tokenizer, list(prompt))
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no automatic specials; BOS prepended when the text lacks it)."""
+        """Token ids of ``text``: its own tokens, preceded by the tokenizer's front specials
+        (:func:`front_special_ids`) unless the text already starts with them."""
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
-            ids = [int(self.bos_id)] + ids
+        front = list(self.front_ids)
+        if front and ids[:len(front)] != front:
+            ids = front + ids
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
