@@ -123,10 +123,16 @@ def main() -> None:
     docs = {t: load_task(t, tmp / "data") for t in ("arc_easy", "hellaswag")}
     n_docs = sum(len(d) for d in docs.values())
 
+    import jax
+
+    # float32 on both sides: torch's CUDA matmuls default to full float32 (no TF32); XLA:GPU's default
+    # precision may use TF32, whose ~1e-3 relative error would fail the agreement check, so pin "highest".
+    jax.config.update("jax_default_matmul_precision", "highest")
     lm = load_pretrained(ckpt)
     tok = load_tokenizer(ckpt)
     scorer = LoglikelihoodScorer(lm, batch_size=args.batch, max_length=lm.config.max_position_embeddings)
-    hf = HFLM(pretrained=str(ckpt), batch_size=args.batch, device="cpu", dtype="float32")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = HFLM(pretrained=str(ckpt), batch_size=args.batch, device=device, dtype="float32")
 
     def ours():
         return {t: evaluate_docs(scorer, tok, d, task=t) for t, d in docs.items()}
@@ -160,7 +166,8 @@ def main() -> None:
     results = interleave({"ours (jax, jitted)": rate(ours), "lm-eval hf (torch)": rate(ref)}, args.rounds)
     print(f"tasks: arc_easy {len(docs['arc_easy'])} docs + hellaswag {len(docs['hellaswag'])} docs "
           f"({sum(len(d.choices) for ds in docs.values() for d in ds)} choices); model hidden {args.hidden}, "
-          f"{args.layers} layers, vocab {lm.config.vocab_size}; batch {args.batch}; torch threads "
+          f"{args.layers} layers, vocab {lm.config.vocab_size}; batch {args.batch}; torch on {device}, jax on "
+          f"{jax.devices()[0].platform}; torch threads "
           f"{torch.get_num_threads()}")
     print(table(results, "ours (jax, jitted)", "lm-eval hf (torch)", load_before, load_average(), unit="ex/s"))
 
