@@ -7,8 +7,10 @@ One tiny random Llama (transformers+torch ``save_pretrained``, word tokenizer) a
 the public layouts (ARC: question + 3-5 short choices; HellaSwag: longer context + 4 endings). Both
 implementations score every (context, " " + choice) pair and compute acc / acc_norm:
 
-* ours: :func:`teams_rl_jax.eval.multiple_choice.evaluate_docs` (lm-eval's tokenization, rows sorted by
-  length, padded to 32-token buckets and a fixed batch, one jitted forward + logsumexp per batch);
+* ours: :func:`teams_rl_jax.eval.multiple_choice.evaluate_docs` (lm-eval's tokenization; one forward over
+  each distinct context, then every choice against that context's KV cache, ``LoglikelihoodScorer``'s
+  shared-context path; ``--compare-rows`` also times the whole-row path: each context + choice its own
+  row, sorted by length, padded to 32-token buckets and a fixed batch);
 * reference: lm-eval 0.4.13's ``HFLM.loglikelihood`` on the same requests (its own sorting, batching
   and one-token-continuation grouping), then the same metric code.
 
@@ -96,6 +98,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare-rows", action="store_true",
+                    help="also time our scorer without the shared-context pass (whole context+choice rows)")
     ap.add_argument("--tol-per-token", type=float, default=TOL_PER_TOKEN,
                     help="agreement tolerance per continuation token (float32; see TOL_PER_TOKEN)")
     args = ap.parse_args()
@@ -137,6 +141,12 @@ def main() -> None:
     def ours():
         return {t: evaluate_docs(scorer, tok, d, task=t) for t, d in docs.items()}
 
+    rows_scorer = LoglikelihoodScorer(lm, batch_size=args.batch, max_length=lm.config.max_position_embeddings,
+                                      share_context=False)
+
+    def ours_rows():
+        return {t: evaluate_docs(rows_scorer, tok, d, task=t) for t, d in docs.items()}
+
     def ref():
         out = {}
         for t, ds in docs.items():
@@ -153,6 +163,8 @@ def main() -> None:
     # agreement first: a fast wrong scorer is no result
     a, b = ours(), ref()
     check_agreement(docs, a, b, tok, args.tol_per_token)
+    if args.compare_rows:
+        check_agreement(docs, ours_rows(), b, tok, args.tol_per_token)
 
     import time
 
@@ -163,13 +175,22 @@ def main() -> None:
             return {"examples/s": n_docs / (time.perf_counter() - t0)}
         return run
 
-    results = interleave({"ours (jax, jitted)": rate(ours), "lm-eval hf (torch)": rate(ref)}, args.rounds)
+    impls = {"ours (jax, jitted)": rate(ours), "lm-eval hf (torch)": rate(ref)}
+    if args.compare_rows:
+        impls["ours, whole rows (no shared context)"] = rate(ours_rows)
+    results = interleave(impls, args.rounds)
     print(f"tasks: arc_easy {len(docs['arc_easy'])} docs + hellaswag {len(docs['hellaswag'])} docs "
           f"({sum(len(d.choices) for ds in docs.values() for d in ds)} choices); model hidden {args.hidden}, "
           f"{args.layers} layers, vocab {lm.config.vocab_size}; batch {args.batch}; torch on {device}, jax on "
           f"{jax.devices()[0].platform}; torch threads "
           f"{torch.get_num_threads()}")
-    print(table(results, "ours (jax, jitted)", "lm-eval hf (torch)", load_before, load_average(), unit="ex/s"))
+    load_after = load_average()
+    print(table(results, "ours (jax, jitted)", "lm-eval hf (torch)", load_before, load_after, unit="ex/s"))
+    if args.compare_rows:
+        print(table(results, "ours, whole rows (no shared context)", "lm-eval hf (torch)", load_before, load_after,
+                    unit="ex/s"))
+        print(table(results, "ours (jax, jitted)", "ours, whole rows (no shared context)", load_before, load_after,
+                    unit="ex/s"))
 
 
 if __name__ == "__main__":
