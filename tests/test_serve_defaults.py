@@ -15,6 +15,7 @@ Mutations tried (each made a test here fail):
   5. ``--dtype`` default back to ``bfloat16`` -> test_dtype_auto_follows_checkpoint (float32 case).
   6. ``resolve_dtype`` ignores ``torch_dtype`` -> test_dtype_auto_follows_checkpoint (4.x case).
   7. ``resolve_dtype`` ignores an explicit ``--dtype`` -> test_explicit_dtype_wins.
+  8. the env's ``_with_bos`` back to "always BOS" -> test_env_prompts_follow_the_same_rule.
 """
 
 import json
@@ -27,7 +28,8 @@ import jax.numpy as jnp
 import pytest
 import tokenizer_fixtures as tf
 
-from teams_rl_jax.backends.flax_backend import FlaxBackend, front_special_ids
+from teams_rl_jax.backends.flax_backend import FlaxBackend
+from teams_rl_jax.data.tokenizer import front_special_ids
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.models import init, save_pretrained
 from teams_rl_jax.serve.__main__ import build_app, build_parser, resolve_dtype
@@ -98,6 +100,19 @@ def test_trailing_specials_are_not_front(tmp_path):
             single=template, special_tokens=[("<s>", 1), ("</s>", 2)])
         assert tok("Hello")["input_ids"][-1] == 2
         assert front_special_ids(tok) == want
+
+
+def test_env_prompts_follow_the_same_rule(tiny_lm, tmp_path):
+    """The env's token prompts (``env/pieces.py``) get the same front specials as ``FlaxBackend.encode``, so the
+    in-graph reviewer and the text reviewer see the same ids, with and without a tokenizer BOS."""
+    from teams_rl_jax.env.pieces import _with_bos, encode
+
+    for tok in (helpers.make_tokenizer(tmp_path / "plain", vocab_size=300),
+                helpers.make_tokenizer(tmp_path / "bos", vocab_size=300, bos=True),
+                tf.llama2_spm_tokenizer(tmp_path / "spm")):
+        want = _backend(tiny_lm, tok).encode(TEXT)
+        assert _with_bos(tok, TEXT, encode(tok, TEXT), True) == want
+        assert _with_bos(tok, tok.bos_token + TEXT, encode(tok, tok.bos_token + TEXT), True).count(tok.bos_token_id) == 1
 
 
 def _checkpoint(path: Path, dtype_fields: dict) -> str:

@@ -3,7 +3,7 @@
 Prompts are rendered once on the host (chat messages through the checkpoint's own chat template,
 else Vicuna v1.1 wording: ``data.chat.render_chat``), tokenized without the tokenizer's automatic
 specials, then given the front specials the tokenizer's own ``tokenizer(text)`` would add (Llama's BOS,
-none for Qwen2: :func:`front_special_ids`) unless the text already starts with them (a chat template
+none for Qwen2: ``data.tokenizer.front_special_ids``) unless the text already starts with them (a chat template
 that writes its own BOS gets no second one), then
 generated ``max_batch`` rows at a time by ``teams_rl_jax.generate`` (left-padded, finished rows
 stop, the loop exits when every row is done).
@@ -33,7 +33,7 @@ import numpy as np
 from teams_rl_jax import sharding
 from teams_rl_jax.backends.base import Completion, Prompt, QueryCounter
 from teams_rl_jax.data.chat import render_chat
-from teams_rl_jax.data.tokenizer import choose_pad_id, load_tokenizer
+from teams_rl_jax.data.tokenizer import choose_pad_id, front_special_ids, load_tokenizer
 from teams_rl_jax.errors import BackendError
 from teams_rl_jax.generation import generate
 from teams_rl_jax.models import load_pretrained
@@ -81,27 +81,6 @@ def cut_at_stop(text: str, stop: Sequence[str] | None) -> int | None:
     cuts = [text.find(s) for s in (stop or ()) if s]
     cuts = [c for c in cuts if c >= 0]
     return min(cuts) if cuts else None
-
-
-def front_special_ids(tokenizer) -> tuple[int, ...]:
-    """The ids ``tokenizer(text)`` (``add_special_tokens=True``, the default) puts *before* the text's own
-    tokens: ``(bos,)`` for Llama (``add_bos_token`` / a ``<s> $A`` post-processor), ``()`` for Qwen2 or
-    a tokenizer without a post-processor. Found by encoding a probe text both ways (trailing specials,
-    e.g. an EOS some tokenizers append, are not front specials)."""
-    probe = "Hello"
-    try:
-        with_sp = [int(i) for i in tokenizer(probe)["input_ids"]]
-        bare = [int(i) for i in tokenizer(probe, add_special_tokens=False)["input_ids"]]
-    except (TypeError, ValueError, KeyError):  # a tokenizer that cannot encode the probe: fall back to its add_bos_token flag
-        bos = getattr(tokenizer, "bos_token_id", None)
-        return (int(bos),) if bos is not None and getattr(tokenizer, "add_bos_token", False) else ()
-    if not bare:  # probe encodes to nothing: only a leading BOS can be told apart from trailing specials
-        bos = getattr(tokenizer, "bos_token_id", None)
-        return (bos,) if with_sp[:1] == [bos] else ()
-    for k in range(len(with_sp) - len(bare) + 1):
-        if with_sp[k:k + len(bare)] == bare:
-            return tuple(with_sp[:k])
-    return ()
 
 
 class FlaxBackend:
