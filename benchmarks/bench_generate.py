@@ -25,6 +25,72 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import interleave, load_average, table, timed  # noqa: E402
 
 
+def torch_impls(lm, ids, mask, args) -> dict:
+    """The transformers references, ``{label: fn}`` (each fn -> ``{"prefill", "decode"}`` tokens/s).
+
+    CPU: ``generate`` with the default dynamic cache, eager (the issue-10 reference); prefill = generate 1 token.
+    CUDA (only reached when ``torch.cuda.is_available()``): SDPA attention; ``generate`` with the static KV cache
+    (``cache_implementation="static"``), eager (``disable_compile=True``: transformers would otherwise auto-compile
+    with its reduce-overhead recipe) and/or compiled (``compile_config`` with ``--torch-compile-mode``); prefill =
+    one HF forward over batch x prompt (``logits_to_keep=1``, as our prefill keeps the last position). The GPU is
+    synchronized before every clock stop."""
+    import torch
+    import transformers
+
+    from teams_rl_jax.models import save_pretrained
+
+    cuda = torch.cuda.is_available()
+    B, P, N = args.batch, args.prompt, args.new
+    tdtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(lm, tmp)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp, dtype=tdtype, **({"attn_implementation": "sdpa"} if cuda else {})).eval()
+    device = "cuda" if cuda else "cpu"
+    ref = ref.to(device)
+    tids = torch.as_tensor(ids, dtype=torch.long, device=device)
+    tmask = torch.as_tensor(mask, dtype=torch.long, device=device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def gen_once(n, **kw):
+        def run():
+            with torch.no_grad():
+                ref.generate(input_ids=tids, attention_mask=tmask, max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0, **kw)
+            sync()
+        return timed(run)
+
+    def forward_once():
+        def run():
+            with torch.no_grad():
+                ref(input_ids=tids, attention_mask=tmask, logits_to_keep=1)
+            sync()
+        return timed(run)
+
+    if not cuda:
+        def theirs():
+            t1, tn = gen_once(1), gen_once(N)
+            return {"prefill": B * P / t1, "decode": B * (N - 1) / (tn - t1) if tn > t1 else float("nan")}
+        return {"transformers (torch)": theirs}
+
+    out = {}
+    for variant in [v.strip() for v in args.torch_variants.split(",") if v.strip()]:
+        if variant == "static":
+            kw, label = {"cache_implementation": "static", "disable_compile": True}, "HF generate static cache (eager)"
+        elif variant == "static-compiled":
+            kw = {"cache_implementation": "static",
+                  "compile_config": transformers.CompileConfig(mode=args.torch_compile_mode, fullgraph=True)}
+            label = f"HF generate static cache (torch.compile {args.torch_compile_mode})"
+        else:
+            raise SystemExit(f"--torch-variants: unknown {variant!r}")
+
+        def theirs(kw=kw):
+            t1, tn = gen_once(1, **kw), gen_once(N, **kw)
+            return {"prefill": B * P / forward_once(), "decode": B * (N - 1) / (tn - t1) if tn > t1 else float("nan")}
+        out[label] = theirs
+    return out
+
+
 def main() -> None:
     """Parse flags, run both implementations interleaved, print one table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,7 +107,14 @@ def main() -> None:
     ap.add_argument("--attention", default="auto", help="ModelConfig.attention_impl (auto|xla|cudnn|splash)")
     ap.add_argument("--unroll", type=int, default=0, help="ModelConfig.scan_unroll: layers per scan step, 0 = all")
     ap.add_argument("--hbm-gbps", type=float, default=3350.0, help="HBM bandwidth for the decode bound (H100 SXM)")
-    ap.add_argument("--no-torch", action="store_true", help="skip the transformers reference (e.g. on GPU)")
+    ap.add_argument("--no-torch", action="store_true", help="skip the transformers reference")
+    ap.add_argument("--torch-compile-mode", default="default",
+                    help="CUDA: torch.compile mode of the compiled HF reference (default | max-autotune-no-cudagraphs; "
+                         "reduce-overhead is opt-in: transformers' CUDA-graph recipe failed on an H200 with a graph "
+                         "buffer overwritten in the static cache)")
+    ap.add_argument("--torch-variants", default="static,static-compiled",
+                    help="CUDA: HF references to time, comma-separated: static (generate, static KV cache, eager), "
+                         "static-compiled (same, forward compiled with --torch-compile-mode)")
     args = ap.parse_args()
     from teams_rl_jax import host_malloc
 
@@ -49,7 +122,7 @@ def main() -> None:
     import dataclasses
 
     from teams_rl_jax import generate
-    from teams_rl_jax.models import init, save_pretrained
+    from teams_rl_jax.models import init
 
     hf_cfg = dict(model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden,
                   intermediate_size=int(args.hidden * 8 / 3) // 64 * 64, num_hidden_layers=args.layers,
@@ -71,27 +144,8 @@ def main() -> None:
 
     impls = {"teams_rl_jax (jax)": ours}
     if not args.no_torch:
-        import torch
-        import transformers
-
-        with tempfile.TemporaryDirectory() as tmp:
-            save_pretrained(lm, tmp)
-            ref = transformers.AutoModelForCausalLM.from_pretrained(
-                tmp, dtype=torch.float32 if args.dtype == "float32" else torch.bfloat16).eval()
-        tids, tmask = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask, dtype=torch.long)
-
-        def theirs_once(n):
-            def run():
-                with torch.no_grad():
-                    ref.generate(input_ids=tids, attention_mask=tmask, max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False, pad_token_id=0)
-            return timed(run)
-
-        def theirs():
-            t1, tn = theirs_once(1), theirs_once(N)
-            return {"prefill": B * P / t1, "decode": B * (N - 1) / (tn - t1) if tn > t1 else float("nan")}
-
-        impls["transformers (torch)"] = theirs
+        impls.update(torch_impls(lm, ids, mask, args))
+    refs = [k for k in impls if k != "teams_rl_jax (jax)"]
 
     before = load_average()
     results = interleave(impls, args.rounds)
@@ -101,7 +155,8 @@ def main() -> None:
           f"params={lm.num_params() / 1e6:.1f}M dtype={args.dtype} batch={B} prompt={P} new={N} "
           f"attention={args.attention} unroll={args.unroll} device={dev.platform}:{getattr(dev, 'device_kind', '')} "
           f"jax={jax.__version__} host_malloc={malloc}")
-    print(table(results, "teams_rl_jax (jax)", None if args.no_torch else "transformers (torch)", before, after))
+    for ref in refs or [None]:
+        print(table(results, "teams_rl_jax (jax)", ref, before, after))
     if dev.platform == "gpu":
         # Decode is memory bound: a step streams every weight once plus the KV cache written so far.
         import statistics
@@ -110,11 +165,13 @@ def main() -> None:
         c = lm.config
         itemsize = np.dtype(lm.dtype).itemsize
         kv_mean = 2 * c.num_hidden_layers * B * (P + N / 2) * c.num_key_value_heads * c.head_dim * itemsize
-        step_s = B / statistics.median(results["teams_rl_jax (jax)"]["decode"])
         moved = weights + kv_mean
-        print(f"decode: {weights / 1e9:.2f} GB weights + {kv_mean / 1e9:.2f} GB mean KV cache per step, "
-              f"{step_s * 1e3:.2f} ms/step -> {moved / step_s / 1e9:,.0f} GB/s = {moved / step_s / 1e9 / args.hbm_gbps:.0%} "
-              f"of {args.hbm_gbps:,.0f} GB/s")
+        print(f"decode: {weights / 1e9:.2f} GB weights + {kv_mean / 1e9:.2f} GB mean KV cache per step "
+              f"(HBM bound {args.hbm_gbps:,.0f} GB/s -> {moved / args.hbm_gbps / 1e6:.2f} ms/step)")
+        for impl in ["teams_rl_jax (jax)"] + refs:
+            step_s = B / statistics.median(results[impl]["decode"])
+            print(f"  {impl}: {step_s * 1e3:.2f} ms/step -> {moved / step_s / 1e9:,.0f} GB/s = "
+                  f"{moved / step_s / 1e9 / args.hbm_gbps:.0%} of the bound")
 
 
 if __name__ == "__main__":

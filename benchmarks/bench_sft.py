@@ -17,6 +17,7 @@ MFU = 6*N*tokens/s / peak (N = all parameters); "MFU+attn" adds the attention ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import statistics
 import sys
@@ -56,6 +57,43 @@ def ce_memory(seq: int = 2048, vocab: int = 32000, batch: int = 1, hidden: int =
         print(f"{name:<24} temp {m.temp_size_in_bytes / 2**20:>9,.1f} MiB   output {m.output_size_in_bytes / 2**20:>7,.1f} MiB")
 
 
+def torch_impls(model, ids, tokens: int, args) -> dict:
+    """The reference's timed steps: ``{label: fn}``. CPU: eager float32 (the issue-10 reference). CUDA: float32
+    master weights, bf16 autocast when ``--dtype bfloat16``, SDPA attention, fused AdamW, the GPU synchronized
+    before the clock stops; ``--torch-compile`` adds ``torch.compile(model)`` (same weights and optimizer)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    ref = model.train()
+    topt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.0, **({"fused": True} if cuda else {}))
+    tids = torch.as_tensor(ids, dtype=torch.long, device=device)
+    bf16 = cuda and args.dtype == "bfloat16"
+
+    def make(fwd):
+        def theirs():
+            def run():
+                topt.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                    out = fwd(input_ids=tids, labels=tids)
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+                topt.step()
+                if cuda:
+                    torch.cuda.synchronize()
+            return {"step": tokens / timed(run)}
+        return theirs
+
+    if not cuda:
+        out = {"transformers + torch AdamW": make(ref)}
+    else:
+        tag = f"cuda, sdpa{', bf16 autocast' if bf16 else ''}, fused AdamW"
+        out = {f"torch eager ({tag})": make(ref)}
+    if args.torch_compile:
+        out[f"torch.compile {args.torch_compile_mode} ({device})"] = make(torch.compile(ref, mode=args.torch_compile_mode))
+    return out
+
+
 def main() -> None:
     """Run both trainers on the same random batch and print a table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +113,10 @@ def main() -> None:
     ap.add_argument("--ce-chunk", type=int, default=1024, help="loss chunk in tokens (0 = full [B,T,V] logits)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="also time torch.compile(model) (same weights and optimizer as the eager reference)")
+    ap.add_argument("--torch-compile-mode", default="default",
+                    help="torch.compile mode for --torch-compile (default | max-autotune-no-cudagraphs | ...)")
     ap.add_argument("--ce-memory", action="store_true", help="only print the loss's peak memory, full vs chunked")
     args = ap.parse_args()
     from teams_rl_jax import host_malloc
@@ -111,9 +153,14 @@ def main() -> None:
         import torch
         import transformers
 
+        cuda = torch.cuda.is_available()
         with tempfile.TemporaryDirectory() as tmp:
             save_pretrained(lm, tmp)
-            torch_model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+            # float32 master weights on both sides; on CUDA, SDPA attention (torch's flash / memory-efficient kernels)
+            torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+                tmp, dtype=torch.float32, **({"attn_implementation": "sdpa"} if cuda else {}))
+        if cuda:
+            torch_model = torch_model.to("cuda")
     # Commit the whole state to the device so the warm-up call's outputs match its inputs (one compile).
     holder = {"state": jax.device_put(init_state(lm, opt, 0), device)}
 
@@ -129,23 +176,10 @@ def main() -> None:
         return {"step": rate}
 
     impls = {"teams_rl_jax (jax)": ours}
+    refs: list[str] = []
     if torch_model is not None:
-        import torch
-
-        ref = torch_model.train()
-        topt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.0)
-        tids = torch.as_tensor(ids, dtype=torch.long)
-
-        def theirs():
-            def run():
-                topt.zero_grad(set_to_none=True)
-                out = ref(input_ids=tids, labels=tids)
-                out.loss.backward()
-                torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-                topt.step()
-            return {"step": tokens / timed(run)}
-
-        impls["transformers + torch AdamW"] = theirs
+        impls.update(torch_impls(torch_model, ids, tokens, args))
+        refs = [k for k in impls if k != "teams_rl_jax (jax)"]
 
     before = load_average()
     results = interleave(impls, args.rounds)
@@ -154,17 +188,17 @@ def main() -> None:
           f"params={n / 1e6:.1f}M seq={T} batch={B} compute={args.dtype} params={args.param_dtype} remat={args.remat} "
           f"attention={args.attention} unroll={args.unroll} ce_chunk={args.ce_chunk}")
     print(f"device={device.platform}:{getattr(device, 'device_kind', '')} jax={jax.__version__} host_malloc={malloc}")
-    print(table(results, "teams_rl_jax (jax)", None if torch_model is None else "transformers + torch AdamW",
-                before, after))
+    for ref in refs or [None]:
+        print(table(results, "teams_rl_jax (jax)", ref, before, after))
     print(f"our step: {statistics.median(faults):,.0f} minor page faults (median); process peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (both models)")
     if args.peak_tflops:
-        med = statistics.median(results["teams_rl_jax (jax)"]["step"])
-        best = max(results["teams_rl_jax (jax)"]["step"])
         attn = 6 * args.layers * T * args.hidden
-        for name, rate in (("median", med), ("best", best)):
-            print(f"MFU ({name}): {6 * n * rate / (args.peak_tflops * 1e12):.1%}   "
-                  f"MFU+attn: {(6 * n + attn) * rate / (args.peak_tflops * 1e12):.1%}")
+        for impl in ["teams_rl_jax (jax)"] + refs:
+            med, best = statistics.median(results[impl]["step"]), max(results[impl]["step"])
+            for name, rate in (("median", med), ("best", best)):
+                print(f"{impl}: MFU ({name}): {6 * n * rate / (args.peak_tflops * 1e12):.1%}   "
+                      f"MFU+attn: {(6 * n + attn) * rate / (args.peak_tflops * 1e12):.1%}")
 
 
 if __name__ == "__main__":

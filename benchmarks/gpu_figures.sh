@@ -1,33 +1,72 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/benchmarks.md (the device machine's own python3 has jax[cuda], flax, optax,
-# transformers). Part 1: cuDNN attention check, ~1B SFT step with auto (cuDNN) attention (MFU), ~1B decode
-# (HBM bound), loss memory. Part 2: the same SFT step with XLA attention,
-# unrolled layers, remat dots_saveable; decode with unrolled layers. Part 3: Llama-2-7B-shaped LoRA step,
-# bf16 base vs QLoRA's NF4 base (peak memory, tokens/s).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_figures.sh 1|2|3 [OUTDIR]
+# Every GPU figure of issue 19 in ONE run of at most ~10 minutes wall (the device tool's per-command limit),
+# each step under its own `timeout` and skipped when the run's remaining budget cannot hold it:
+#   1. SFT step, ~1B Llama (16 layers, hidden 2048, 16 heads, vocab 32000, seq 2048, batch 8, bf16 compute):
+#      ours vs torch eager (SDPA, bf16 autocast, fused AdamW) vs torch.compile, interleaved, MFU.
+#   2. decode + prefill, same ~1B model in bf16, batch 16 and 64, prompt 128, 128 new tokens: ours vs HF
+#      generate with the static KV cache, eager and torch.compile'd (mode "default"), prefill vs one HF forward;
+#      the HBM-bound accounting (bytes per decode step / bandwidth) for every implementation.
+#   3. bench_generate_stage.py (the generate stage vs bare decode); bench_engine.py (the continuous-batching
+#      engine vs static generate, ~1B bf16, 16 slots, uniform and mixed answer lengths).
+#   4. bench_eval.py on CUDA (ours vs lm-eval's `hf` model on cuda), hidden 512.
+#   5. bench_serve.py at concurrency 1/8/32/64 with the 512-wide model.
+# The device machine has jax[cuda], torch, transformers, flax, optax but no network: the server's, client's and
+# lm-eval's packages come from wheels/ (bash benchmarks/fetch_gpu_wheels.sh, here, first; the device tool
+# must carry "wheels"). Usage, in the repo root on the GPU machine:
+#     bash benchmarks/gpu_figures.sh [OUTDIR]          (BUDGET=seconds overrides the 570 s total)
+# H200: --hbm-gbps 4800 and --peak-tflops 989 (dense bf16, as H100 SXM); set HBM_GBPS / PEAK_TFLOPS otherwise.
 set -u
-PART=${1:-1}; OUT=${2:-${OUT:-/tmp/gpu_figures}}; mkdir -p "$OUT"
+OUT=${1:-${OUT:-/tmp/gpu_figures}}; mkdir -p "$OUT"
+BUDGET=${BUDGET:-570}
+END=$((SECONDS + BUDGET))
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda TOKENIZERS_PARALLELISM=false
+# torch shares the card with jax in the same process: no 75% preallocation by XLA.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+HBM=${HBM_GBPS:-4800}; PEAK=${PEAK_TFLOPS:-989}
 ONEB="--layers 16 --hidden 2048 --heads 16 --kv-heads 16 --vocab 32000"
-SFT="python3 benchmarks/bench_sft.py $ONEB --seq 2048 --batch 8 --dtype bfloat16 --no-torch --peak-tflops 989 --rounds 5"
+
+step() {  # step NAME SECONDS command...: run under timeout, never past the run's budget
+  local name=$1 want=$2; shift 2
+  local left=$((END - SECONDS))
+  if [ "$left" -lt 20 ]; then echo "=== $name: SKIPPED (budget spent, ${left}s left)"; return; fi
+  local t=$(( want < left ? want : left ))
+  echo "=== $name (timeout ${t}s, $(date -u +%H:%M:%S) UTC, load $(cut -d' ' -f1-3 /proc/loadavg))"
+  local t0=$SECONDS
+  timeout "$t" "$@" 2>&1 | grep -v -E "^WARNING|Warning:|it/s\]|^\s*$" | tail -"${TAIL:-14}"
+  echo "=== $name: rc=${PIPESTATUS[0]} in $((SECONDS - t0))s"
+}
+
 {
-if [ "$PART" = 1 ]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
-  python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
-  # -o addopts=: setup.cfg's "-n 2" needs pytest-xdist, which the device machine may lack
-  timeout 100 python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_attention.py -k "cudnn or resolve" 2>&1 | tail -15
-  timeout 200 $SFT --attention auto 2>&1 | grep -v "^WARNING" | tail -9
-  timeout 150 python3 benchmarks/bench_generate.py $ONEB --batch 16 --prompt 128 --new 128 --dtype bfloat16 \
-    --no-torch --rounds 5 2>&1 | tail -6
-  timeout 60 python3 benchmarks/bench_sft.py --ce-memory 2>&1 | tail -4
-elif [ "$PART" = 3 ]; then
-  timeout 240 python3 benchmarks/bench_lora_7b.py --batch 8 --seq 512 --remat full 2>&1 | tail -1
-  timeout 240 python3 benchmarks/bench_lora_7b.py --batch 8 --seq 512 --remat full --quantize nf4 2>&1 | tail -1
+date -u; nproc; head -1 /proc/stat
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
+python3 -c "import sys, jax, flax, optax, torch, transformers; print('python', sys.version.split()[0], 'jax', jax.__version__, \
+'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__, jax.devices())"
+if [ -d wheels ]; then
+  step "install wheels" 60 bash -c "python3 -m pip install -q --no-index --find-links wheels \
+    fastapi==0.165.0 uvicorn==0.55.0 openai==3.60.0 httpx==0.29.0 dill jinja2 psutil more_itertools && \
+    python3 -m pip install -q --no-index --no-deps --find-links wheels lm-eval==0.4.13 accelerate==1.16.0 && echo installed"
 else
-  timeout 150 $SFT --attention xla 2>&1 | grep -v "^WARNING" | tail -9
-  timeout 150 $SFT --attention auto --unroll 16 2>&1 | grep -v "^WARNING" | tail -9
-  timeout 150 $SFT --attention auto --remat dots_saveable 2>&1 | grep -v "^WARNING" | tail -9
-  timeout 150 python3 benchmarks/bench_generate.py $ONEB --batch 16 --prompt 128 --new 128 --dtype bfloat16 \
-    --no-torch --rounds 5 --unroll 16 2>&1 | tail -6
+  echo "no wheels/ directory: bench_serve and bench_eval need it (bash benchmarks/fetch_gpu_wheels.sh)"
 fi
-} 2>&1 | tee "$OUT/gpu_figures_$PART.log"
+
+TAIL=16 step "SFT ~1B: ours vs torch eager vs torch.compile" 160 python3 benchmarks/bench_sft.py $ONEB --seq 2048 \
+  --batch 8 --dtype bfloat16 --rounds 5 --torch-compile --torch-compile-mode default --peak-tflops "$PEAK"
+for B in 16 64; do
+  TAIL=18 step "decode + prefill ~1B bf16, batch $B: ours vs HF static cache eager / compiled" 110 \
+    python3 benchmarks/bench_generate.py $ONEB --batch "$B" --prompt 128 --new 128 --dtype bfloat16 --rounds 5 \
+    --torch-variants static,static-compiled --torch-compile-mode default --hbm-gbps "$HBM"
+done
+step "generate stage vs bare decode" 35 python3 benchmarks/bench_generate_stage.py --rounds 5
+step "continuous-batching engine vs static generate, ~1B bf16" 60 python3 benchmarks/bench_engine.py $ONEB \
+  --batch 16 --prompt 128 --new 128 --dtype bfloat16 --rounds 3
+if python3 -c "import lm_eval.models.huggingface" 2>/dev/null; then
+  step "eval scorer on CUDA: ours vs lm-eval hf (cuda), hidden 512" 40 python3 benchmarks/bench_eval.py \
+    --hidden 512 --layers 4 --rounds 5
+else
+  echo "=== eval: SKIPPED (lm_eval.models.huggingface does not import: wheels missing?)"
+fi
+step "server c=1/8/32/64, hidden 512" 75 python3 benchmarks/bench_serve.py --rounds 3 --hidden 512 --layers 4 \
+  --max-tokens 64 --levels 1,8,32,64 --requests 64 --dtype bfloat16
+echo "total ${SECONDS}s of ${BUDGET}s budget; $(date -u)"; head -1 /proc/stat
+} 2>&1 | tee "$OUT/gpu_figures.log"

@@ -42,13 +42,17 @@ _DEFAULT_TEXTS = (
 )
 
 
-def make_tokenizer(tmp_dir: str | Path, texts: Iterable[str] | None = None, vocab_size: int = 400):
+def make_tokenizer(tmp_dir: str | Path, texts: Iterable[str] | None = None, vocab_size: int = 400,
+                   bos: bool = False):
     """A small byte-level BPE tokenizer trained on ``texts`` (a built-in English sample by default), wrapped
     in ``PreTrainedTokenizerFast`` with pad/bos/eos/unk = ids 0/1/2/3, saved to ``tmp_dir`` and loaded
     back with ``AutoTokenizer.from_pretrained`` (so tests exercise the same loading path as real models).
 
     Byte-level: any text encodes (no unknown tokens) and merges can cross word/punctuation boundaries,
     unlike the runtime word-level fallback in ``teams_rl_jax.data.tokenizer``.
+
+    ``bos=True`` adds a ``<s> $A`` post-processor, so ``tokenizer(text)`` prepends BOS as Llama's does
+    (the default adds no specials, like Qwen2's).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -59,6 +63,11 @@ def make_tokenizer(tmp_dir: str | Path, texts: Iterable[str] | None = None, voca
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(texts) if texts is not None else list(_DEFAULT_TEXTS), trainer)
+    if bos:
+        from tokenizers import processors
+
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
     fast.save_pretrained(str(tmp_dir))

@@ -28,7 +28,7 @@ PROMPTS = ["Name three primary colors.", "Explain why the sky looks blue during 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("flax_backend")
-    tok = helpers.make_tokenizer(tmp / "tok", vocab_size=300)
+    tok = helpers.make_tokenizer(tmp / "tok", vocab_size=300, bos=True)  # Llama-style: tokenizer(text) adds BOS
     seed = helpers.seed(11, "torch")
     model, path = make_hf_model(tmp, "llama3", seed=seed, vocab_size=len(tok), initializer_range=0.5)
     tok.save_pretrained(str(path))

@@ -34,7 +34,13 @@ NEW_TOKENS = 4
 def _checkpoint(path, sign: float):
     """A tiny random Llama (float32) whose head columns for "Not", "Equal" and EOS are scaled x40
     (``sign`` flips the "Not" column: the "inverted" reviewer)."""
+    from tokenizers import processors
+
     tok = offline_tokenizer([s.text for s in read_seeds()] + ["Answer Equal or Not Equal."], vocab_size=4096)
+    # Llama-style: tokenizer(text) adds BOS, so both the env and the text reviewer prepend it (issue 19: both
+    # follow the tokenizer's own front specials; seed 7's mixed verdicts were found with a BOS).
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                                  special_tokens=[("<s>", tok.bos_token_id)])
     tok.save_pretrained(str(path))
     vocab = (len(tok) + 63) // 64 * 64
     lm = init(dict(model_type="llama", vocab_size=vocab, hidden_size=64, intermediate_size=176, num_hidden_layers=2,

@@ -37,7 +37,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    tok = helpers.make_tokenizer(tmp / "tok", vocab_size=300)
+    tok = helpers.make_tokenizer(tmp / "tok", vocab_size=300, bos=True)  # Llama-style: tokenizer(text) adds BOS
     _, path = make_hf_model(tmp, "llama3", seed=helpers.seed(5, "torch"), vocab_size=len(tok), initializer_range=0.5)
     tok.save_pretrained(str(path))
     key = "sk-" + helpers.rng(9, "key").bytes(16).hex()

@@ -144,3 +144,24 @@ def build_word_tokenizer(texts: Iterable[str], vocab_size: int = 4096, save_dir:
     if save_dir is not None:
         fast.save_pretrained(str(save_dir))
     return fast
+
+
+def front_special_ids(tokenizer) -> tuple[int, ...]:
+    """The ids ``tokenizer(text)`` (``add_special_tokens=True``, the default) puts *before* the text's own
+    tokens: ``(bos,)`` for Llama (``add_bos_token`` / a ``<s> $A`` post-processor), ``()`` for Qwen2 or
+    a tokenizer without a post-processor. Found by encoding a probe text both ways (trailing specials,
+    e.g. an EOS some tokenizers append, are not front specials)."""
+    probe = "Hello"
+    try:
+        with_sp = [int(i) for i in tokenizer(probe)["input_ids"]]
+        bare = [int(i) for i in tokenizer(probe, add_special_tokens=False)["input_ids"]]
+    except (TypeError, ValueError, KeyError):  # a tokenizer that cannot encode the probe: fall back to its add_bos_token flag
+        bos = getattr(tokenizer, "bos_token_id", None)
+        return (int(bos),) if bos is not None and getattr(tokenizer, "add_bos_token", False) else ()
+    if not bare:  # probe encodes to nothing: only a leading BOS can be told apart from trailing specials
+        bos = getattr(tokenizer, "bos_token_id", None)
+        return (bos,) if with_sp[:1] == [bos] else ()
+    for k in range(len(with_sp) - len(bare) + 1):
+        if with_sp[k:k + len(bare)] == bare:
+            return tuple(with_sp[:k])
+    return ()

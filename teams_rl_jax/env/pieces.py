@@ -29,6 +29,7 @@ import dataclasses
 import re
 from typing import Callable, Sequence
 
+from teams_rl_jax.data.tokenizer import front_special_ids
 from teams_rl_jax.errors import ConfigError
 
 # Instructions of different shapes (start: capital, digit, quote; end: period, question mark, word,
@@ -61,9 +62,12 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 def _with_bos(tokenizer, text: str, ids: list[int], add_bos: bool) -> list[int]:
-    bos, bos_text = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "bos_token", None)
-    if add_bos and bos is not None and not (bos_text and text.startswith(bos_text)):
-        return [int(bos)] + ids
+    """``ids`` preceded by the tokenizer's own front specials (what ``tokenizer(text)`` adds: Llama's BOS, none
+    for Qwen2) unless they already start it: the same rule as ``FlaxBackend.encode``, so the env's token
+    prompts equal the text roles' (issue 19)."""
+    front = list(front_special_ids(tokenizer)) if add_bos else []
+    if front and ids[:len(front)] != front:
+        return front + ids
     return ids
 
 

@@ -12,8 +12,15 @@ an empty context becomes the prefix token (BOS, else EOS), and over-long inputs 
 ``max_length + 1`` tokens. So per-choice log-likelihoods equal lm-eval's ``hf`` model on the same
 checkpoint (a test checks 1e-4), and the harness adapter (``harness.py``) reuses this scorer.
 
-Speed/memory (why it is written this way): rows are sorted by length and right-padded to a bucketed
-length (multiples of ``_BUCKET``) and a fixed batch size, so a whole benchmark compiles a handful of
+Speed (issue 19): without a mesh, the choices of one doc share their context: one forward over each distinct
+context (all but its last token, left-padded, into a KV cache), then per choice the context's last token +
+the choice against that cache, so a context is run once instead of once per choice and the LM head runs
+on continuation positions only (``LoglikelihoodScorer._score_shared``; lm-eval's ``hf`` shares only
+one-token continuations). Requests that would be truncated, and every request with a mesh, take the
+whole-row path below (``share_context=False`` forces it).
+
+Speed/memory of the whole-row path (why it is written this way): rows are sorted by length and
+right-padded to a bucketed length (multiples of ``_BUCKET``) and a fixed batch size, so a whole benchmark compiles a handful of
 programs; weights are jit *arguments*, sharded over the mesh by the model's logical axes (7B: fsdp
 and tensor axes), rows over ``data*fsdp``; the per-token log-prob is ``logit[target] - logsumexp``
 (no second [B, T, V] log-softmax array). Peak activation memory ~ ``batch_size * T * V * 4`` bytes
@@ -34,6 +41,7 @@ from teams_rl_jax import sharding as shd
 from teams_rl_jax.data.tokenizer import load_tokenizer
 from teams_rl_jax.eval.tasks import Doc, load_task
 from teams_rl_jax.models import load_pretrained
+from teams_rl_jax.models.llama import init_cache
 
 _BUCKET = 32  # padded lengths are multiples of this (few compiled shapes, little padding)
 
@@ -76,6 +84,10 @@ def encode_pair(tokenizer, context: str, continuation: str, *, add_bos_token: bo
     return ctx, whole[len(ctx):]
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _bucket(n: int, cap: int) -> int:
     return min(cap, _BUCKET * math.ceil(n / _BUCKET))
 
@@ -88,7 +100,7 @@ class LoglikelihoodScorer:
     """
 
     def __init__(self, lm, params=None, *, batch_size: int = 32, max_length: int | None = None, mesh=None,
-                 pad_id: int = 0):
+                 pad_id: int = 0, share_context: bool = True):
         self.lm = lm
         self.mesh = mesh
         self.pad_id = int(pad_id)
@@ -105,6 +117,8 @@ class LoglikelihoodScorer:
             self.params = lm.params if params is None else params
             self._batch_sharding = None
             self._fn = jax.jit(self._score)
+        self.share_context = bool(share_context)
+        self._shared_fn = jax.jit(self._score_shared)
 
     def _score(self, params, ids, seg, targets, tmask):
         """Per row: sum of target log-probs where ``tmask``, and whether every target is the argmax."""
@@ -123,8 +137,97 @@ class LoglikelihoodScorer:
         whole = (list(ctx) + list(cont))[-(self.max_length + 1):]
         return whole[:-1], whole[1:], min(len(cont), len(whole) - 1)
 
+    def _score_shared(self, params, ctx_ids, ctx_seg, row_doc, k_ids, k_seg, k_pos, k_tgt, k_mask):
+        """One forward over each distinct context, then its continuations against that context's KV cache.
+
+        ``ctx_ids [D, Tc]``: every context but its last token, left-padded (``ctx_seg`` 1 on tokens, 0 on
+        padding). ``k_ids [R, Tk]``: per (context, continuation) row, the context's last token + the
+        continuation but its last token, right-padded; ``k_tgt`` the continuation, ``k_mask`` its slots,
+        ``k_pos`` their positions, ``row_doc [R]`` the row's context. Returns per-row (sum, greedy) as
+        :meth:`_score`; each token's log-prob is the one a full ``context + continuation`` row gives.
+        """
+        module, variables, rngs = self.lm._variables(params)
+        D, Tc = ctx_ids.shape
+        cache = init_cache(self.lm.config, D, Tc + k_ids.shape[1], self.lm.dtype)
+        ctx_pos = jnp.maximum(jnp.cumsum(ctx_seg, axis=1) - 1, 0)
+        _, _, cache = module.apply(variables, ctx_ids, ctx_seg, ctx_pos, cache, 0, True, True, rngs=rngs)
+        cache = {"k": cache["k"][:, row_doc], "v": cache["v"][:, row_doc], "segment_ids": cache["segment_ids"][row_doc]}
+        logits, _, _ = module.apply(variables, k_ids, k_seg, k_pos, cache, Tc, rngs=rngs)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tgt = jnp.take_along_axis(logits, k_tgt[..., None], axis=-1)[..., 0]
+        ll = jnp.sum(jnp.where(k_mask, tgt - lse, 0.0), axis=-1)
+        greedy = jnp.all(jnp.where(k_mask, jnp.argmax(logits, axis=-1) == k_tgt, True), axis=-1)
+        return ll, greedy
+
     def score_tokens(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
-        """``[(sum log p(cont | ctx), greedy)]`` in request order."""
+        """``[(sum log p(cont | ctx), greedy)]`` in request order.
+
+        Without a mesh, requests that share a context (a multiple-choice doc's choices) and need no
+        truncation are scored from one forward over that context (:meth:`_score_shared`); the rest (and
+        every request with a mesh) as whole ``context + continuation`` rows."""
+        out: list[Any] = [None] * len(requests)
+        rest = list(range(len(requests)))
+        if self.mesh is None and self.share_context:
+            shared = [i for i in rest if requests[i][1] and len(requests[i][0]) + len(requests[i][1]) <= self.max_length + 1
+                      and len(requests[i][0]) >= 1]
+            self._score_shared_requests(requests, shared, out)
+            done = set(shared)
+            rest = [i for i in rest if i not in done]
+        if rest:
+            for i, r in zip(rest, self._score_rows([requests[i] for i in rest])):
+                out[i] = r
+        return out
+
+    def _score_shared_requests(self, requests, idx: list[int], out: list) -> None:
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in idx:
+            groups.setdefault(tuple(requests[i][0]), []).append(i)
+        ctxs = sorted(groups, key=len, reverse=True)
+        start = 0
+        while start < len(ctxs):
+            # up to batch_size contexts, and their continuations up to 4x batch_size rows
+            stop, rows = start, 0
+            while stop < len(ctxs) and stop - start < self.batch_size and (
+                    stop == start or rows + len(groups[ctxs[stop]]) <= 4 * self.batch_size):
+                rows += len(groups[ctxs[stop]])
+                stop += 1
+            batch = ctxs[start:stop]
+            start = stop
+            D = _pow2(len(batch))
+            R = _pow2(rows)
+            Tc = _BUCKET * math.ceil(max(len(c) - 1 for c in batch) / _BUCKET) or _BUCKET
+            Tk = 8 * math.ceil(max(len(requests[i][1]) for c in batch for i in groups[c]) / 8)
+            ctx_ids = np.full((D, Tc), self.pad_id, np.int32)
+            ctx_seg = np.zeros((D, Tc), np.int32)
+            row_doc = np.zeros((R,), np.int32)
+            k_ids = np.full((R, Tk), self.pad_id, np.int32)
+            k_seg = np.zeros((R, Tk), np.int32)
+            k_pos = np.zeros((R, Tk), np.int32)
+            k_tgt = np.zeros((R, Tk), np.int32)
+            k_mask = np.zeros((R, Tk), bool)
+            order, r = [], 0
+            for d, c in enumerate(batch):
+                n = len(c) - 1
+                if n:
+                    ctx_ids[d, Tc - n:], ctx_seg[d, Tc - n:] = c[:-1], 1
+                for i in groups[c]:
+                    cont = list(requests[i][1])
+                    m = len(cont)
+                    row_doc[r] = d
+                    k_ids[r, :m] = [c[-1]] + cont[:-1]
+                    k_seg[r, :m] = 1
+                    k_pos[r, :m] = np.arange(n, n + m)
+                    k_tgt[r, :m] = cont
+                    k_mask[r, :m] = True
+                    order.append(i)
+                    r += 1
+            ll, greedy = self._shared_fn(self.params, ctx_ids, ctx_seg, row_doc, k_ids, k_seg, k_pos, k_tgt, k_mask)
+            ll, greedy = np.asarray(ll, np.float64), np.asarray(greedy)
+            for r, i in enumerate(order):
+                out[i] = (float(ll[r]), bool(greedy[r]))
+
+    def _score_rows(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
+        """Whole rows: ``(ctx + cont)[-(max_length+1):]`` each, length-sorted, bucketed, batched."""
         rows = [self._rows(c, k) for c, k in requests]
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         out: list[Any] = [None] * len(rows)

@@ -7,6 +7,7 @@ Bad input (missing checkpoint, unset key variable, bad mesh) prints ``error: ...
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -15,7 +16,7 @@ import sys
 import uvicorn
 
 from teams_rl_jax import cli
-from teams_rl_jax.backends.config import RoleConfig
+from teams_rl_jax.backends.config import DTYPES, RoleConfig
 from teams_rl_jax.backends.flax_backend import FlaxBackend
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.serve.app import Limits, make_app
@@ -35,6 +36,27 @@ def parse_mesh(text: str | None) -> dict | None:
     return out
 
 
+SERVE_DTYPES = DTYPES  # what load_pretrained accepts
+
+
+def resolve_dtype(dtype: str, checkpoint: str) -> str:
+    """``--dtype``: as given, or for ``auto`` the checkpoint's own (vLLM's ``auto``): config.json's ``dtype``
+    (transformers 5) or ``torch_dtype`` (4.x), ``float32`` when neither is there."""
+    if dtype != "auto":
+        return dtype
+    path = os.path.join(checkpoint, "config.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--dtype auto: cannot read {path}: {e}") from e
+    found = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    found = str(found).removeprefix("torch.")
+    if found not in SERVE_DTYPES:
+        raise ConfigError(f"--dtype auto: {path} names dtype {found!r}; pass --dtype one of {list(SERVE_DTYPES)}")
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m teams_rl_jax.serve", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="local Hugging Face checkpoint dir (tokenizer beside it)")
@@ -42,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-env", default=None, help="NAME of the env variable holding the bearer token")
     p.add_argument("--model-name", default=None, help="served model name (default: the checkpoint dir name)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", *SERVE_DTYPES],
+                   help="parameter dtype; auto (default) = the checkpoint's own (config.json dtype / torch_dtype), "
+                        "float32 if it names none")
     p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=1,tensor=8 (default: one device)")
     p.add_argument("--max-batch", type=int, default=32,
                    help="KV-cache slots: rows decoded at once (continuous batching)")
@@ -69,8 +93,8 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app, backend, key = build_app(args)
-    logging.getLogger(__name__).info("serving %s on http://%s:%d/v1 (auth %s)", backend.model, args.host, args.port,
-                                     "on" if key else "off")
+    logging.getLogger(__name__).info("serving %s (%s) on http://%s:%d/v1 (auth %s)", backend.model,
+                                     backend.lm.dtype, args.host, args.port, "on" if key else "off")
     # uvicorn drains the in-flight requests on SIGTERM/SIGINT, then re-raises the signal to the handler
     # installed before it: a no-op here, so a drained shutdown exits 0 (a supervisor reads it as clean).
     # Installed only now: while the model loads, SIGTERM still kills at once.
@@ -89,7 +113,8 @@ def build_app(args: argparse.Namespace):
             raise ConfigError(f"--api-key-env: environment variable {args.api_key_env} is not set")
     if not os.path.isdir(args.checkpoint):
         raise ConfigError(f"--checkpoint: no such directory: {args.checkpoint}")
-    cfg = RoleConfig(backend="flax", checkpoint=args.checkpoint, dtype=args.dtype, mesh=parse_mesh(args.mesh),
+    dtype = resolve_dtype(args.dtype, args.checkpoint)
+    cfg = RoleConfig(backend="flax", checkpoint=args.checkpoint, dtype=dtype, mesh=parse_mesh(args.mesh),
                      max_batch=args.max_batch, model=args.model_name)
     cfg.validate()
     backend = FlaxBackend.from_config(cfg, role="serve", min_batch=args.min_batch, decode_chunk=args.decode_chunk)
