@@ -6,12 +6,13 @@ the top-2 margin of every compared step is asserted, so a near-tie cannot pass b
 must return while long ones are still decoding; sampled rows depend on their seed and index only; the
 number of compiled programs is bounded whatever the mix of lengths and limits.
 
-Mutations tried (all caught): the per-row cache column replaced by column 0 (``slot_engine.decode``
-``col``); the prompt's segment ids not written into the slot (``seg_row`` zeros); a slot's stale columns
-left visible (``seg_row`` only over ``[:Tb]`` of the old row); positions advanced for done rows too
-(``inc`` = 1); the first token sampled with the step-1 key; ``_retire`` never freeing a slot before the
-chunk's end of the longest row (short request held); the per-row key ignored (``keys`` zeros); ``grow``
-dropping the old columns; ``n_steps`` = the request's exact remaining count (one program per limit).
+Mutations tried: caught: the per-row cache column replaced by column 0 (``slot_engine.decode`` ``col``);
+the prompt's segment ids not written into the slot (``seg_row`` zeros); the per-request key ignored
+(``keys`` zeroed: the sampled test); ``grow`` dropping the old columns; the attention window not
+bucketed in ``ContinuousEngine._step`` (the program-bound test). Not caught, and equivalent: positions
+and columns advanced for done rows too (a done row is reset when its slot is refilled); the rest of a
+refilled row's segment ids left from the previous occupant (the per-row causal mask already hides
+every column past the row's own write position).
 """
 
 from __future__ import annotations
