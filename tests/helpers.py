@@ -12,6 +12,15 @@ import numpy as np
 SEEDS_USED: list[tuple[str, int]] = []
 
 
+def free_port() -> int:
+    """A free TCP port on loopback (for a test's server subprocess)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def rng(seed: int, label: str = "") -> np.random.Generator:
     """``np.random.default_rng(seed)``, recording the seed so a failing test's report prints it.
 

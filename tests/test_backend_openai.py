@@ -7,7 +7,6 @@ model, host and status; the API key (random, from os.environ) is in no log line,
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,16 +22,10 @@ from teams_rl_jax.errors import BackendError, ConfigError
 HERE = Path(__file__).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fault_server():
     key = "sk-" + helpers.rng(7, "key").bytes(16).hex()  # a random key, as a real one would be
-    port = free_port()
+    port = helpers.free_port()
     env = {**os.environ, "FAULT_SERVER_KEY": key}
     proc = subprocess.Popen([sys.executable, str(HERE / "fault_server.py"), str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

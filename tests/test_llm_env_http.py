@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from teams_rl_jax import backends
 from teams_rl_jax.backends.config import RoleConfig, RolesConfig
 from teams_rl_jax.env import EnvConfig, make
@@ -39,12 +39,6 @@ OOV = ["Describe the zorbliquent flanx of Übergrößenträger ☃ in 日本語.
        "List three glimmerquast uses of ĳsselmeer mud.", "Explain frost~heave (\"Frostaufbruch\") in Oslo."]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("served")
@@ -56,7 +50,7 @@ def served(tmp_path_factory):
     ckpt = tmp / "chain"
     save_pretrained(lm, ckpt)
     tok.save_pretrained(str(ckpt))
-    port = _free_port()
+    port = helpers.free_port()
     log = tmp / "server.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "teams_rl_jax.serve", "--checkpoint", str(ckpt), "--port",

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import helpers
 import tiny_pipeline as T
 
 HERE = Path(__file__).parent
@@ -46,16 +46,10 @@ KEY = "test-key-not-a-secret"
 SEEDS = 8
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server():
     """A fresh fault server (its counters start at 0); yields its port."""
-    port = _port()
+    port = helpers.free_port()
     env = {**os.environ, "FAULT_SERVER_KEY": KEY, "FAULT_SERVER_DELAY_S": "0.04"}
     proc = subprocess.Popen([sys.executable, str(HERE / "fault_server.py"), str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -179,7 +173,7 @@ def test_worker_mode_kill_restart_merge(tmp_path, server):
 def test_jax_distributed_generate_matches_single_process(tmp_path, server):
     """See the module docstring (jax.distributed)."""
     cfg = write_config(tmp_path / "cfg.yaml", server, tmp_path / "unused")
-    port = _port()
+    port = helpers.free_port()
     procs = [train(cfg, tmp_path / "dist", "--stages", "generate", "--set", f"generate.cache_dir={tmp_path / 'c2'}",
                    env=T.cpu_env(FAULT_SERVER_KEY=KEY, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                                  JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))

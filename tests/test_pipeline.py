@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "policy.num_updates=3", "--set", "policy.num_envs=16", "--set", "generate.max_seeds=16",
@@ -79,12 +80,6 @@ def test_small_pipeline_end_to_end(tmp_path):
     assert s.returncode == 2 and "generate" in s.stderr and "--force" in s.stderr, s.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_generate_through_own_serve_openai_backend(tmp_path):
     """Instructor, reviewer and expert are the project's `serve` on loopback, through the openai backend.
 
@@ -95,7 +90,7 @@ def test_generate_through_own_serve_openai_backend(tmp_path):
     from teams_rl_jax.demo import tiny_expert
 
     ckpt = tiny_expert(tmp_path)
-    port = _free_port()
+    port = helpers.free_port()
     server = subprocess.Popen([sys.executable, "-m", "teams_rl_jax.serve", "--checkpoint", str(ckpt), "--port",
                                str(port), "--dtype", "float32", "--log-level", "warning"],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

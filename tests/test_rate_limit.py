@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+import helpers
 from teams_rl_jax.backends.config import RoleConfig
 from teams_rl_jax.backends.openai_backend import OpenAIBackend
 from teams_rl_jax.backends.ratelimit import RateLimiter, request_tokens
@@ -93,15 +93,9 @@ def test_sliding_window_never_exceeded(rpm, tpm):
     assert elapsed >= (int(need) - 1) * 60.0, msg
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server():
-    port = _port()
+    port = helpers.free_port()
     env = {**os.environ, "FAULT_SERVER_KEY": "k-rate"}
     proc = subprocess.Popen([sys.executable, str(HERE / "fault_server.py"), str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -6,7 +6,6 @@ OpenAI-shaped JSON error; the key never reaches the server's log.
 """
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,12 +27,6 @@ PROMPTS = ["Name three primary colors.", "Explain why the sky looks blue.", "Hel
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a short poem about the sea."}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
@@ -41,7 +34,7 @@ def server(tmp_path_factory):
     _, path = make_hf_model(tmp, "llama3", seed=helpers.seed(5, "torch"), vocab_size=len(tok), initializer_range=0.5)
     tok.save_pretrained(str(path))
     key = "sk-" + helpers.rng(9, "key").bytes(16).hex()
-    port = free_port()
+    port = helpers.free_port()
     log = tmp / "server.log"
     env = {**os.environ, "H1_SERVE_KEY": key, "JAX_PLATFORMS": "cpu"}
     with open(log, "w") as fh:

@@ -41,14 +41,6 @@ MAX_TOKENS, MAX_PROMPT = 24, 256  # the soak asks for 1..MAX_TOKENS
 LIMIT_TOKENS = 200  # the server's --max-tokens (the SIGTERM check's long requests ask for all of it)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rss_mib(pid: int) -> float:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
@@ -100,7 +92,7 @@ def test_soak_2000_mixed_requests_then_sigterm_drains(tmp_path):
     tok = helpers.make_tokenizer(tmp / "tok", vocab_size=300)
     _, path = make_hf_model(tmp, "llama3", seed=helpers.seed(21, "torch"), vocab_size=len(tok), initializer_range=0.1)
     tok.save_pretrained(str(path))
-    port = _free_port()
+    port = helpers.free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp / "server.log"
     with open(log, "w") as fh:

@@ -18,11 +18,12 @@ import contextlib
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVED_NAME = "tiny-llama"
@@ -85,19 +86,12 @@ def benchmark_dir(path: Path) -> Path:
     return path
 
 
-def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve(checkpoint: Path, log_path: Path, timeout_s: float = 240):
     """``python -m teams_rl_jax.serve`` of ``checkpoint`` on loopback; yields its ``/v1`` base URL."""
     import httpx
 
-    port = free_port()
+    port = helpers.free_port()
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "teams_rl_jax.serve", "--checkpoint", str(checkpoint),
                              "--port", str(port), "--dtype", "float32", "--model-name", SERVED_NAME,

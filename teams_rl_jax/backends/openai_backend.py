@@ -73,6 +73,17 @@ class _Retryable(Exception):
         self.reason, self.status, self.wait = reason, status, wait
 
 
+
+def api_key(cfg, role: str) -> str | None:
+    """The key of a role's endpoint: ``os.environ[cfg.api_key_env]`` (None without ``api_key_env``); an unset
+    variable is a one-line ``ConfigError`` naming the variable, never a value."""
+    if not cfg.api_key_env:
+        return None
+    key = os.environ.get(cfg.api_key_env)
+    if not key:
+        raise ConfigError(f"roles.{role}.api_key_env: environment variable {cfg.api_key_env} is not set")
+    return key
+
 class OpenAIBackend:
     """``Backend`` over an OpenAI-compatible HTTP endpoint (see the module docstring)."""
 
@@ -111,13 +122,8 @@ class OpenAIBackend:
     def from_config(cls, cfg, *, role: str, counter: QueryCounter | None = None, **kw) -> "OpenAIBackend":
         """From a ``RoleConfig`` with ``backend: openai``; the key comes from ``os.environ[cfg.api_key_env]``
         (``kw``: the constructor's ``clock``/``sleep``, for tests)."""
-        key = None
-        if cfg.api_key_env:
-            key = os.environ.get(cfg.api_key_env)
-            if not key:
-                raise ConfigError(f"roles.{role}.api_key_env: environment variable {cfg.api_key_env} is not set")
-        return cls(base_url=cfg.base_url, model=cfg.model, role=role, counter=counter, api_key=key, chat=cfg.chat,
-                   max_concurrency=cfg.max_concurrency, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+        return cls(base_url=cfg.base_url, model=cfg.model, role=role, counter=counter, api_key=api_key(cfg, role),
+                   chat=cfg.chat, max_concurrency=cfg.max_concurrency, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
                    backoff_s=cfg.backoff_s, max_backoff_s=cfg.max_backoff_s,
                    requests_per_minute=cfg.requests_per_minute, tokens_per_minute=cfg.tokens_per_minute, **kw)
 

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from teams_rl_jax.backends.base import Completion, Prompt, QueryCounter
-from teams_rl_jax.backends.openai_backend import OpenAIBackend
+from teams_rl_jax.backends.openai_backend import OpenAIBackend, api_key
 from teams_rl_jax.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -71,13 +71,8 @@ class OpenAIBatchBackend(OpenAIBackend):
         if state_dir is None:
             raise ConfigError(f"roles.{role}.backend: openai_batch answers in batches, for the generate stage only "
                               f"(the policy stage's env needs answers step by step: use openai)")
-        key = None
-        if cfg.api_key_env:
-            key = os.environ.get(cfg.api_key_env)
-            if not key:
-                raise ConfigError(f"roles.{role}.api_key_env: environment variable {cfg.api_key_env} is not set")
-        return cls(base_url=cfg.base_url, model=cfg.model, role=role, counter=counter, api_key=key, chat=cfg.chat,
-                   max_concurrency=1, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s,
+        return cls(base_url=cfg.base_url, model=cfg.model, role=role, counter=counter, api_key=api_key(cfg, role),
+                   chat=cfg.chat, max_concurrency=1, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s,
                    max_backoff_s=cfg.max_backoff_s, state_dir=state_dir, poll_s=cfg.batch_poll_s,
                    batch_timeout_s=cfg.batch_timeout_s)
 
