@@ -21,6 +21,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_http(url: str, proc, log_path: Path, timeout_s: float, headers: dict | None = None) -> None:
+    """Poll ``url`` until it answers 200; fail with the server log's tail if ``proc`` exits or time runs out."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, headers=headers, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, f"server exited: {Path(log_path).read_text()[-3000:]}"
+        assert time.time() < deadline, f"server did not come up: {Path(log_path).read_text()[-3000:]}"
+        time.sleep(0.3)
+
+
 def rng(seed: int, label: str = "") -> np.random.Generator:
     """``np.random.default_rng(seed)``, recording the seed so a failing test's report prints it.
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import helpers
 import httpx
 import pytest
-from tiny_pipeline import ROOT, cpu_env, free_port, tiny_checkpoint
+from tiny_pipeline import ROOT, cpu_env, tiny_checkpoint
 
 from teams_rl_jax.backends import QueryCounter, RoleConfig, RolesConfig, build
 from teams_rl_jax.errors import BackendError, ConfigError
@@ -38,7 +38,7 @@ CHAT = "/v1/chat/completions"
 @contextlib.contextmanager
 def serve(checkpoint: Path, files_dir: Path, log_path: Path, timeout_s: float = 240):
     """``python -m teams_rl_jax.serve`` with the Batch API's limits and test hook; yields its base URL."""
-    port = free_port()
+    port = helpers.free_port()
     log = open(log_path, "w")  # noqa: SIM115 - open for the server's lifetime, closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "teams_rl_jax.serve", "--checkpoint", str(checkpoint), "--port", str(port),
@@ -49,16 +49,7 @@ def serve(checkpoint: Path, files_dir: Path, log_path: Path, timeout_s: float = 
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=cpu_env(**{KEY_ENV: KEY}))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + timeout_s
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, f"serve exited: {log_path.read_text()[-3000:]}"
-            assert time.time() < deadline, f"serve did not come up: {log_path.read_text()[-3000:]}"
-            time.sleep(0.3)
+        helpers.wait_for_http(f"{url}/health", proc, log_path, timeout_s)
         yield url
     finally:
         proc.terminate()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import helpers
 import tiny_pipeline as T
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +136,7 @@ def _stand_in(bin_dir: Path, name: str, text: str) -> None:
 def _slurm_port() -> int:
     """A free port that a SLURM job id maps to (the job id is then port - SLURM_PORT_BASE)."""
     for _ in range(200):
-        port = T.free_port()
+        port = helpers.free_port()
         if port >= SLURM_PORT_BASE:
             return port
     import socket

@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import helpers
@@ -89,7 +88,6 @@ def benchmark_dir(path: Path) -> Path:
 @contextlib.contextmanager
 def serve(checkpoint: Path, log_path: Path, timeout_s: float = 240):
     """``python -m teams_rl_jax.serve`` of ``checkpoint`` on loopback; yields its ``/v1`` base URL."""
-    import httpx
 
     port = helpers.free_port()
     log = open(log_path, "w")
@@ -99,17 +97,7 @@ def serve(checkpoint: Path, log_path: Path, timeout_s: float = 240):
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=cpu_env(**{API_KEY_ENV: API_KEY}))
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.time() + timeout_s
-        while True:
-            try:
-                if httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {API_KEY}"},
-                             timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, f"serve exited: {log_path.read_text()[-3000:]}"
-            assert time.time() < deadline, f"serve did not come up: {log_path.read_text()[-3000:]}"
-            time.sleep(0.5)
+        helpers.wait_for_http(f"{url}/models", proc, log_path, timeout_s, headers={"Authorization": f"Bearer {API_KEY}"})
         yield url
     finally:
         proc.terminate()
