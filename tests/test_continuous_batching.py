@@ -210,3 +210,25 @@ def test_compiled_programs_stay_bounded_under_any_mix(tmp_path_factory, monkeypa
     assert all(pow2(n) and n <= 8 and pow2(W) and 16 <= W <= 256 for n, W in shapes["decode"]), shapes
     # insert: k in {1,2,4} x Tb in {16,...,128}; decode: n in {1,...,8} x window in {16,...,256}
     assert programs() - before <= 3 * 4 + 4 * 5
+
+
+def test_idle_engine_ends_its_thread_so_a_dropped_backend_is_freed(tmp_path_factory):
+    """An idle engine keeps no thread: otherwise the thread would keep the backend (its weights and KV
+    cache) alive after the caller dropped it, e.g. the generate stage's expert through the SFT stage.
+    Mutation caught: the engine thread waiting for work forever instead of ending when idle."""
+    import gc
+    import weakref
+
+    be = _backend(tmp_path_factory, "llama3")
+    assert len(be.generate_ids([[5, 6, 7]], max_new_tokens=3)[0].token_ids) == 3
+    engine = be.engine
+    t0 = time.monotonic()
+    while engine._thread is not None and time.monotonic() - t0 < 30:
+        time.sleep(0.01)
+    assert engine._thread is None
+    ref = weakref.ref(be)
+    del be, engine
+    gc.collect()
+    assert ref() is None, "something still holds the dropped backend"
+    # A new row after the idle exit starts a fresh thread.
+    assert len(_backend(tmp_path_factory, "llama3").generate_ids([[5, 6]], max_new_tokens=2)[0].token_ids) == 2

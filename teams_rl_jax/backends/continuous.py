@@ -101,11 +101,10 @@ class ContinuousEngine:
                 self._cv.wait(0.05)
 
     def close(self) -> None:
+        """Refuse new rows; wait for the submitted ones."""
         with self._cv:
             self._closed = True
-            self._cv.notify()
-        if self._thread is not None:
-            self._thread.join()
+        self.drain()
 
     @property
     def in_flight(self) -> int:
@@ -122,9 +121,12 @@ class ContinuousEngine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._pending and not self._live and not self._closed:
-                    self._cv.wait()
-                if self._closed and not self._pending and not self._live:
+                if not self._pending and not self._live:
+                    # Idle: the thread ends (the next submit starts another), so an idle engine holds no
+                    # thread that would keep the backend, its weights and its cache alive after the
+                    # backend is dropped (a pipeline's generate-stage expert before its SFT stage).
+                    self._thread = None
+                    self._cv.notify_all()
                     return
                 free = [s for s in range(self.slots) if s not in self._live]
                 admit = [self._pending.popleft() for _ in range(min(len(free), len(self._pending)))]
