@@ -81,18 +81,24 @@ class ContinuousEngine:
     # ---- callers ---------------------------------------------------------------------------------
     def submit(self, ids: Sequence[int], *, limit: int, temperature: float, top_p: float, key: np.ndarray,
                stop: Sequence[str] | None) -> concurrent.futures.Future:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        row = _Row([int(t) for t in ids], int(limit), float(temperature), float(top_p),
-                   np.asarray(key, np.uint32).reshape(2), tuple(stop) if stop else None, fut)
+        return self.submit_many([dict(ids=ids, limit=limit, temperature=temperature, top_p=top_p, key=key,
+                                      stop=stop)])[0]
+
+    def submit_many(self, rows: Sequence[dict]) -> list[concurrent.futures.Future]:
+        """Queue several rows at once (``submit``'s keyword arguments each): the engine sees them together,
+        so one call's rows are admitted in one batched prefill rather than as they trickle in."""
+        new = [_Row([int(t) for t in r["ids"]], int(r["limit"]), float(r["temperature"]), float(r["top_p"]),
+                    np.asarray(r["key"], np.uint32).reshape(2), tuple(r["stop"]) if r["stop"] else None,
+                    concurrent.futures.Future()) for r in rows]
         with self._cv:
             if self._closed:
                 raise RuntimeError("the continuous-batching engine is closed")
-            self._pending.append(row)
+            self._pending.extend(new)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="continuous-batching", daemon=True)
                 self._thread.start()
             self._cv.notify()
-        return fut
+        return [r.future for r in new]
 
     def drain(self) -> None:
         """Block until every submitted row has completed (new rows may still be submitted)."""

@@ -217,8 +217,8 @@ class FlaxBackend:
         # One key per row, folded with the row's index: a row's samples do not depend on its neighbours.
         keys = np.asarray(jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(rng, i))(np.arange(n))))
         engine = self.engine
-        return [engine.submit(prompt_ids[i], limit=limits[i], temperature=float(temperature), top_p=float(top_p),
-                              key=keys[i], stop=stops[i] if stops is not None else stop) for i in range(n)]
+        return engine.submit_many([dict(ids=prompt_ids[i], limit=limits[i], temperature=temperature, top_p=top_p,
+                                        key=keys[i], stop=stops[i] if stops is not None else stop) for i in range(n)])
 
     @property
     def engine(self) -> ContinuousEngine:
