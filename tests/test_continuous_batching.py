@@ -17,6 +17,7 @@ every column past the row's own write position).
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
@@ -210,6 +211,63 @@ def test_compiled_programs_stay_bounded_under_any_mix(tmp_path_factory, monkeypa
     assert all(pow2(n) and n <= 8 and pow2(W) and 16 <= W <= 256 for n, W in shapes["decode"]), shapes
     # insert: k in {1,2,4} x Tb in {16,...,128}; decode: n in {1,...,8} x window in {16,...,256}
     assert programs() - before <= 3 * 4 + 4 * 5
+
+
+def test_warm_compiles_every_program_requests_within_its_limits_need(tmp_path_factory):
+    """``warm(40, 20)`` on 3 slots with decode chunk 4 allocates the cache once (bucket(40) + 20 -> 128
+    columns) and compiles exactly insert k {1,2,4} x Tb {16,32,64} and decode n {1,2,4} x W {16,...,128}; a
+    4-thread mix of prompt lengths 1..40 and limits 1..20 afterwards compiles nothing and never grows the
+    cache, and a greedy row still equals ``generate`` alone (the filler rows of the warm-up changed no slot).
+    Mutations caught: no decode-window loop; the top prompt bucket left out; the cache sized for the prompt
+    only; the engine's initial state left uncommitted (the first real insert lowered its program again)."""
+    be = _backend(tmp_path_factory, "llama3", slots=3)  # 3 slots: no other test's programs share these shapes
+    be.decode_chunk = 4
+    lowered = collections.Counter()  # programs lowered to XLA (before any compilation-cache lookup)
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            lowered[kw.get("fun_name")] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        engine = be.engine
+        got = engine.warm(40, 20)
+        assert got["cache_len"] == 128 and got["insert"] == 3 * 3 and got["decode"] == 3 * 4, got
+        assert (lowered["jit(insert)"], lowered["jit(decode)"]) == (3 * 3, 3 * 4), lowered
+        lowered.clear()
+        _warm_mix_then_one_greedy_row(be, engine)
+        assert not (lowered["jit(insert)"] or lowered["jit(decode)"]), f"requests compiled new programs: {lowered}"
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def _warm_mix_then_one_greedy_row(be, engine) -> None:
+    """24 requests within the warm-up's limits from 4 threads (one at both limits), then one greedy row
+    checked against ``generate`` alone."""
+    V = be.lm.config.vocab_size
+    rng = seeded_rng(14, "warm mix")
+    reqs = [(rng.integers(4, V, int(rng.integers(1, 41))).tolist(), int(rng.integers(1, 21))) for _ in range(24)]
+    reqs[0] = (rng.integers(4, V, 40).tolist(), 20)  # the largest request the limits allow
+    errors = []
+
+    def worker(part):
+        try:
+            for ids, lim in part:
+                be.generate_ids([ids], max_new_tokens=lim)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(reqs[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert engine._cache_len == 128
+    ids = rng.integers(4, V, 23).tolist()
+    row = be.generate_ids([ids], max_new_tokens=12)[0].token_ids
+    ref = _alone(be.lm, ids, 12)
+    assert _min_margin(be.lm, ids, ref) > 1e-4 and list(row) == ref
 
 
 def test_idle_engine_ends_its_thread_so_a_dropped_backend_is_freed(tmp_path_factory):

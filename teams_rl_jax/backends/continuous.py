@@ -38,6 +38,15 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _powers(lo: int, hi: int) -> list[int]:
+    """The buckets from ``bucket(lo)`` to ``hi`` (a power of two): every value ``bucket`` can give there."""
+    out, v = [], bucket(lo)
+    while v <= hi:
+        out.append(v)
+        v *= 2
+    return out
+
+
 @dataclasses.dataclass
 class _Row:
     ids: list[int]
@@ -157,8 +166,11 @@ class ContinuousEngine:
     def _ensure_state(self, need: int) -> None:
         if self._state is None:
             self._cache_len = bucket(need, MIN_LEN_BUCKET)
-            self._state = jax.jit(slot_engine.init_state, static_argnums=(0, 1, 2))(
-                self.lm.module, self.slots, self._cache_len)
+            state = jax.jit(slot_engine.init_state, static_argnums=(0, 1, 2))(self.lm.module, self.slots,
+                                                                               self._cache_len)
+            # Committed where it lies: a jit with no array inputs returns uncommitted arrays, and the first
+            # insert on them would lower once more than every later call on its (committed) outputs.
+            self._state = jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding), state)
         elif need > self._cache_len:
             self._cache_len = bucket(need)
             self._state = slot_engine.grow(self._state, self._cache_len)
@@ -166,10 +178,39 @@ class ContinuousEngine:
             return
         log.info("KV cache: %d slots x %d columns = %.1f MiB", self.slots, self._cache_len, self.cache_bytes / 2**20)
 
-    def _admit(self, rows: list[_Row], slots: list[int]) -> None:
-        Tb = bucket(max(len(r.ids) for r in rows), MIN_LEN_BUCKET)
-        self._ensure_state(max(Tb + r.limit for r in rows))
-        k = bucket(len(rows), self.min_rows)
+    def warm(self, max_prompt: int, max_new: int) -> dict:
+        """Before the first request: allocate the KV cache that requests of up to ``max_prompt`` prompt tokens
+        and ``max_new`` new tokens need, and compile every program they can ask for (``insert`` for each
+        (``k``, ``Tb``) bucket pair, ``decode`` for each (``n_steps``, ``W``)), on filler rows that change no
+        slot. Then the memory peak is known at start and no request waits for a compile (as a server
+        captures its graphs before serving). Returns the program and cache counts."""
+        with self._cv:
+            if self._thread is not None or self._pending or self._live:
+                raise RuntimeError("ContinuousEngine.warm: call it before the first request")
+        top = bucket(max_prompt, MIN_LEN_BUCKET)
+        ks = _powers(self.min_rows, bucket(self.slots, self.min_rows))
+        tbs, ns = _powers(MIN_LEN_BUCKET, top), _powers(1, self.chunk)
+        with self._rules():
+            self._ensure_state(top + int(max_new))
+            for Tb in tbs:
+                for k in ks:
+                    self._state, _ = slot_engine.insert(self.lm.params, self._state,
+                                                        *self._prefill_arrays([], [], k, Tb), self.eos,
+                                                        module=self.lm.module)
+            evict = np.ones((self.slots,), bool)  # no live slot: the loop runs no step
+            windows = _powers(MIN_LEN_BUCKET, self._cache_len)
+            for n in ns:
+                for w in windows:
+                    self._state, _ = slot_engine.decode(self.lm.params, self._state, evict, self.eos,
+                                                        np.int32(self.pad_id), module=self.lm.module, n_steps=n,
+                                                        window=w)
+            jax.block_until_ready(self._state)
+        return {"insert": len(ks) * len(tbs), "decode": len(ns) * len(windows), "cache_len": self._cache_len,
+                "cache_bytes": self.cache_bytes}
+
+    def _prefill_arrays(self, rows: list[_Row], slots: list[int], k: int, Tb: int):
+        """``insert``'s row arguments for ``rows`` into ``slots``, padded to ``k`` rows with filler rows (slot
+        index out of range: dropped)."""
         ids = np.full((k, Tb), self.pad_id, np.int32)
         mask = np.zeros((k, Tb), np.int32)
         slot_ix = np.full((k,), self.slots, np.int32)            # filler rows: out of range, dropped
@@ -182,8 +223,15 @@ class ContinuousEngine:
             mask[b, Tb - len(r.ids):] = 1
             slot_ix[b], limits[b], temps[b], top_p[b], keys[b] = s, r.limit, r.temperature, r.top_p, r.key
         mask[len(rows):, -1] = 1  # filler rows: one real token, so no row is all padding
-        self._state, first = slot_engine.insert(self.lm.params, self._state, ids, mask, slot_ix, limits, temps,
-                                                top_p, keys, self.eos, module=self.lm.module)
+        return ids, mask, slot_ix, limits, temps, top_p, keys
+
+    def _admit(self, rows: list[_Row], slots: list[int]) -> None:
+        Tb = bucket(max(len(r.ids) for r in rows), MIN_LEN_BUCKET)
+        self._ensure_state(max(Tb + r.limit for r in rows))
+        k = bucket(len(rows), self.min_rows)
+        self._state, first = slot_engine.insert(self.lm.params, self._state,
+                                                *self._prefill_arrays(rows, slots, k, Tb), self.eos,
+                                                module=self.lm.module)
         self.insert_calls += 1
         first = np.asarray(jax.device_get(first))
         for b, (r, s) in enumerate(zip(rows, slots)):

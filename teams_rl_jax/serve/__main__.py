@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import uvicorn
 
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--max-n", type=int, default=8)
+    p.add_argument("--warmup", action="store_true",
+                   help="before serving, allocate the KV cache for --max-prompt-tokens + --max-tokens and compile "
+                        "every prefill/decode program such requests can need: the memory peak is known at start "
+                        "and no request waits for a compile (startup takes that many compiles longer)")
     p.add_argument("--files-dir", default="serve_files",
                    help="Batch API files and batches, kept across restarts (default ./serve_files)")
     p.add_argument("--max-upload-bytes", type=int, default=100 << 20, help="largest /v1/files upload")
@@ -93,6 +98,12 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app, backend, key = build_app(args)
+    if args.warmup:
+        t0 = time.monotonic()
+        w = backend.engine.warm(args.max_prompt_tokens, args.max_tokens)
+        logging.getLogger(__name__).info(
+            "warm-up: %d prefill + %d decode programs, KV cache %d columns (%.1f MiB) in %.1f s", w["insert"],
+            w["decode"], w["cache_len"], w["cache_bytes"] / 2**20, time.monotonic() - t0)
     logging.getLogger(__name__).info("serving %s (%s) on http://%s:%d/v1 (auth %s)", backend.model,
                                      backend.lm.dtype, args.host, args.port, "on" if key else "off")
     # uvicorn drains the in-flight requests on SIGTERM/SIGINT, then re-raises the signal to the handler
