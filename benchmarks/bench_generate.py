@@ -25,15 +25,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import interleave, load_average, table, timed  # noqa: E402
 
 
+def _require_compiled(run, label: str) -> None:
+    """Run ``run`` once (the compiled variant's warm-up) and stop if transformers skipped the compile: it only
+    logs a warning and generates eagerly, which would put an eager figure under a compiled label."""
+    import logging
+
+    class Skipped(logging.Handler):
+        seen = False
+
+        def emit(self, record):
+            Skipped.seen |= "unable to meet the criteria for compilation" in record.getMessage()
+
+    logger, handler = logging.getLogger("transformers.generation.utils"), Skipped()
+    logger.addHandler(handler)
+    try:
+        run()
+    finally:
+        logger.removeHandler(handler)
+    if Skipped.seen:
+        raise SystemExit(f"{label}: transformers skipped torch.compile (compile criteria not met); not timed")
+
+
 def torch_impls(lm, ids, mask, args) -> dict:
     """The transformers references, ``{label: fn}`` (each fn -> ``{"prefill", "decode"}`` tokens/s).
 
-    CPU: ``generate`` with the default dynamic cache, eager (the issue-10 reference); prefill = generate 1 token.
-    CUDA (only reached when ``torch.cuda.is_available()``): SDPA attention; ``generate`` with the static KV cache
-    (``cache_implementation="static"``), eager (``disable_compile=True``: transformers would otherwise auto-compile
-    with its reduce-overhead recipe) and/or compiled (``compile_config`` with ``--torch-compile-mode``); prefill =
-    one HF forward over batch x prompt (``logits_to_keep=1``, as our prefill keeps the last position). The GPU is
-    synchronized before every clock stop."""
+    Variants (``--torch-variants``; default ``dynamic`` on the CPU, ``static,static-compiled`` on CUDA):
+    ``dynamic``: ``generate`` with the default dynamic cache, eager (the issue-10 CPU reference); prefill =
+    generate 1 token. ``static``: ``generate`` with the static KV cache (``cache_implementation="static"``), eager
+    (``disable_compile=True``: transformers would otherwise auto-compile with its reduce-overhead recipe).
+    ``static-compiled``: the same, compiled (``compile_config`` with ``--torch-compile-mode``). The static variants'
+    prefill is one HF forward over batch x prompt (``logits_to_keep=1``, as our prefill keeps the last position).
+    On CUDA: SDPA attention, the GPU synchronized before every clock stop. Named explicitly, every variant also
+    runs on the CPU (``SMOKE=1 benchmarks/gpu_figures.sh`` runs the GPU command set that way)."""
     import torch
     import transformers
 
@@ -67,20 +90,25 @@ def torch_impls(lm, ids, mask, args) -> dict:
             sync()
         return timed(run)
 
-    if not cuda:
-        def theirs():
-            t1, tn = gen_once(1), gen_once(N)
-            return {"prefill": B * P / t1, "decode": B * (N - 1) / (tn - t1) if tn > t1 else float("nan")}
-        return {"transformers (torch)": theirs}
+    def dynamic():
+        t1, tn = gen_once(1), gen_once(N)
+        return {"prefill": B * P / t1, "decode": B * (N - 1) / (tn - t1) if tn > t1 else float("nan")}
 
+    variants = args.torch_variants or ("static,static-compiled" if cuda else "dynamic")
     out = {}
-    for variant in [v.strip() for v in args.torch_variants.split(",") if v.strip()]:
+    for variant in [v.strip() for v in variants.split(",") if v.strip()]:
+        if variant == "dynamic":
+            out["transformers (torch)" if not cuda else "HF generate dynamic cache (eager)"] = dynamic
+            continue
         if variant == "static":
             kw, label = {"cache_implementation": "static", "disable_compile": True}, "HF generate static cache (eager)"
         elif variant == "static-compiled":
-            kw = {"cache_implementation": "static",
-                  "compile_config": transformers.CompileConfig(mode=args.torch_compile_mode, fullgraph=True)}
+            cc = transformers.CompileConfig(mode=args.torch_compile_mode, fullgraph=True)
+            if not cuda:  # transformers compiles on accelerators only, unless told (its testing switch)
+                cc._compile_all_devices = True
+            kw = {"cache_implementation": "static", "compile_config": cc}
             label = f"HF generate static cache (torch.compile {args.torch_compile_mode})"
+            _require_compiled(lambda kw=kw: gen_once(2, **kw), label)
         else:
             raise SystemExit(f"--torch-variants: unknown {variant!r}")
 
@@ -109,12 +137,13 @@ def main() -> None:
     ap.add_argument("--hbm-gbps", type=float, default=3350.0, help="HBM bandwidth for the decode bound (H100 SXM)")
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers reference")
     ap.add_argument("--torch-compile-mode", default="default",
-                    help="CUDA: torch.compile mode of the compiled HF reference (default | max-autotune-no-cudagraphs; "
+                    help="torch.compile mode of the compiled HF reference (default | max-autotune-no-cudagraphs; "
                          "reduce-overhead is opt-in: transformers' CUDA-graph recipe failed on an H200 with a graph "
                          "buffer overwritten in the static cache)")
-    ap.add_argument("--torch-variants", default="static,static-compiled",
-                    help="CUDA: HF references to time, comma-separated: static (generate, static KV cache, eager), "
-                         "static-compiled (same, forward compiled with --torch-compile-mode)")
+    ap.add_argument("--torch-variants", default=None,
+                    help="HF references to time, comma-separated: dynamic (generate, dynamic cache, eager; the CPU "
+                         "default), static (static KV cache, eager), static-compiled (same, compiled with "
+                         "--torch-compile-mode); default on CUDA: static,static-compiled")
     args = ap.parse_args()
     from teams_rl_jax import host_malloc
 
