@@ -34,6 +34,7 @@ def _rows_by_tag(run_dir) -> dict[str, int]:
         return dict(db.execute("SELECT tag, COUNT(*) FROM responses GROUP BY tag").fetchall())
 
 
+@pytest.mark.slow  # four arms through SFT and eval, killed once: ~5 min on the busy 2-core VM
 def test_experiment_four_arms_killed_and_resumed(tmp_path):
     exp = tmp_path / "exp"
     # 1. run until the random arm is generating, then SIGKILL (mid-arm: the policy arm is finished)

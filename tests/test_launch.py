@@ -156,6 +156,7 @@ def checkpoint(tmp_path_factory) -> Path:
     return T.tiny_checkpoint(tmp_path_factory.mktemp("launch") / "tiny-llama", seed=0)
 
 
+@pytest.mark.slow  # a 2-process pipeline per script: 3.5-4 min each on the busy 2-core VM
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("script", [p for p in SCRIPTS if _default_command(p)], ids=lambda p: p.name)
 def test_launch_script_runs_its_default_config(script, checkpoint, tmp_path):

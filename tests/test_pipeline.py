@@ -131,6 +131,7 @@ def test_generate_through_own_serve_openai_backend(tmp_path):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow  # the real default pipeline, twice (~4.5 min); .ci/run also runs it as the main job
 @pytest.mark.timeout(1200)
 def test_default_pipeline_no_arguments(tmp_path):
     """The real offline default, `python -m teams_rl_jax.train` with no config from another directory
