@@ -100,7 +100,8 @@ def main(argv=None) -> None:
     app, backend, key = build_app(args)
     if args.warmup:
         t0 = time.monotonic()
-        w = backend.engine.warm(args.max_prompt_tokens, args.max_tokens)
+        positions = backend.lm.config.max_position_embeddings  # no request goes past them (serve.parse)
+        w = backend.engine.warm(min(args.max_prompt_tokens, positions), min(args.max_tokens, positions))
         logging.getLogger(__name__).info(
             "warm-up: %d prefill + %d decode programs, KV cache %d columns (%.1f MiB) in %.1f s", w["insert"],
             w["decode"], w["cache_len"], w["cache_bytes"] / 2**20, time.monotonic() - t0)
