@@ -1,10 +1,11 @@
-"""Batched autoregressive generation with a KV cache: one jitted prefill, then a ``lax.while_loop`` decode.
+"""Batched autoregressive generation with a KV cache: one jitted prefill, then an early-exit decode loop.
 
 Prompts are left-padded (so every row's last prompt token sits in the last slot and the new tokens
 are written at the same slot for all rows); positions skip the padding, so a row decodes exactly as
 it would alone. Rows stop independently at EOS and are padded after it; the loop exits early once
-every row is done. Sampling knobs (temperature, top-k, top-p) are traced values, so changing them
-does not recompile; ``temperature == 0`` is greedy.
+every row is done, checked every :data:`EXIT_CHECK_EVERY` steps (:func:`early_exit_loop`). Sampling
+knobs (temperature, top-k, top-p) are traced values, so changing them does not recompile;
+``temperature == 0`` is greedy.
 """
 
 from __future__ import annotations
@@ -37,19 +38,75 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
     return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
-def sample_token(key: jax.Array, logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """Next token ids ``[B]`` from ``logits [B, V]``: greedy if ``temperature == 0`` else filtered sampling."""
-    def sample(logits):
-        scaled = logits / jnp.maximum(temperature, 1e-6)
-        # The vocab sort behind the filters is the costliest op of a small decode step: skip it if unused.
-        scaled = jax.lax.cond((top_k > 0) | (top_p < 1.0), lambda x: filter_logits(x, top_k, top_p), lambda x: x,
-                              scaled)
-        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+SAMPLING_MODES = ("greedy", "sample", "filtered", "any")
 
-    def greedy(logits):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    return jax.lax.cond(temperature > 0, sample, greedy, logits)
+def sampling_mode(temperature, top_k=None, top_p=None) -> str:
+    """The sampling branch for these settings, picked on the host (a static argument of the decode programs):
+    ``greedy`` (temperature 0), ``sample`` (no filter), ``filtered`` (top-k or top-p on) or, when a value is
+    traced, ``any`` (both computed, picked per row on the device).
+
+    Why not ``lax.cond`` on the device: XLA:GPU's ``ConditionalThunk`` copies the predicate to the host and
+    syncs on every execution, so a cond in the decode step would cost a sync per step (see
+    :func:`early_exit_loop`). At most one program per mode, and the values stay traced: changing a
+    temperature or top-p does not recompile."""
+    if any(isinstance(v, jax.core.Tracer) for v in (temperature, top_k, top_p)):
+        return "any"
+    if float(temperature) <= 0:
+        return "greedy"
+    return "filtered" if int(top_k or 0) > 0 or (top_p is not None and float(top_p) < 1.0) else "sample"
+
+
+def sample_token(key: jax.Array, logits: jax.Array, temperature, top_k, top_p, mode: str = "any") -> jax.Array:
+    """Next token ids ``[B]`` from ``logits [B, V]`` in a :func:`sampling_mode` ``mode`` (static): greedy
+    (argmax), sampled at ``temperature`` (``filtered``: through top-k / top-p first), or ``any``: greedy
+    where ``temperature == 0`` and filtered sampling elsewhere, with no branch (the vocab sort always runs)."""
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"sampling mode {mode!r} is not one of {SAMPLING_MODES}")
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if mode == "greedy":
+        return greedy
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    if mode == "filtered":
+        scaled = filter_logits(scaled, top_k, top_p)
+    elif mode == "any":
+        scaled = jnp.where((top_k > 0) | (top_p < 1.0), filter_logits(scaled, top_k, top_p), scaled)
+    drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy) if mode == "any" else drawn
+
+
+EXIT_CHECK_EVERY = 8
+
+
+def early_exit_loop(keep_going, body, carry, *, n_steps: int, check_every: int = EXIT_CHECK_EVERY):
+    """``carry`` after ``body`` ran ``n_steps`` times, or fewer once ``keep_going(carry)`` is false.
+
+    ``keep_going`` is checked every ``check_every`` steps only, so ``body`` may run up to
+    ``check_every - 1`` times after it turned false and must then change nothing that matters (the
+    decode bodies mask finished rows). The reason: a ``lax.while_loop`` whose exit depends on data is
+    run by XLA:GPU's ``WhileThunk`` with a device-to-host copy of the predicate and a host-device sync
+    on *every* iteration, so the host cannot queue step ``i + 1``'s kernels while step ``i`` runs. Here
+    the steps run in an inner loop of fixed length, whose trip count XLA knows
+    (``known_trip_count``): the runtime queues its iterations back to back, and the sync happens once
+    per ``check_every`` steps (docs/design.md, "Decode loop").
+    """
+    if n_steps <= 0:
+        return carry
+    K = max(1, min(int(check_every), int(n_steps)))
+    n_chunks, rest = divmod(int(n_steps), K)
+
+    def steps(n, c):
+        return jax.lax.fori_loop(0, n, lambda _, x: body(x), c)
+
+    def chunk(jc):
+        j, c = jc
+        return j + 1, steps(K, c)
+
+    _, carry = jax.lax.while_loop(lambda jc: (jc[0] < n_chunks) & keep_going(jc[1]), chunk,
+                                  (jnp.int32(0), carry))
+    if rest:
+        carry = jax.lax.cond(keep_going(carry), lambda c: steps(rest, c), lambda c: c, carry)
+    return carry
 
 
 def unstack_layers(params, num_layers: int) -> list:
@@ -66,9 +123,9 @@ def restack_layers(params, layers: list):
     return {**params, "layers": stacked}
 
 
-@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens"))
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "mode"))
 def _generate(params, input_ids, attention_mask, rng, temperature, top_k, top_p, eos_ids, pad_id, *,
-              module: CausalLM, max_new_tokens: int):
+              module: CausalLM, max_new_tokens: int, mode: str = "any"):
     B, T = input_ids.shape
     segments = (attention_mask > 0).astype(jnp.int32)
     lengths = segments.sum(axis=1)
@@ -79,14 +136,13 @@ def _generate(params, input_ids, attention_mask, rng, temperature, top_k, top_p,
     def is_eos(tok):
         return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
 
-    tok = sample_token(jax.random.fold_in(rng, 0), logits[:, -1], temperature, top_k, top_p)
+    tok = sample_token(jax.random.fold_in(rng, 0), logits[:, -1], temperature, top_k, top_p, mode)
     out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
     done = is_eos(tok)
     ones = jnp.ones((B, 1), jnp.int32)
 
-    def cond(carry):
-        i, _, _, _, done = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
+    def keep_going(carry):
+        return ~jnp.all(carry[4])
 
     L, unroll = module.config.num_hidden_layers, module.config.scan_unroll
     # Only unrolled layers take static slices that XLA can fold; a rolled scan dynamic-slices the stack.
@@ -98,13 +154,13 @@ def _generate(params, input_ids, attention_mask, rng, temperature, top_k, top_p,
         step_params = params if layers is None else restack_layers(params, layers)
         logits, _, cache = module.apply({"params": step_params}, tok[:, None], ones, (lengths + i - 1)[:, None],
                                         cache, T + i - 1)
-        nxt = sample_token(jax.random.fold_in(rng, i), logits[:, -1], temperature, top_k, top_p)
+        nxt = sample_token(jax.random.fold_in(rng, i), logits[:, -1], temperature, top_k, top_p, mode)
         nxt = jnp.where(done, pad_id, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
         return i + 1, nxt, cache, out, done | is_eos(nxt)
 
     carry = (jnp.int32(1), tok, cache, out, done)
-    *_, out, _ = jax.lax.while_loop(cond, body, carry)
+    *_, out, _ = early_exit_loop(keep_going, body, carry, n_steps=max_new_tokens - 1)
     return out
 
 
@@ -137,4 +193,5 @@ def generate(lm, params, input_ids, attention_mask, *, max_new_tokens: int, rng:
         jnp.int32(pad_token_id),
         module=lm.module,
         max_new_tokens=int(max_new_tokens),
+        mode=sampling_mode(temperature, top_k, top_p),
     )

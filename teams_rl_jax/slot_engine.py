@@ -9,7 +9,8 @@ own write column, position, step count, limit and sampling settings. Two program
   samples each one's first token, and writes the prompts' KV into free slots (columns ``[0, Tb)``;
   the rest of the row is masked out by segment id 0, so a slot's previous occupant is invisible);
 * :func:`decode` runs up to ``n_steps`` decode steps for every slot (each row writes its own column,
-  ``CausalLM`` with a ``[S]`` ``cache_index``), stopping early when every slot is done. Attention reads
+  ``CausalLM`` with a ``[S]`` ``cache_index``), stopping early (checked every
+  ``generation.EXIT_CHECK_EVERY`` steps) when every slot is done. Attention reads
   only the first ``W`` columns of the cache (``W`` static: the host picks the smallest bucket that
   covers every live row), so a short request does not pay for the cache length a long one needs.
 
@@ -30,7 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from teams_rl_jax.generation import filter_logits, restack_layers, unstack_layers
+from teams_rl_jax.generation import early_exit_loop, filter_logits, restack_layers, unstack_layers
 from teams_rl_jax.models.llama import CausalLM, init_cache
 
 
@@ -63,19 +64,36 @@ def grow(state: dict, cache_len: int) -> dict:
     return {**state, "cache": cache}
 
 
-def _sample(logits, keys, step, temperature, top_p):
-    """One token per row: greedy where ``temperature == 0``, else filtered sampling with the row's key
-    folded with its own step (so a row's samples do not depend on the other rows)."""
+def _sample(logits, keys, step, temperature, top_p, mode=None):
+    """One token per row: greedy where ``temperature == 0``, else sampling (through the row's top-p where it
+    is < 1) with the row's key folded with its own step (so a row's samples do not depend on the other rows).
+
+    ``mode`` (static, :func:`generation.sampling_mode` of the live rows): ``greedy`` computes no sample,
+    ``sample`` no filter, ``filtered`` both; the decode loop takes it from the host, since a ``lax.cond``
+    there would sync the host on every step (XLA:GPU's ``ConditionalThunk``). ``None`` (``insert``, once per
+    admission, whose result the host reads at once anyway) picks on the device with conds."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if mode == "greedy":
+        return greedy
+
+    def nucleus(x):  # only the rows whose top_p < 1: a row's draw never depends on its neighbours' settings
+        return jnp.where(top_p[:, None] < 1.0, filter_logits(x, jnp.int32(0), top_p[:, None]), x)
 
     def sampled(_):
         scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-        scaled = jax.lax.cond(jnp.any(top_p < 1.0), lambda x: filter_logits(x, jnp.int32(0), top_p[:, None]),
-                              lambda x: x, scaled)
+        if mode == "filtered":
+            scaled = nucleus(scaled)
+        elif mode is None:
+            scaled = jax.lax.cond(jnp.any(top_p < 1.0), nucleus, lambda x: x, scaled)
         ks = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(keys, step)
         return jax.vmap(jax.random.categorical)(ks, scaled).astype(jnp.int32)
 
-    drawn = jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: greedy, None)
+    if mode is None:
+        drawn = jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: greedy, None)
+    elif mode in ("sample", "filtered"):
+        drawn = sampled(None)
+    else:
+        raise ValueError(f"slot_engine sampling mode {mode!r}: greedy, sample or filtered")
     return jnp.where(temperature > 0, drawn, greedy)
 
 
@@ -126,9 +144,11 @@ def insert(params, state, input_ids, attention_mask, slots, limits, temperature,
     return state, first
 
 
-@functools.partial(jax.jit, static_argnames=("module", "n_steps", "window"), donate_argnames=("state",))
-def decode(params, state, evict, eos_ids, pad_id, *, module: CausalLM, n_steps: int, window: int):
-    """Up to ``n_steps`` decode steps for every live slot over the cache's first ``window`` columns.
+@functools.partial(jax.jit, static_argnames=("module", "n_steps", "window", "mode"), donate_argnames=("state",))
+def decode(params, state, evict, eos_ids, pad_id, *, module: CausalLM, n_steps: int, window: int,
+           mode: str = "filtered"):
+    """Up to ``n_steps`` decode steps for every live slot over the cache's first ``window`` columns,
+    sampling in ``mode`` (:func:`_sample`; ``filtered`` serves every row, the host picks the cheapest).
 
     ``evict [S]`` marks slots the host ended (a stop string) before the steps. Returns
     ``(state, tokens [S, n_steps])``: each row's new tokens, ``pad_id`` where the row was done.
@@ -140,8 +160,8 @@ def decode(params, state, evict, eos_ids, pad_id, *, module: CausalLM, n_steps: 
     out = jnp.full((S, n_steps), pad_id, jnp.int32)
     carry0 = (jnp.int32(0), win, state["ptr"], state["pos"], state["tok"], state["step"], state["done"] | evict, out)
 
-    def cond(c):
-        return (c[0] < n_steps) & ~jnp.all(c[6])
+    def keep_going(c):
+        return ~jnp.all(c[6])
 
     L, unroll = module.config.num_hidden_layers, module.config.scan_unroll
     layers = unstack_layers(params, L) if unroll <= 0 or unroll >= L else None  # see generation.restack_layers
@@ -154,7 +174,7 @@ def decode(params, state, evict, eos_ids, pad_id, *, module: CausalLM, n_steps: 
         step_params = params if layers is None else restack_layers(params, layers)
         logits, _, win = module.apply({"params": step_params}, tok[:, None], live.astype(jnp.int32)[:, None],
                                       pos[:, None], win, col)
-        nxt = _sample(logits[:, -1], state["keys"], step, state["temperature"], state["top_p"])
+        nxt = _sample(logits[:, -1], state["keys"], step, state["temperature"], state["top_p"], mode)
         nxt = jnp.where(live, nxt, pad_id)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
         inc = live.astype(jnp.int32)
@@ -162,7 +182,7 @@ def decode(params, state, evict, eos_ids, pad_id, *, module: CausalLM, n_steps: 
         done = done | (live & (_is_eos(nxt, eos_ids) | (step >= state["limit"])))
         return i + 1, win, ptr + inc, pos + inc, jnp.where(live, nxt, tok), step, done, out
 
-    _, win, ptr, pos, tok, step, done, out = jax.lax.while_loop(cond, body, carry0)
+    _, win, ptr, pos, tok, step, done, out = early_exit_loop(keep_going, body, carry0, n_steps=n_steps)
     new_cache = {"k": jax.lax.dynamic_update_slice(cache["k"], win["k"], (0, 0, 0, 0, 0)),
                  "v": jax.lax.dynamic_update_slice(cache["v"], win["v"], (0, 0, 0, 0, 0)),
                  "segment_ids": jax.lax.dynamic_update_slice(cache["segment_ids"], win["segment_ids"], (0, 0))}

@@ -158,15 +158,52 @@ def test_sampled_row_depends_on_its_seed_and_index_only(tmp_path_factory):
     assert other.token_ids != alone.token_ids
 
 
+def test_host_picks_the_sampling_branch_of_the_live_rows(tmp_path_factory, monkeypatch):
+    """``decode`` takes its sampling branch from the host (a device-side cond would sync the host on every
+    step on a GPU): ``greedy`` while only greedy rows live, ``sample`` once a sampled row joins, ``filtered``
+    once a top-p row joins. A sampled row (top_p 1) draws the same tokens in each branch as alone, and the
+    top-p row the same as alone. Mutations caught: the branch taken from one row instead of all live rows;
+    the branch fixed to ``filtered`` (no greedy-only call). Not caught, equivalent here: ``filtered``
+    filtering the top_p-1 rows too (at top_p 1 the nucleus cut only drops tokens past a float32 cumulative
+    mass of 1.0, none in this model's flat distribution)."""
+    be = _backend(tmp_path_factory, "llama3")
+    rng = seeded_rng(12, "branch prompts")
+    p = [rng.integers(4, be.lm.config.vocab_size, n).tolist() for n in (5, 9, 3)]
+    seed = record_seed(4321, "sampling seed")
+    alone = be.generate_ids([p[0]], max_new_tokens=10, temperature=0.9, seed=seed)[0].token_ids
+    alone_p = be.generate_ids([p[1]], max_new_tokens=10, temperature=0.9, top_p=0.6, seed=seed)[0].token_ids
+    modes = []
+    decode = slot_engine.decode
+
+    def spy(*a, **kw):
+        modes.append(kw["mode"])
+        return decode(*a, **kw)
+
+    monkeypatch.setattr(slot_engine, "decode", spy)
+    calls = be.engine.decode_calls
+    greedy = be.submit_ids([p[2]], max_new_tokens=120)[0]  # a long greedy neighbour
+    t0 = time.monotonic()
+    while be.engine.decode_calls == calls and time.monotonic() - t0 < 120:
+        time.sleep(0.005)
+    # Together: the top-p row (4 tokens) ends first, the sampled one (10) then decodes without it.
+    crowd = be.submit_ids([p[0]], max_new_tokens=10, temperature=0.9, seed=seed)[0]
+    crowd_p = be.submit_ids([p[1]], max_new_tokens=4, temperature=0.9, top_p=0.6, seed=seed)[0]
+    assert crowd.result(timeout=120).token_ids == alone
+    assert crowd_p.result(timeout=120).token_ids == alone_p[:4]
+    assert len(greedy.result(timeout=300).token_ids) == 120
+    first = {m: modes.index(m) for m in set(modes)}
+    assert first.keys() == {"greedy", "sample", "filtered"} and first["greedy"] == 0, modes
+
+
 def _from_four_threads(be, reqs) -> None:
-    """Send ``(prompt ids, limit)`` requests one at a time from each of 4 threads (a quarter each); raise the
+    """Send ``(prompt ids, limit[, temperature, top_p])`` requests one at a time from each of 4 threads (a quarter each); raise the
     first failure."""
     errors = []
 
     def worker(part):
         try:
-            for ids, lim in part:
-                be.generate_ids([ids], max_new_tokens=lim)
+            for ids, lim, *sampling in part:  # optional (temperature, top_p)
+                be.generate_ids([ids], max_new_tokens=lim, **dict(zip(("temperature", "top_p"), sampling)))
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
@@ -221,8 +258,9 @@ def test_compiled_programs_stay_bounded_under_any_mix(tmp_path_factory, monkeypa
 
 def test_warm_compiles_every_program_requests_within_its_limits_need(tmp_path_factory):
     """``warm(40, 20)`` on 3 slots with decode chunk 4 allocates the cache once (bucket(40) + 20 -> 128
-    columns) and compiles exactly insert k {1,2,4} x Tb {16,32,64} and decode n {1,2,4} x W {16,...,128}; a
-    4-thread mix of prompt lengths 1..40 and limits 1..20 afterwards compiles nothing and never grows the
+    columns) and compiles exactly insert k {1,2,4} x Tb {16,32,64} and decode for 3 sampling branches x n
+    {1,2,4} x W {16,...,128}; a 4-thread mix of prompt lengths 1..40 and limits 1..20, greedy, sampled and
+    top-p, afterwards compiles nothing and never grows the
     cache, and a greedy row still equals ``generate`` alone (the filler rows of the warm-up changed no slot).
     Mutations caught: no decode-window loop; the top prompt bucket left out; the cache sized for the prompt
     only; the engine's initial state left uncommitted (the first real insert lowered its program again)."""
@@ -238,8 +276,8 @@ def test_warm_compiles_every_program_requests_within_its_limits_need(tmp_path_fa
     try:
         engine = be.engine
         got = engine.warm(40, 20)
-        assert got["cache_len"] == 128 and got["insert"] == 3 * 3 and got["decode"] == 3 * 4, got
-        assert (lowered["jit(insert)"], lowered["jit(decode)"]) == (3 * 3, 3 * 4), lowered
+        assert got["cache_len"] == 128 and got["insert"] == 3 * 3 and got["decode"] == 3 * 3 * 4, got
+        assert (lowered["jit(insert)"], lowered["jit(decode)"]) == (3 * 3, 3 * 3 * 4), lowered
         lowered.clear()
         _warm_mix_then_one_greedy_row(be, engine)
         assert not (lowered["jit(insert)"] or lowered["jit(decode)"]), f"requests compiled new programs: {lowered}"
@@ -254,6 +292,8 @@ def _warm_mix_then_one_greedy_row(be, engine) -> None:
     rng = seeded_rng(14, "warm mix")
     reqs = [(rng.integers(4, V, int(rng.integers(1, 41))).tolist(), int(rng.integers(1, 21))) for _ in range(24)]
     reqs[0] = (rng.integers(4, V, 40).tolist(), 20)  # the largest request the limits allow
+    reqs[1::3] = [(ids, lim, 0.8, 1.0) for ids, lim in reqs[1::3]]  # sampled: the "sample" and "filtered"
+    reqs[2::3] = [(ids, lim, 0.8, 0.7) for ids, lim in reqs[2::3]]  # decode programs are warm too
     _from_four_threads(be, reqs)
     assert engine._cache_len == 128
     ids = rng.integers(4, V, 23).tolist()

@@ -179,3 +179,61 @@ def test_unrolled_layers_decode_the_same_tokens(tmp_path_factory, variant):
     assert margin > max(1e-3, 10 * diff), f"{variant}: top-2 margin {margin:.2e} vs logits diff {diff:.2e}"
     ours = np.asarray(generate(lm, lm.params, ids, mask, max_new_tokens=n, rng=jax.random.key(0)))
     np.testing.assert_array_equal(ours, free, err_msg=variant)
+
+
+@pytest.mark.parametrize("n,k,stop,ran", [
+    (13, 4, 5, 8),      # checked at 0, 4, 8: stops at the first check after 5
+    (13, 4, 100, 13),   # never stops early: exactly n (3 chunks of 4, then the last 1)
+    (13, 4, 12, 12),    # false at the last chunk's end: the 1-step rest is skipped
+    (13, 4, 13, 13),    # true there: the rest runs
+    (13, 4, 0, 0),      # false from the start: no step
+    (3, 8, 100, 3),     # n < check_every: one chunk of n
+    (0, 8, 100, 0),
+])
+def test_early_exit_loop_checks_every_k_steps_and_never_runs_past_n(n, k, stop, ran):
+    """``early_exit_loop`` runs the body exactly ``n`` times unless ``keep_going`` turns false, which it
+    looks at only every ``k`` steps (and before the last ``n % k``). Catches a check every step, a missing
+    rest (``n % k`` steps dropped) or a rest run after the stop."""
+    from teams_rl_jax.generation import early_exit_loop
+
+    out = jax.jit(lambda c: early_exit_loop(lambda x: x < stop, lambda x: x + 1, c, n_steps=n, check_every=k))(
+        jnp.int32(0))
+    assert int(out) == ran
+
+
+def _whiles(hlo: str) -> list[str]:
+    return [line for line in hlo.splitlines() if " while(" in line]
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample", "filtered"])
+def test_decode_steps_run_in_a_loop_of_known_trip_count_with_no_branch(tiny, mode):
+    """The decode step sits in a loop whose trip count XLA knows (``known_trip_count`` ==
+    ``EXIT_CHECK_EVERY``), with the data-dependent exit in the loop around it, and no step holds a
+    ``conditional``. XLA:GPU's ``WhileThunk`` (without a known trip count) and ``ConditionalThunk`` copy
+    their predicate to the host and sync, so an exit test or a cond in every step would stop the host
+    queueing the next step's kernels while one runs (docs/design.md, "Decode loop"). Checked on the CPU's
+    compiled HLO (the trip-count pass is the same on the GPU), for ``generate`` and the slot engine's
+    ``decode`` in each host-picked sampling branch. Catches the decode written as a plain ``while_loop``
+    over steps again, or the sampling branch taken by ``lax.cond`` inside the step."""
+    import dataclasses
+
+    from teams_rl_jax import slot_engine
+    from teams_rl_jax.generation import EXIT_CHECK_EVERY, _generate
+
+    _, lm = tiny
+    lm = lm.replace(config=dataclasses.replace(lm.config, scan_unroll=0))  # no layer loop in the HLO
+    known = f'"known_trip_count":{{"n":"{EXIT_CHECK_EVERY}"}}'
+    ids = jnp.ones((2, 4), jnp.int32)
+    hlo = _generate.lower(lm.params, ids, ids, jax.random.key(0), jnp.float32(0.7), jnp.int32(5), jnp.float32(0.9),
+                          jnp.asarray([-1], jnp.int32), jnp.int32(0), module=lm.module,
+                          max_new_tokens=2 * EXIT_CHECK_EVERY + 1, mode=mode).compile().as_text()
+    steps = [w for w in _whiles(hlo) if known in w]
+    assert steps and len(_whiles(hlo)) > len(steps), _whiles(hlo)
+    assert " conditional(" not in hlo, [line for line in hlo.splitlines() if " conditional(" in line]
+
+    state = slot_engine.init_state(lm.module, 2, 32)
+    hlo = slot_engine.decode.lower(lm.params, state, jnp.zeros((2,), bool), jnp.asarray([-1], jnp.int32),
+                                   jnp.int32(0), module=lm.module, n_steps=16, window=32,
+                                   mode=mode).compile().as_text()
+    assert any(known in w for w in _whiles(hlo)), _whiles(hlo)
+    assert " conditional(" not in hlo, [line for line in hlo.splitlines() if " conditional(" in line]

@@ -27,8 +27,10 @@ import jax
 import numpy as np
 
 from teams_rl_jax import sharding, slot_engine
+from teams_rl_jax.generation import sampling_mode
 
 MIN_LEN_BUCKET = 16
+_MODES = ("greedy", "sample", "filtered")  # slot_engine.decode sampling modes, cheapest first
 log = logging.getLogger(__name__)
 
 
@@ -178,11 +180,11 @@ class ContinuousEngine:
             return
         log.info("KV cache: %d slots x %d columns = %.1f MiB", self.slots, self._cache_len, self.cache_bytes / 2**20)
 
-    def warm(self, max_prompt: int, max_new: int) -> dict:
+    def warm(self, max_prompt: int, max_new: int, modes: Sequence[str] = _MODES) -> dict:
         """Before the first request: allocate the KV cache that requests of up to ``max_prompt`` prompt tokens
         and ``max_new`` new tokens need, and compile every program they can ask for (``insert`` for each
-        (``k``, ``Tb``) bucket pair, ``decode`` for each (``n_steps``, ``W``)), on filler rows that change no
-        slot. Then the memory peak is known at start and no request waits for a compile (as a server
+        (``k``, ``Tb``) bucket pair, ``decode`` for each sampling mode in ``modes`` and (``n_steps``, ``W``)),
+        on filler rows that change no slot. Then the memory peak is known at start and no request waits for a compile (as a server
         captures its graphs before serving). Returns the program and cache counts."""
         with self._cv:
             if self._thread is not None or self._pending or self._live:
@@ -199,14 +201,15 @@ class ContinuousEngine:
                                                         module=self.lm.module)
             evict = np.ones((self.slots,), bool)  # no live slot: the loop runs no step
             windows = _powers(MIN_LEN_BUCKET, self._cache_len)
-            for n in ns:
-                for w in windows:
-                    self._state, _ = slot_engine.decode(self.lm.params, self._state, evict, self.eos,
-                                                        np.int32(self.pad_id), module=self.lm.module, n_steps=n,
-                                                        window=w)
+            for mode in modes:
+                for n in ns:
+                    for w in windows:
+                        self._state, _ = slot_engine.decode(self.lm.params, self._state, evict, self.eos,
+                                                            np.int32(self.pad_id), module=self.lm.module, n_steps=n,
+                                                            window=w, mode=mode)
             jax.block_until_ready(self._state)
-        return {"insert": len(ks) * len(tbs), "decode": len(ns) * len(windows), "cache_len": self._cache_len,
-                "cache_bytes": self.cache_bytes}
+        return {"insert": len(ks) * len(tbs), "decode": len(modes) * len(ns) * len(windows),
+                "cache_len": self._cache_len, "cache_bytes": self.cache_bytes}
 
     def _prefill_arrays(self, rows: list[_Row], slots: list[int], k: int, Tb: int):
         """``insert``'s row arguments for ``rows`` into ``slots``, padded to ``k`` rows with filler rows (slot
@@ -246,8 +249,10 @@ class ContinuousEngine:
         evict = np.ones((self.slots,), bool)
         evict[list(self._live)] = False
         before = {s: len(r.tokens) for s, r in self._live.items()}
+        # The cheapest sampling branch the live rows need, picked here: a device-side cond would sync per step.
+        mode = max((sampling_mode(r.temperature, None, r.top_p) for r in self._live.values()), key=_MODES.index)
         self._state, out = slot_engine.decode(self.lm.params, self._state, evict, self.eos, np.int32(self.pad_id),
-                                              module=self.lm.module, n_steps=n, window=window)
+                                              module=self.lm.module, n_steps=n, window=window, mode=mode)
         self.decode_calls += 1
         self.max_live = max(self.max_live, len(self._live))
         out, step, done = jax.device_get((out, self._state["step"], self._state["done"]))

@@ -2,7 +2,7 @@
 
 Everything happens inside jit on fixed-size buffers: for each row the prompt
 ``prefix[op] + instruction + suffix[op]`` is assembled left-padded (``env.assemble``), the
-instructor continues it with ``teams_rl_jax.generate`` (KV cache, ``while_loop`` decode), and the
+instructor continues it with ``teams_rl_jax.generate`` (KV cache, jitted decode loop), and the
 continuation up to the first EOS id becomes the new instruction buffer. Each call costs one
 instructor query per row. Same interface as the token-edit operator:
 ``apply(key, op_ids, tokens, lengths, params) -> (tokens, lengths, queries)`` (a truncated rewrite
