@@ -72,8 +72,8 @@ def main() -> None:
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "teams_rl_jax.serve", "--checkpoint", str(path), "--port", str(port),
                              "--dtype", args.dtype, "--max-batch", str(max(levels)), "--log-level", "warning",
-                             # every prefill/decode program these requests can need, compiled before serving
-                             "--warmup", "--max-prompt-tokens", "64",
+                             # every prefill/decode program these (greedy) requests can need, compiled before serving
+                             "--warmup", "--warmup-sampling", "greedy", "--max-prompt-tokens", "64",
                              "--max-tokens", str(max(args.max_tokens, args.short_tokens))],
                             stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
     try:

@@ -159,3 +159,18 @@ def test_explicit_dtype_wins(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_warmup_sampling_modes_parse_and_bad_ones_stop(capsys):
+    """``--warmup-sampling`` defaults to every decode sampling mode the engine has; a subset is kept in
+    order; an unknown mode stops argparse with exit 2 and one line naming the flag and the choices."""
+    from teams_rl_jax.backends.continuous import SAMPLING_MODES
+
+    parse = build_parser().parse_args
+    assert parse(["--checkpoint", "m"]).warmup_sampling == SAMPLING_MODES == ("greedy", "sample", "filtered")
+    assert parse(["--checkpoint", "m", "--warmup-sampling", "filtered, greedy"]).warmup_sampling == ("filtered", "greedy")
+    for bad in ("hot", "greedy,top_k", ","):
+        with pytest.raises(SystemExit) as e:
+            parse(["--checkpoint", "m", "--warmup-sampling", bad])
+        assert e.value.code == 2
+        assert "--warmup-sampling" in capsys.readouterr().err

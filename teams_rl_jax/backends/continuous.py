@@ -30,7 +30,7 @@ from teams_rl_jax import sharding, slot_engine
 from teams_rl_jax.generation import sampling_mode
 
 MIN_LEN_BUCKET = 16
-_MODES = ("greedy", "sample", "filtered")  # slot_engine.decode sampling modes, cheapest first
+SAMPLING_MODES = ("greedy", "sample", "filtered")  # slot_engine.decode sampling modes, cheapest first
 log = logging.getLogger(__name__)
 
 
@@ -180,7 +180,7 @@ class ContinuousEngine:
             return
         log.info("KV cache: %d slots x %d columns = %.1f MiB", self.slots, self._cache_len, self.cache_bytes / 2**20)
 
-    def warm(self, max_prompt: int, max_new: int, modes: Sequence[str] = _MODES) -> dict:
+    def warm(self, max_prompt: int, max_new: int, modes: Sequence[str] = SAMPLING_MODES) -> dict:
         """Before the first request: allocate the KV cache that requests of up to ``max_prompt`` prompt tokens
         and ``max_new`` new tokens need, and compile every program they can ask for (``insert`` for each
         (``k``, ``Tb``) bucket pair, ``decode`` for each sampling mode in ``modes`` and (``n_steps``, ``W``)),
@@ -250,7 +250,8 @@ class ContinuousEngine:
         evict[list(self._live)] = False
         before = {s: len(r.tokens) for s, r in self._live.items()}
         # The cheapest sampling branch the live rows need, picked here: a device-side cond would sync per step.
-        mode = max((sampling_mode(r.temperature, None, r.top_p) for r in self._live.values()), key=_MODES.index)
+        mode = max((sampling_mode(r.temperature, None, r.top_p) for r in self._live.values()),
+                   key=SAMPLING_MODES.index)
         self._state, out = slot_engine.decode(self.lm.params, self._state, evict, self.eos, np.int32(self.pad_id),
                                               module=self.lm.module, n_steps=n, window=window, mode=mode)
         self.decode_calls += 1

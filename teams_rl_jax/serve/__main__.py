@@ -18,6 +18,7 @@ import uvicorn
 
 from teams_rl_jax import cli
 from teams_rl_jax.backends.config import DTYPES, RoleConfig
+from teams_rl_jax.backends.continuous import SAMPLING_MODES
 from teams_rl_jax.backends.flax_backend import FlaxBackend
 from teams_rl_jax.errors import ConfigError
 from teams_rl_jax.serve.app import Limits, make_app
@@ -58,6 +59,14 @@ def resolve_dtype(dtype: str, checkpoint: str) -> str:
     return found
 
 
+def _sampling_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in modes if m not in SAMPLING_MODES]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"{text!r}: give some of {', '.join(SAMPLING_MODES)}")
+    return modes
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m teams_rl_jax.serve", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="local Hugging Face checkpoint dir (tokenizer beside it)")
@@ -83,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="before serving, allocate the KV cache for --max-prompt-tokens + --max-tokens and compile "
                         "every prefill/decode program such requests can need: the memory peak is known at start "
                         "and no request waits for a compile (startup takes that many compiles longer)")
+    p.add_argument("--warmup-sampling", type=_sampling_modes, default=SAMPLING_MODES,
+                   help="the decode sampling branches --warmup compiles, comma-separated (default all: "
+                        f"{','.join(SAMPLING_MODES)}); a server that sees only temperature 0 needs only greedy")
     p.add_argument("--files-dir", default="serve_files",
                    help="Batch API files and batches, kept across restarts (default ./serve_files)")
     p.add_argument("--max-upload-bytes", type=int, default=100 << 20, help="largest /v1/files upload")
@@ -101,7 +113,8 @@ def main(argv=None) -> None:
     if args.warmup:
         t0 = time.monotonic()
         positions = backend.lm.config.max_position_embeddings  # no request goes past them (serve.parse)
-        w = backend.engine.warm(min(args.max_prompt_tokens, positions), min(args.max_tokens, positions))
+        w = backend.engine.warm(min(args.max_prompt_tokens, positions), min(args.max_tokens, positions),
+                                args.warmup_sampling)
         logging.getLogger(__name__).info(
             "warm-up: %d prefill + %d decode programs, KV cache %d columns (%.1f MiB) in %.1f s", w["insert"],
             w["decode"], w["cache_len"], w["cache_bytes"] / 2**20, time.monotonic() - t0)
