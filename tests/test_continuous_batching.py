@@ -196,8 +196,8 @@ def test_host_picks_the_sampling_branch_of_the_live_rows(tmp_path_factory, monke
 
 
 def _from_four_threads(be, reqs) -> None:
-    """Send ``(prompt ids, limit[, temperature, top_p])`` requests one at a time from each of 4 threads (a quarter each); raise the
-    first failure."""
+    """Send ``(prompt ids, limit[, temperature, top_p])`` requests one at a time from each of 4 threads (a
+    quarter each); raise the first failure."""
     errors = []
 
     def worker(part):

@@ -168,7 +168,8 @@ def test_warmup_sampling_modes_parse_and_bad_ones_stop(capsys):
 
     parse = build_parser().parse_args
     assert parse(["--checkpoint", "m"]).warmup_sampling == SAMPLING_MODES == ("greedy", "sample", "filtered")
-    assert parse(["--checkpoint", "m", "--warmup-sampling", "filtered, greedy"]).warmup_sampling == ("filtered", "greedy")
+    got = parse(["--checkpoint", "m", "--warmup-sampling", "filtered, greedy"]).warmup_sampling
+    assert got == ("filtered", "greedy")
     for bad in ("hot", "greedy,top_k", ","):
         with pytest.raises(SystemExit) as e:
             parse(["--checkpoint", "m", "--warmup-sampling", bad])

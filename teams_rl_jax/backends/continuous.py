@@ -184,8 +184,8 @@ class ContinuousEngine:
         """Before the first request: allocate the KV cache that requests of up to ``max_prompt`` prompt tokens
         and ``max_new`` new tokens need, and compile every program they can ask for (``insert`` for each
         (``k``, ``Tb``) bucket pair, ``decode`` for each sampling mode in ``modes`` and (``n_steps``, ``W``)),
-        on filler rows that change no slot. Then the memory peak is known at start and no request waits for a compile (as a server
-        captures its graphs before serving). Returns the program and cache counts."""
+        on filler rows that change no slot. Then the memory peak is known at start and no request waits for a
+        compile (as a server captures its graphs before serving). Returns the program and cache counts."""
         with self._cv:
             if self._thread is not None or self._pending or self._live:
                 raise RuntimeError("ContinuousEngine.warm: call it before the first request")
