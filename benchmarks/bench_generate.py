@@ -8,7 +8,8 @@ One command, both measured in the same run on the same random weights, interleav
 Per round: prefill tokens/s = B*prompt / t(generate 1 token); decode tokens/s = B*(new-1) /
 (t(generate new) - t(generate 1)). The table (benchmarks/_timing.py) gives medians, bests, the median
 and best ratios and the load average before/after. On a GPU it also prints decode's bytes per step
-(weights + the KV cache read) and the achieved fraction of the HBM bandwidth bound.
+(weights + the KV cache read) and the achieved fraction of the HBM bandwidth bound. ``--profile-dir DIR``
+then traces one call of ours and prints where a decode step's device time goes (``_profile.py``).
 """
 
 from __future__ import annotations
@@ -144,6 +145,10 @@ def main() -> None:
                     help="HF references to time, comma-separated: dynamic (generate, dynamic cache, eager; the CPU "
                          "default), static (static KV cache, eager), static-compiled (same, compiled with "
                          "--torch-compile-mode); default on CUDA: static,static-compiled")
+    ap.add_argument("--profile-dir", default=None,
+                    help="after the timed rounds, trace one call of ours with --new tokens and one with 1 under the "
+                         "JAX profiler, keep both traces here (.xplane.pb and .gz) and print the device time per "
+                         "decode step: kernels, busy and idle time, device-to-host copies, the costliest kernels")
     args = ap.parse_args()
     from teams_rl_jax import host_malloc
 
@@ -201,6 +206,15 @@ def main() -> None:
             step_s = B / statistics.median(results[impl]["decode"])
             print(f"  {impl}: {step_s * 1e3:.2f} ms/step -> {moved / step_s / 1e9:,.0f} GB/s = "
                   f"{moved / step_s / 1e9 / args.hbm_gbps:.0%} of the bound")
+    if args.profile_dir:
+        import _profile
+        from jax.profiler import ProfileData
+
+        full, base = (_profile.device_stats(ProfileData.from_serialized_xspace(
+            _profile.trace(lambda n=n: ours_once(n), args.profile_dir, f"decode_b{B}_n{n}")).planes) for n in (N, 1))
+        print(f"profile of ours, batch {B}: generate {N} minus generate 1 ({N - 1} decode steps); traces in "
+              f"{args.profile_dir}/decode_b{B}_n{{{N},1}}.xplane.pb.gz")
+        print("\n".join(_profile.summarize(full, base, N - 1)))
 
 
 if __name__ == "__main__":

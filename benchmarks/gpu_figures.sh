@@ -5,7 +5,9 @@
 #      ours vs torch eager (SDPA, bf16 autocast, fused AdamW) vs torch.compile, interleaved, MFU.
 #   2. decode + prefill, same ~1B model in bf16, batch 16 and 64, prompt 128, 128 new tokens: ours vs HF
 #      generate with the static KV cache, eager and torch.compile'd (mode "default"), prefill vs one HF forward;
-#      the HBM-bound accounting (bytes per decode step / bandwidth) for every implementation.
+#      the HBM-bound accounting (bytes per decode step / bandwidth) for every implementation; then a profile of
+#      ours (--profile-dir): per decode step, kernels, busy/idle device time, device-to-host copies (host syncs),
+#      the costliest kernels; the traces come back gzipped in OUTDIR (decode_b*_n*.xplane.pb.gz, 4 files).
 #   3. bench_generate_stage.py (the generate stage vs bare decode); bench_engine.py (the continuous-batching
 #      engine vs static generate, ~1B bf16, 16 slots, uniform and mixed answer lengths).
 #   4. bench_eval.py on CUDA (ours vs lm-eval's `hf` model on cuda), hidden 512.
@@ -82,9 +84,9 @@ fi
 TAIL=16 step "SFT ~1B: ours vs torch eager vs torch.compile" 160 python3 benchmarks/bench_sft.py $ONEB $SFT_SHAPE \
   --dtype bfloat16 --rounds "$R" --torch-compile --torch-compile-mode default --peak-tflops "$PEAK"
 for B in $DECODE_BATCHES; do
-  TAIL=18 step "decode + prefill ~1B bf16, batch $B: ours vs HF static cache eager / compiled" 110 \
+  TAIL=30 step "decode + prefill ~1B bf16, batch $B: ours vs HF static cache eager / compiled" 110 \
     python3 benchmarks/bench_generate.py $ONEB --batch "$B" $DECODE_SHAPE --dtype bfloat16 --rounds "$R" \
-    --torch-variants static,static-compiled --torch-compile-mode default --hbm-gbps "$HBM"
+    --torch-variants static,static-compiled --torch-compile-mode default --hbm-gbps "$HBM" --profile-dir "$OUT"
 done
 step "generate stage vs bare decode" 35 python3 benchmarks/bench_generate_stage.py $STAGE_SHAPE --rounds "$R"
 step "continuous-batching engine vs static generate, ~1B bf16" 60 python3 benchmarks/bench_engine.py $ONEB \

@@ -44,3 +44,8 @@ def test_gpu_figures_script_runs_every_step_at_toy_size(tmp_path):
                   "HF generate static cache (torch.compile default)", "lm-eval hf (torch)"):
         assert label in log, f"no {label!r} row:\n{log[-4000:]}"
     assert (tmp_path / "gpu_figures.log").read_text() == p.stdout
+    # the decode steps' profiles: printed (no device plane on the CPU) and kept for the device tool to return
+    assert log.count("profile of ours, batch") == 2 and "no /device: plane" in log, log[-4000:]
+    kept = sorted(f.name for f in tmp_path.iterdir())
+    assert kept == ["decode_b2_n1.xplane.pb.gz", "decode_b2_n8.xplane.pb.gz", "decode_b4_n1.xplane.pb.gz",
+                    "decode_b4_n8.xplane.pb.gz", "failed_steps", "gpu_figures.log"], kept  # <= 8 files come back
